@@ -185,3 +185,12 @@ def test_safetensors_weights_hold_one_copy_of_the_tied_matrix(saved):
     _, path = saved
     tensors = load_file(path / "model.safetensors")
     assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors
+
+
+def test_cli_info_counts_parameters(capsys):
+    from cm3leon_hf.cli import main
+
+    assert main(["info", str(HUB_CONFIGS / "cm3leon-760m")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters        784,859,136" in out
+    assert "image codes [56320, 64512)" in out

@@ -14,6 +14,7 @@ class Cm3LeonConfig(PreTrainedConfig):
     [0, text_vocab_size)                                   special tokens + text BPE tokens
     [image_token_offset, image_token_offset + image_vocab_size)   VQ image codes, code c -> id image_token_offset + c
     ids up to vocab_size                                   (optional) unused padding rows of the embedding
+
     ```
 
     Every special id lives in the text range. The paper's sizes use 56,320 text ids (the BPE of CL §2.1, the special
@@ -97,6 +98,7 @@ class Cm3LeonConfig(PreTrainedConfig):
     >>> config.vocab_size, config.image_token_offset, config.mask_token_id
     (320, 256, 4)
     >>> model = Cm3LeonForCausalLM(config)
+
     ```
     """
 

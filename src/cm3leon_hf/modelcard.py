@@ -41,6 +41,7 @@ def build_model_card(
     >>> card = build_model_card(model, repo_id="some-org/cm3leon-tiny")
     >>> card.data.library_name, card.data.pipeline_tag
     ('transformers', 'any-to-any')
+
     ```
     """
     config = model.config

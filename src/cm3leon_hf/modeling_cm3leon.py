@@ -310,6 +310,7 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
     >>> ids = model.generate(prompt, max_new_tokens=5, do_sample=False)
     >>> ids.shape
     torch.Size([1, 9])
+
     ```
     """
 
