@@ -1,0 +1,288 @@
+"""Logits processors for CM3Leon decoding (CL §3.1, §4.1): batched classifier-free guidance, instruct-CFG for
+editing, CD-K contrastive decoding, and the image-token constraint.
+
+Guided decoding runs several *streams* of the same prompt in one batch — conditional, unconditional (`<mask>` instead
+of the text), and for editing image-conditional — and feeds every stream the same sampled token. The model stacks the
+streams stream-major: with `batch_size` prompts, rows `[s * batch_size, (s + 1) * batch_size)` hold stream `s`
+(0 = conditional, 1 = unconditional, 2 = image-conditional). `input_ids` handed to a processor are those of the
+conditional stream, `(batch_size, length)`; scores have `num_streams * batch_size` rows until a guidance processor
+combines them into `batch_size` rows. Processors never edit their input in place.
+"""
+
+import math
+
+import torch
+from transformers import LogitsProcessor
+
+TEXT, IMAGE, END_OF_IMAGE = 0, 1, 2
+
+
+def _check_scale(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _split_streams(input_ids: torch.LongTensor, scores: torch.FloatTensor, num_streams: int) -> tuple:
+    batch_size = input_ids.shape[0]
+    if scores.shape[0] != num_streams * batch_size:
+        raise ValueError(
+            f"Expected scores for {num_streams} streams of {batch_size} prompts ({num_streams * batch_size} rows), got "
+            f"{scores.shape[0]} rows. Guided decoding needs the stacked streams that `Cm3LeonForCausalLM.generate` "
+            f"prepares."
+        )
+    return scores.split(batch_size, dim=0)
+
+
+def next_token_modality(
+    input_ids: torch.LongTensor, image_token_offset: int, image_vocab_size: int, image_seq_length: int, generate_image: bool
+) -> torch.LongTensor:
+    """What each row must emit next: `IMAGE` (an image code), `END_OF_IMAGE` (`<break>` or `<eos>` after a complete
+    image) or `TEXT` (anything but an image code).
+
+    The state is read off the trailing run of image codes: inside an image (run not a multiple of `image_seq_length`)
+    only codes are allowed; right after a complete image only `<break>`/`<eos>`; outside an image, codes are required
+    when `generate_image` (the continuation is an image, e.g. after `text <break>`) and forbidden otherwise.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch_size, length)`): the conditional stream.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size,)` with values in {`TEXT`, `IMAGE`, `END_OF_IMAGE`}.
+    """
+    is_image = (input_ids >= image_token_offset) & (input_ids < image_token_offset + image_vocab_size)
+    run = is_image.flip(-1).long().cumprod(-1).sum(-1)  # trailing image codes per row
+    inside = run % image_seq_length != 0
+    complete = (run > 0) & ~inside
+    outside = TEXT if not generate_image else IMAGE
+    state = torch.full_like(run, outside)
+    state[inside] = IMAGE
+    state[complete] = END_OF_IMAGE
+    return state
+
+
+class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
+    r"""Modality-constrained decoding (PAPER.md §0 #22): an image is exactly `image_seq_length` image codes, then
+    `<break>` or `<eos>`; text never contains image codes.
+
+    With `generate_image=True` the continuation must be an image (text-to-image, editing: the prompt ends with
+    `<break>`); with `generate_image=False` it is text (captioning, VQA) and image codes are suppressed, except to finish
+    an image the prompt left incomplete. Disallowed tokens get `-inf`.
+
+    The processor runs on the stacked streams, before guidance, so that every guidance formula sees the same allowed
+    set whether the LM head computed the whole vocabulary or, in image mode, only the `image_vocab_size` image columns
+    (scores of that width are scattered back into the full vocabulary).
+
+    Args:
+        image_token_offset (`int`): id of image code 0.
+        image_vocab_size (`int`): number of image codes.
+        image_seq_length (`int`): codes per image.
+        end_of_image_token_ids (`list[int]`): the tokens allowed right after an image (`<break>`, `<eos>`).
+        vocab_size (`int`): width of full-vocabulary scores.
+        generate_image (`bool`): whether the continuation is an image.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from cm3leon_hf.logits_process import ImageTokenConstraintLogitsProcessor
+    >>> proc = ImageTokenConstraintLogitsProcessor(
+    ...     image_token_offset=8, image_vocab_size=4, image_seq_length=2, end_of_image_token_ids=[2, 1],
+    ...     vocab_size=12, generate_image=True)
+    >>> ids = torch.tensor([[1, 5, 2]])  # <eos> text <break>: an image must start
+    >>> proc(ids, torch.zeros(1, 12)).isfinite().nonzero()[:, 1].tolist()
+    [8, 9, 10, 11]
+    >>> ids = torch.tensor([[1, 5, 2, 9, 10]])  # a complete 2-code image: <break> or <eos> next
+    >>> proc(ids, torch.zeros(1, 12)).isfinite().nonzero()[:, 1].tolist()
+    [1, 2]
+
+    ```
+    """
+
+    def __init__(
+        self,
+        image_token_offset: int,
+        image_vocab_size: int,
+        image_seq_length: int,
+        end_of_image_token_ids: list[int],
+        vocab_size: int,
+        generate_image: bool,
+    ):
+        for name, value in (
+            ("image_vocab_size", image_vocab_size),
+            ("image_seq_length", image_seq_length),
+            ("vocab_size", vocab_size),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if image_token_offset < 0 or image_token_offset + image_vocab_size > vocab_size:
+            raise ValueError(
+                f"The image ids [{image_token_offset}, {image_token_offset + image_vocab_size}) do not fit the "
+                f"vocabulary of {vocab_size} (`image_token_offset`)."
+            )
+        if not end_of_image_token_ids or any(not 0 <= t < vocab_size for t in end_of_image_token_ids):
+            raise ValueError(f"`end_of_image_token_ids` must be ids in [0, {vocab_size}), got {end_of_image_token_ids}.")
+        self.image_token_offset = image_token_offset
+        self.image_vocab_size = image_vocab_size
+        self.image_seq_length = image_seq_length
+        self.vocab_size = vocab_size
+        self.generate_image = generate_image
+        allowed = torch.zeros(3, vocab_size, dtype=torch.bool)  # rows: TEXT, IMAGE, END_OF_IMAGE
+        allowed[TEXT] = True
+        allowed[TEXT, image_token_offset : image_token_offset + image_vocab_size] = False
+        allowed[IMAGE, image_token_offset : image_token_offset + image_vocab_size] = True
+        allowed[END_OF_IMAGE, end_of_image_token_ids] = True
+        self._allowed = allowed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        state = next_token_modality(
+            input_ids, self.image_token_offset, self.image_vocab_size, self.image_seq_length, self.generate_image
+        )
+        num_streams = scores.shape[0] // input_ids.shape[0]
+        if scores.shape[-1] == self.image_vocab_size and scores.shape[-1] != self.vocab_size:
+            if (state != IMAGE).any():
+                raise ValueError("Got image-only logits for a row that may not emit an image code.")
+            full = scores.new_full((scores.shape[0], self.vocab_size), float("-inf"))
+            full[:, self.image_token_offset : self.image_token_offset + self.image_vocab_size] = scores
+            return full
+        if scores.shape[-1] != self.vocab_size:
+            raise ValueError(f"Expected scores over {self.vocab_size} ids, got {scores.shape[-1]}.")
+        allowed = self._allowed.to(scores.device)[state].repeat(num_streams, 1)  # (rows, vocab)
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+class BatchedClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
+    r"""Classifier-free guidance on stacked streams (CL Eq. 1–2): `uncond + s * (cond - uncond)`.
+
+    Unlike transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` (a second forward pass with its own cache,
+    as HF Emu3 uses), the unconditional stream is computed in the same forward as extra batch rows; unlike its
+    MusicGen-only `ClassifierFreeGuidanceLogitsProcessor`, any scale >= 0 is accepted (1 = conditional only, 0 =
+    unconditional only) and tokens a constraint set to `-inf` stay `-inf` instead of becoming NaN. Mixing logits or
+    log-probabilities gives the same distribution: they differ by a per-row constant.
+
+    Args:
+        guidance_scale (`float`): the paper's α_c (its demo uses 3, its evaluation 4).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from cm3leon_hf.logits_process import BatchedClassifierFreeGuidanceLogitsProcessor
+    >>> scores = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # row 0: conditional, row 1: unconditional
+    >>> BatchedClassifierFreeGuidanceLogitsProcessor(3.0)(torch.zeros(1, 4, dtype=torch.long), scores)
+    tensor([[ 4., -2.]])
+
+    ```
+    """
+
+    def __init__(self, guidance_scale: float):
+        self.guidance_scale = _check_scale("guidance_scale", guidance_scale)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        cond, uncond = _split_streams(input_ids, scores, 2)
+        guided = uncond + self.guidance_scale * (cond - uncond)
+        return guided.masked_fill(cond == float("-inf"), float("-inf"))
+
+
+class InstructClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
+    r"""Guidance for instruction editing with separate image and text scales (CL §4.1; InstructPix2Pix's rule):
+    `l = uncond + s_I * (image - uncond) + s_T * (full - image)`, over three stacked streams in the model's order: the
+    full prompt (image and instruction), the unconditional `<mask>` prompt, and the prompt without the instruction.
+
+    Args:
+        image_guidance_scale (`float`): s_I (paper 1.5).
+        text_guidance_scale (`float`): s_T (paper 7.5).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from cm3leon_hf.logits_process import InstructClassifierFreeGuidanceLogitsProcessor
+    >>> scores = torch.tensor([[3.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # full, unconditional, image-only
+    >>> InstructClassifierFreeGuidanceLogitsProcessor(1.5, 7.5)(torch.zeros(1, 3, dtype=torch.long), scores)
+    tensor([[10.,  0.]])
+
+    ```
+    """
+
+    def __init__(self, image_guidance_scale: float, text_guidance_scale: float):
+        self.image_guidance_scale = _check_scale("image_guidance_scale", image_guidance_scale)
+        self.text_guidance_scale = _check_scale("text_guidance_scale", text_guidance_scale)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        full, uncond, image = _split_streams(input_ids, scores, 3)
+        guided = uncond + self.image_guidance_scale * (image - uncond) + self.text_guidance_scale * (full - image)
+        return guided.masked_fill(full == float("-inf"), float("-inf"))
+
+
+class ContrastiveDecodingLogitsProcessor(LogitsProcessor):
+    r"""CD-K, CM3Leon's self-contrastive decoding (CL Eq. 3), after Li et al.'s contrastive decoding: the expert is the
+    conditional stream, the amateur the unconditional (`<mask>`) stream of the same model, and
+
+        score(t) = log p_exp(t) - log p_ama(t)   if p_exp(t) >= alpha * (k-th largest p_exp)
+                 = -inf                          otherwise.
+
+    With `k = 1` this is Li et al.'s plausibility set, which the paper found "too strict, … consistently greedy"; the
+    k-th largest probability widens it. Sampling then draws from `softmax(score)`. This is not transformers'
+    "contrastive search" (`penalty_alpha`), which penalises similarity of hidden states.
+
+    The paper does not report alpha, k or the amateur temperature (PAPER.md §8.6): the defaults alpha = 0.5 and amateur
+    temperature 0.5 are those of CM3Leon's evaluation script; k = 5 is ours (measured in `bench/RESULTS.md`). Ties at
+    the k-th value are all kept (the set is defined by `>=`).
+
+    Args:
+        alpha (`float`, defaults to 0.5): plausibility threshold, in (0, 1].
+        k (`int`, defaults to 5): rank of the reference probability, >= 1 and at most `vocab_size`.
+        amateur_temperature (`float`, defaults to 0.5): the amateur's logits are divided by it before the softmax.
+        vocab_size (`int`, *optional*): number of candidate tokens (the image vocabulary in image mode), to validate k.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from cm3leon_hf.logits_process import ContrastiveDecodingLogitsProcessor
+    >>> expert = torch.tensor([0.5, 0.3, 0.16, 0.04]).log()  # k = 2: keep p >= 0.5 * 0.3
+    >>> amateur = torch.tensor([0.7, 0.1, 0.1, 0.1]).log()
+    >>> cd = ContrastiveDecodingLogitsProcessor(alpha=0.5, k=2, amateur_temperature=1.0)
+    >>> cd(torch.zeros(1, 3, dtype=torch.long), torch.stack([expert, amateur])).round(decimals=3)
+    tensor([[-0.3360,  1.0990,  0.4700,    -inf]])
+
+    ```
+    """
+
+    def __init__(self, alpha: float = 0.5, k: int = 5, amateur_temperature: float = 0.5, vocab_size: int | None = None):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}.")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
+        if vocab_size is not None and k > vocab_size:
+            raise ValueError(f"`k` ({k}) is larger than the {vocab_size} candidate tokens.")
+        if (
+            isinstance(amateur_temperature, bool)
+            or not isinstance(amateur_temperature, (int, float))
+            or not math.isfinite(amateur_temperature)
+            or amateur_temperature <= 0
+        ):
+            raise ValueError(f"`amateur_temperature` must be a finite number > 0, got {amateur_temperature!r}.")
+        self.alpha = float(alpha)
+        self.k = k
+        self.amateur_temperature = float(amateur_temperature)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        expert, amateur = _split_streams(input_ids, scores, 2)
+        log_p_expert = expert.log_softmax(dim=-1)
+        log_p_amateur = (amateur / self.amateur_temperature).log_softmax(dim=-1)
+        k = min(self.k, log_p_expert.shape[-1])
+        kth = log_p_expert.topk(k, dim=-1).values[:, -1:]  # (batch, 1)
+        plausible = (log_p_expert >= kth + math.log(self.alpha)) & log_p_expert.isfinite()
+        return torch.where(plausible, log_p_expert - log_p_amateur, float("-inf"))
+
+
+STREAM_PROCESSORS = (
+    ImageTokenConstraintLogitsProcessor,
+    BatchedClassifierFreeGuidanceLogitsProcessor,
+    InstructClassifierFreeGuidanceLogitsProcessor,
+    ContrastiveDecodingLogitsProcessor,
+)
+"""Processors that read the stacked streams, in the order they must run: before every other processor (which
+expects one row per prompt)."""
