@@ -50,15 +50,13 @@ def next_token_modality(
     Returns:
         `torch.LongTensor` of shape `(batch_size,)` with values in {`TEXT`, `IMAGE`, `END_OF_IMAGE`}.
     """
-    is_image = (input_ids >= image_token_offset) & (input_ids < image_token_offset + image_vocab_size)
-    run = is_image.flip(-1).long().cumprod(-1).sum(-1)  # trailing image codes per row
+    length = input_ids.shape[-1]
+    is_text = (input_ids < image_token_offset) | (input_ids >= image_token_offset + image_vocab_size)
+    positions = torch.arange(length, device=input_ids.device)
+    run = length - 1 - torch.where(is_text, positions, -1).amax(-1)  # trailing image codes per row
     inside = run % image_seq_length != 0
-    complete = (run > 0) & ~inside
-    outside = TEXT if not generate_image else IMAGE
-    state = torch.full_like(run, outside)
-    state[inside] = IMAGE
-    state[complete] = END_OF_IMAGE
-    return state
+    outside = IMAGE if generate_image else TEXT
+    return torch.where(inside, IMAGE, torch.where(run > 0, END_OF_IMAGE, outside))
 
 
 class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
