@@ -43,9 +43,9 @@ Example:
 
 >>> row = make_row("vqa", "train", 0, seed=0)
 >>> row["text"]
-'Question: what size is the circle in the top right corner? The answer is small. <break> <image>'
+'Question: is the large object above the small cross? The answer is no. <break> <image>'
 >>> len(row["images"]), row["images"][0].size, row["answer"]
-(1, (64, 64), 'small')
+(1, (64, 64), 'no')
 >>> ds = build_task("edit", num_train=4, num_validation=2, num_test=2, num_heldout=2)  # doctest: +SKIP
 """
 
