@@ -92,14 +92,15 @@ def clip_config(
     patch_size: int = 8,
     hidden_size: int = 128,
     num_layers: int = 4,
+    vision_layers: int | None = None,
     num_heads: int = 4,
     projection_dim: int = 128,
 ) -> CLIPConfig:
-    """A small `CLIPConfig`: both towers `hidden_size` wide and `num_layers` deep (MLP 4× wide), text
-    positions up to the tokenizer's `model_max_length`."""
+    """A small `CLIPConfig`: both towers `hidden_size` wide (MLP 4× wide) and `num_layers` deep (the vision
+    tower `vision_layers` deep if given), text positions up to the tokenizer's `model_max_length`."""
     if resolution % patch_size:
         raise ValueError(f"patch_size {patch_size} must divide resolution {resolution}")
-    common = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads)
+    common = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_attention_heads=num_heads)
     return CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -107,9 +108,12 @@ def clip_config(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            num_hidden_layers=num_layers,
             **common,
         ),
-        vision_config=dict(image_size=resolution, patch_size=patch_size, **common),
+        vision_config=dict(
+            image_size=resolution, patch_size=patch_size, num_hidden_layers=vision_layers or num_layers, **common
+        ),
         projection_dim=projection_dim,
     )
 

@@ -13,10 +13,13 @@
    per-pixel vote within `COLOR_DISTANCE` fails on JPEG: 4:2:0 chroma subsampling moves a small object's
    colours by ~60.)
 4. Shape and size: the component's mask is compared (IoU, centres aligned) with every shape's mask rendered
-   at the nominal sides that could give its bounding box; the best match gives the shape, and the nearest
-   size class to its side gives the size. A best IoU under `MIN_SHAPE_IOU` leaves the shape None
+   at the nominal sides that could give its bounding box; the best match gives the shape, and the size
+   class nearest to that match's nominal side gives the size. A best IoU under `MIN_SHAPE_IOU` leaves the shape None
    ("unrecognised"), which scores as wrong.
 5. Position: the grid cell that holds the centre of the component's bounding box.
+
+The per-pixel decisions of steps 1–2 go through a lookup table over colours quantised to 6 bits per channel
+(error ≤ 2 of 255), which makes them one gather: ~0.5 ms per 64² image.
 
 A result with no objects means "no object found": `score` reports it in its `status`.
 

@@ -97,7 +97,6 @@ class _ObjectWords:
     shape: str | None
     number: int | None  # a number word before the noun ("two red stars" → 2)
     plural: bool
-    definite: bool  # "the ..."
 
     @property
     def has_attributes(self) -> bool:
@@ -182,7 +181,7 @@ def _scan(text: str) -> list[_Item]:
             number = _NUMBERS.get(det) if det is not None else None
             if number is not None and (number > 1) != plural:
                 raise ValueError(f"cannot parse {text!r}: {det!r} does not agree with {noun!r}")
-            words = _ObjectWords(size, color, shape, number, plural, det == "the")
+            words = _ObjectWords(size, color, shape, number, plural)
             if not words.has_attributes and det in _NUMBERS:
                 items.append(_Item("count", words))  # "two shapes": a summary
             elif not words.has_attributes and plural:
