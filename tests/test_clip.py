@@ -126,9 +126,9 @@ def test_short_training_run_learns_to_retrieve(tmp_path):
     assert results["steps"] == 300
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["test_single_object_top1"] == results["test_single_object_top1"]
-    # chance is 1/200; measured at 300 steps (seed 0, one thread): 0.125 single, 0.185 multi. The bounds are
+    # chance is 1/200; measured at 300 steps (seed 0, one thread): 0.37 single, 0.285 multi. The bounds are
     # about half of that, so that another CPU's floating-point paths cannot fail it.
     figures = {k: v for k, v in results.items() if k.endswith("top1")}
-    assert results["test_single_object_top1"] >= 0.06 and results["test_multi_object_top1"] >= 0.09, figures
+    assert results["test_single_object_top1"] >= 0.18 and results["test_multi_object_top1"] >= 0.14, figures
     encoder = load_clip(out)
     assert encode_texts(encoder, ["a red star"]).shape == (1, 128)

@@ -18,7 +18,7 @@ Data: pairs are drawn on the fly from the world's train distribution (no held-ou
 batch `step` from `numpy.random.default_rng([seed, 0, step])`, each with a short caption from a random
 template; `--single-object-fraction` of the groups have one object, the rest 2–3 (0.8: single-object
 retrieval needs every attribute of one object exact and was the laggard; with 0.5 the 12-minute run reached
-84% single- / 96% multi-object top-1, with 0.8 90% / 93%). Loss: CLIP's symmetric
+84% single- / 96% multi-object top-1, with 0.8 90% / 93%; the documented 13.5-minute run: 93% / 94%). Loss: CLIP's symmetric
 contrastive loss (`CLIPModel(..., return_loss=True)`), AdamW, linear warmup then cosine decay over the
 budget (the larger of the step and the time fractions used, so a time budget is used to its end).
 Batches are groups of `--group-size` minimally different scenes (one attribute changed, or two objects'
