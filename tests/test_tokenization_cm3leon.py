@@ -84,8 +84,8 @@ def test_whitespace_next_to_markers_is_not_encoded(tokenizer):
 
 
 def test_digits_are_single_tokens(tokenizer):
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer("(169, 255)")["input_ids"])
-    assert [t for t in tokens if any(c.isdigit() for c in t)] == ["1", "6", "9", "2", "5", "5"]
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("(169, 255) 1")["input_ids"])
+    assert [t for t in tokens if any(c.isdigit() for c in t)] == ["1", "6", "9", "Ġ2", "5", "5", "Ġ1"]
 
 
 def test_save_and_auto_load_give_identical_ids(tokenizer, tmp_path):

@@ -19,8 +19,8 @@ Choices (the paper is silent):
   `"a<break><image>"` and `"a <break> <image>"` give the same ids. Text between two markers is encoded on its own
   (`split_markers`), so the BPE never sees a space before or after a marker, and the decoders write markers with one
   space on each side (`"<eos> a red star <break>"`).
-- **Digits** are split one by one before the BPE (as in LLaMA), so that box coordinates such as `(50, 50) -> (100, 100)`
-  (PAPER.md §6) are written with 10 digit tokens that every number shares.
+- **Digits** are split one by one before the BPE (as in LLaMA; a space before a digit stays with it), so that box
+  coordinates such as `(50, 50) -> (100, 100)` (PAPER.md §6) are written with digit tokens that every number shares.
 - **Bytes.** The 256 byte tokens are always in the vocabulary, so every string encodes (no unknown token) and
   `decode(encode(text)) == text` for any text without markers and without leading/trailing whitespace.
 
@@ -44,7 +44,7 @@ True
 import re
 from collections.abc import Iterable, Iterator
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .configuration_cm3leon import Cm3LeonConfig
@@ -145,7 +145,10 @@ def train_text_tokenizer(
         )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(r" ?\p{N}"), behavior="isolated"),  # one digit per token (its space with it)
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
