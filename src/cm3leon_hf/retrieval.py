@@ -54,6 +54,7 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
   with the documents in front, so both streams end with `<break>` and continue with image tokens.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -67,7 +68,8 @@ from typing import Any
 
 import faiss
 import numpy as np
-from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
+from datasets import Dataset, List, Value, concatenate_datasets, load_from_disk
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -201,7 +203,7 @@ def encoder_identity(encoder) -> dict:
 
 
 def _same_encoder(identity: dict, other: dict) -> bool:
-    if identity["dim"] != other["dim"]:
+    if identity.get("dim") != other.get("dim"):
         return False
     for key in ("text_probe_embedding", "image_probe_embedding"):
         if float(np.dot(identity[key], other[key])) < FINGERPRINT_MIN_COSINE:
@@ -247,6 +249,18 @@ class RetrievedDocument:
     content_hash: str
     query_modality: str
     extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _datasets_progress_bars_off():
+    """Silence `datasets`' own bars (flattening, saving shards) while `build` shows one bar for the whole bank."""
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 class Cm3LeonMemoryBank:
@@ -338,6 +352,7 @@ class Cm3LeonMemoryBank:
 
     # ------------------------------------------------------------------------------------------------------- build
     @classmethod
+    @_datasets_progress_bars_off()
     def build(
         cls,
         dataset: Dataset,
@@ -406,7 +421,7 @@ class Cm3LeonMemoryBank:
         build_file = shards_dir / BUILD_FILE
         if build_file.exists():
             previous = json.loads(build_file.read_text())
-            if not _same_encoder(previous.pop("encoder"), identity) or previous != {
+            if not _same_encoder(previous.pop("encoder", {}), identity) or previous != {
                 k: v for k, v in settings.items() if k != "encoder"
             }:
                 raise ValueError(
@@ -431,7 +446,7 @@ class Cm3LeonMemoryBank:
             tmp = path.with_name(path.name + ".tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            shard.save_to_disk(str(tmp))
+            shard.save_to_disk(str(tmp), num_shards=1 if len(shard) == 0 else None)
             os.replace(tmp, path)
         progress.close()
 
@@ -450,34 +465,10 @@ class Cm3LeonMemoryBank:
         os.replace(rows_tmp, save_directory / ROWS_DIR)
         rows = load_from_disk(str(save_directory / ROWS_DIR))
 
-        default_factory, default_parameters = default_index_factory(len(rows), dim)
-        factory = index_factory or default_factory
-        if search_parameters is None:
-            if index_factory is None:
-                search_parameters = default_parameters
-            elif "IVF" in factory:
-                nlist = int(factory.split("IVF")[1].split(",")[0].split("_")[0])
-                search_parameters = f"nprobe={max(1, nlist // 64)}"
-            elif "HNSW" in factory:
-                search_parameters = "efSearch=64"
-            else:
-                search_parameters = ""
-        index = cls._build_index(rows, factory, dim, train_size, seed, show_progress_bar)
-        if search_parameters:
-            faiss.ParameterSpace().set_index_parameters(index, search_parameters)
-        index_tmp = save_directory / (INDEX_FILE + ".tmp")
-        faiss.write_index(index, str(index_tmp))
-        os.replace(index_tmp, save_directory / INDEX_FILE)
-
-        probe_rows = _probe_rows(len(rows))
-        probe_scores, _ = index.search(_embeddings_of(rows, probe_rows), 1)
         manifest = {
             "format_version": BANK_FORMAT_VERSION,
             "encoder": identity,
             "metric": "inner_product",
-            "index_factory": factory,
-            "search_parameters": search_parameters,
-            "ntotal": int(index.ntotal),
             "num_rows": len(rows),
             "num_source_rows": len(dataset),
             "num_skipped": len(dataset) - len(rows),
@@ -485,21 +476,37 @@ class Cm3LeonMemoryBank:
             "image_column": image_column,
             "columns": rows.column_names,
             "rows_hash": _rows_hash(rows),
-            "index_probe": {"rows": probe_rows, "scores": [round(float(s), 6) for s in probe_scores[:, 0]]},
         }
+        manifest.update(_write_index(rows, save_directory, dim, index_factory, search_parameters, train_size, seed,
+                                     show_progress_bar))
         _atomic_write_json(save_directory / MANIFEST_FILE, manifest)
         shutil.rmtree(shards_dir)
         return cls.load(save_directory)
+
+    def reindex(self, index_factory: str, *, search_parameters: str | None = None, train_size: int | None = None,
+                seed: int = 0, show_progress_bar: bool = True) -> "Cm3LeonMemoryBank":
+        """Replace the bank's faiss index by a new `index_factory` index built from the stored embeddings (no
+        re-encoding), write it and the manifest atomically, and return the bank loaded again.
+
+        >>> bank = Cm3LeonMemoryBank.load("bank").reindex("IVF256,PQ32x4fs", search_parameters="nprobe=16")
+        """
+        if self.directory is None:
+            raise ValueError("Only a saved bank can be re-indexed.")
+        manifest = dict(self.manifest)
+        manifest.update(_write_index(self.dataset, self.directory, self.dim, index_factory, search_parameters,
+                                     train_size, seed, show_progress_bar))
+        _atomic_write_json(self.directory / MANIFEST_FILE, manifest)
+        return type(self).load(self.directory)
 
     @staticmethod
     def _encode_shard(part, start, encoder, text_column, image_column, image_decoder, batch_size, dim, progress):
         kept, hashes, embeddings = [], [], []
         offset = 0
         for batch in part.iter(batch_size=batch_size):
-            texts, images = batch[text_column], batch[image_column]
+            texts, images = batch[text_column], [_single_image(im, image_decoder) for im in batch[image_column]]
             keep = [
                 j for j, (t, im) in enumerate(zip(texts, images))
-                if isinstance(t, str) and t.strip() and im is not None and (image_decoder is None or len(im) > 0)
+                if isinstance(t, str) and t.strip() and im is not None
             ]
             if keep:
                 texts = [texts[j] for j in keep]
@@ -514,39 +521,11 @@ class Cm3LeonMemoryBank:
                 kept.extend(offset + j for j in keep)
             offset += len(images)
             progress.update(len(images))
-        extra = Dataset.from_dict(
-            {
-                SOURCE_INDEX_COLUMN: np.asarray(kept, dtype=np.int64) + start,
-                CONTENT_HASH_COLUMN: hashes,
-                EMBEDDING_COLUMN: np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32),
-            },
-            features=Features({
-                SOURCE_INDEX_COLUMN: Value("int64"),
-                CONTENT_HASH_COLUMN: Value("string"),
-                EMBEDDING_COLUMN: List(Value("float32"), length=dim),
-            }),
-        )
-        return concatenate_datasets([part.select(kept), extra], axis=1)
-
-    @staticmethod
-    def _build_index(rows, factory, dim, train_size, seed, show_progress_bar):
-        try:
-            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as error:
-            raise ValueError(f"Invalid faiss index_factory {factory!r}: {error}") from error
-        if not index.is_trained:
-            if train_size is None:
-                nlist = faiss.extract_index_ivf(index).nlist if "IVF" in factory else 0
-                train_size = max(64 * nlist, 65_536)
-            sample = np.sort(np.random.default_rng(seed).choice(len(rows), size=min(len(rows), train_size),
-                                                                replace=False))
-            index.train(_embeddings_of(rows, sample.tolist()))
-        view = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
-        chunk = 65_536
-        for batch in tqdm(view.iter(batch_size=chunk), total=math.ceil(len(rows) / chunk), desc="faiss index",
-                          disable=not show_progress_bar):
-            index.add(np.ascontiguousarray(batch[EMBEDDING_COLUMN], dtype=np.float32))
-        return index
+        shard = part.select(kept).flatten_indices()
+        shard = shard.add_column(SOURCE_INDEX_COLUMN, np.asarray(kept, dtype=np.int64) + start, feature=Value("int64"))
+        shard = shard.add_column(CONTENT_HASH_COLUMN, hashes, feature=Value("string"))
+        matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
+        return shard.add_column(EMBEDDING_COLUMN, list(matrix), feature=List(Value("float32"), length=dim))
 
     # -------------------------------------------------------------------------------------------------------- load
     @classmethod
@@ -577,12 +556,85 @@ class Cm3LeonMemoryBank:
             if manifest.get("search_parameters"):
                 faiss.ParameterSpace().set_index_parameters(index, manifest["search_parameters"])
             probe = manifest["index_probe"]
-            scores, _ = index.search(_embeddings_of(rows, probe["rows"]), 1)
-            if not np.allclose(scores[:, 0], probe["scores"], atol=1e-3):
-                problems.append("the index is not the one built from these rows (probe search scores differ)")
+            scores, ids = index.search(_embeddings_of(rows, probe["rows"]), 1)
+            found = ids[:, 0].tolist()
+            # a different id is fine only if it is an exact duplicate of the recorded one (ties)
+            same_ids = found == probe["ids"] or (min(found) >= 0 and np.allclose(
+                _embeddings_of(rows, found), _embeddings_of(rows, probe["ids"]), atol=1e-6))
+            if not same_ids or not np.allclose(scores[:, 0], probe["scores"], atol=1e-3):
+                problems.append("the index is not the one built from these rows (probe search differs)")
         if problems:
             raise ValueError(f"Memory bank {directory} is inconsistent: {'; '.join(problems)}. Rebuild it.")
         return cls(rows, index, manifest, directory)
+
+
+def _write_index(rows, directory, dim, index_factory, search_parameters, train_size, seed, show_progress_bar) -> dict:
+    """Build the faiss index of `rows`' embeddings, write it atomically to `directory`; return its manifest entries.
+
+    The factory defaults to `default_index_factory`; search parameters default to the factory's defaults for IVF
+    (nprobe = nlist / 64) and `efSearch=64` for HNSW. An index that needs training is trained on a seeded sample of
+    `train_size` rows (default `max(64 * nlist, 65_536)`, capped at the bank size).
+    """
+    default_factory, default_parameters = default_index_factory(len(rows), dim)
+    factory = index_factory or default_factory
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise ValueError(f"Invalid faiss index_factory {factory!r}: {error}") from error
+    if search_parameters is None:
+        if index_factory is None:
+            search_parameters = default_parameters
+        elif "IVF" in factory:
+            search_parameters = f"nprobe={max(1, faiss.extract_index_ivf(index).nlist // 64)}"
+        elif "HNSW" in factory:
+            search_parameters = "efSearch=64"
+        else:
+            search_parameters = ""
+    if not index.is_trained:
+        if train_size is None:
+            nlist = faiss.extract_index_ivf(index).nlist if "IVF" in factory else 0
+            train_size = max(64 * nlist, 65_536)
+        sample = np.random.default_rng(seed).choice(len(rows), size=min(len(rows), train_size), replace=False)
+        index.train(_embeddings_of(rows, np.sort(sample).tolist()))
+    view = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
+    chunk = 65_536
+    for batch in tqdm(view.iter(batch_size=chunk), total=math.ceil(len(rows) / chunk), desc="faiss index",
+                      disable=not show_progress_bar):
+        index.add(np.ascontiguousarray(batch[EMBEDDING_COLUMN], dtype=np.float32))
+    if search_parameters:
+        faiss.ParameterSpace().set_index_parameters(index, search_parameters)
+    index_tmp = Path(directory) / (INDEX_FILE + ".tmp")
+    faiss.write_index(index, str(index_tmp))
+    os.replace(index_tmp, Path(directory) / INDEX_FILE)
+    probe_rows = _probe_rows(len(rows))
+    probe_scores, probe_ids = index.search(_embeddings_of(rows, probe_rows), 1)
+    return {
+        "index_factory": factory,
+        "search_parameters": search_parameters,
+        "ntotal": int(index.ntotal),
+        "index_probe": {"rows": probe_rows, "scores": [round(float(s), 6) for s in probe_scores[:, 0]],
+                        "ids": [int(i) for i in probe_ids[:, 0]]},
+    }
+
+
+def _single_image(value, image_decoder):
+    """A row's image: the value itself, or the one element of a list of images (`None` when missing/empty).
+
+    Image ids (with `image_decoder`) are a list of ints, so only PIL lists are unwrapped; an empty id list is missing.
+    """
+    if value is None:
+        return None
+    if image_decoder is not None:
+        return value if len(value) > 0 and not isinstance(value[0], (list, tuple)) else _one(value)
+    if isinstance(value, (list, tuple)):
+        return _one(value)
+    return value
+
+
+def _one(values):
+    if len(values) > 1:
+        raise ValueError(f"A memory-bank document has one image; a row of the image column holds {len(values)}.")
+    return values[0] if values else None
 
 
 def _embeddings_of(rows: Dataset, indices: Sequence[int]) -> np.ndarray:
@@ -652,7 +704,7 @@ class Cm3LeonRetriever:
         columns = set(bank.dataset.column_names)
         self._text_column = bank.manifest["text_column"]
         self._image_column = bank.manifest["image_column"]
-        self._image_ids_column = "image_ids" if "image_ids" in columns else None
+        self._image_ids_column = "image_ids" if "image_ids" in columns and self._image_column != "image_ids" else None
         self._input_ids_column = "input_ids" if "input_ids" in columns else None
 
     def encode_queries(self, texts: Sequence[str] | None = None, images: Sequence[Image.Image] | None = None, *,
@@ -777,12 +829,15 @@ class Cm3LeonRetriever:
         for (row, score), values in zip(picked, self.bank.documents(rows)):
             text = values.pop(self._text_column)
             image = values.pop(self._image_column)
+            if isinstance(image, list) and len(image) == 1 and isinstance(image[0], (Image.Image, list)):
+                image = image[0]
             image_ids = values.pop(self._image_ids_column) if self._image_ids_column else None
+            if image_ids is None and not isinstance(image, Image.Image):
+                image_ids = image
             input_ids = values.pop(self._input_ids_column) if self._input_ids_column else None
             documents.append(RetrievedDocument(
                 row=row, score=score, text=text, image=image if isinstance(image, Image.Image) else None,
-                image_ids=image_ids if image_ids is not None else (image if not isinstance(image, Image.Image) else None),
-                input_ids=input_ids, source_index=int(values.pop(SOURCE_INDEX_COLUMN)),
+                image_ids=image_ids, input_ids=input_ids, source_index=int(values.pop(SOURCE_INDEX_COLUMN)),
                 content_hash=values.pop(CONTENT_HASH_COLUMN), query_modality=modality, extra=values,
             ))
         return documents
