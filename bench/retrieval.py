@@ -3,20 +3,24 @@
 Two parts, each with its reference in the same run:
 
 * ``index``: query latency (one query at a time, median) and throughput (a batch of queries) at k = 2, 5, 10 on
-  100k and 1M random unit-norm 512-d vectors, for Flat (exact inner product, the reference), IVF-PQ and HNSW, with
-  recall@10 against Flat. Two kinds of data: *isotropic* (uniform on the sphere: every approximate index struggles,
+  100k and 1M random unit-norm 512-d vectors, for Flat (exact inner product, the reference), IVF-Flat, IVF-PQ (4-bit
+  fast-scan codes, raw and with exact re-ranking of 10·k candidates, `RFlat`) and HNSW, with recall@10 against Flat. Two kinds of data: *isotropic* (uniform on the sphere: every approximate index struggles,
   all points are nearly equidistant) and *clustered* (a mixture of Gaussian clusters on the sphere, like real CLIP
   embeddings, which gather by concept). The run then sweeps nprobe / efSearch and prints the recall@10 / queries-per-
   second frontier, and checks the issue's target: at 1M clustered vectors some approximate index reaches
   recall@10 >= 0.9 at >= 5x Flat's queries/s.
-* ``bank``: documents/s of `Cm3LeonMemoryBank.build` (both encoder passes, sharded Arrow writes, the faiss index) with a
-  tiny CLIP on synthetic image-caption pairs.
+* ``bank``: documents/s of `Cm3LeonMemoryBank.build` (both encoder passes, sharded Arrow writes, the faiss index) with
+  the synthetic world's CLIP (`--encoder`) on its text-to-image pairs, and the encoder alone as the reference.
 
 Commands (run alone on the machine; timings are medians of repeated runs):
 
 ```bash
-flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part index --sizes 100000 1000000 --threads 2
-flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part bank --bank-docs 2000 --threads 2
+flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part index --sizes 100000 --threads 2
+flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part index --sizes 1000000 --kinds clustered \
+    --queries 500 --latency-queries 20 --repeats 1 --ef-construction 40
+flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part index --sizes 1000000 --kinds isotropic \
+    --queries 500 --latency-queries 20 --repeats 1 --indexes ivf-flat ivf-pq ivf-pq-refine
+flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part bank --encoder outputs/clip-synthetic --bank-docs 3000
 python bench/retrieval.py --part index --sizes 20000 --queries 200   # a quick smoke run
 ```
 """
@@ -118,7 +122,7 @@ def bench_index(args):
             flat = faiss.IndexFlatIP(DIM)
             build_flat, _ = timed(lambda: flat.add(bank), repeats=1)
             _, truth = flat.search(queries, 10)
-            flat_rows, _ = measure(flat, queries, truth, ks, args.latency_queries)
+            flat_rows, _ = measure(flat, queries, truth, ks, args.latency_queries, repeats=args.repeats)
             flat_qps10 = flat_rows[10]["qps"]
             print(f"Flat          build {build_flat:7.1f}s  " + "  ".join(
                 f"k={k}: {r['qps']:8.0f} q/s {r['latency_ms']:7.2f} ms" for k, r in flat_rows.items()), flush=True)
@@ -127,13 +131,13 @@ def bench_index(args):
 
             nlist = args.nlist or max(64, int(2 ** round(np.log2(np.sqrt(n)))))
             train = bank[np.random.default_rng(1).choice(n, size=min(n, 64 * nlist), replace=False)]
-            candidates = [
-                (f"IVF{nlist},Flat", "nprobe", (1, 2, 4, 8, 16, 32, 64, 128)),
-                (f"IVF{nlist},PQ64x4fs", "nprobe", (1, 4, 8, 16, 32, 64, 128)),
-                (f"IVF{nlist},PQ64x4fs,RFlat", "nprobe", (4, 8, 16, 32, 64)),
-                (f"HNSW{args.hnsw_m}", "efSearch", (16, 32, 64, 128, 256)),
-            ]
-            for factory, knob, values in candidates:
+            candidates = {
+                "ivf-flat": (f"IVF{nlist},Flat", "nprobe", (1, 2, 4, 8, 16, 32, 64, 128)),
+                "ivf-pq": (f"IVF{nlist},PQ64x4fs", "nprobe", (1, 4, 8, 16, 32, 64, 128)),
+                "ivf-pq-refine": (f"IVF{nlist},PQ64x4fs,RFlat", "nprobe", (4, 8, 16, 32, 64)),
+                "hnsw": (f"HNSW{args.hnsw_m}", "efSearch", (16, 32, 64, 128, 256)),
+            }
+            for factory, knob, values in (candidates[name] for name in args.indexes):
                 index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
                 if factory.startswith("HNSW"):
                     index.hnsw.efConstruction = args.ef_construction
@@ -157,7 +161,7 @@ def bench_index(args):
                 good = [f for f in frontier if f["recall@10"] >= 0.9]
                 point = good[0] if good else frontier[-1]
                 set_search_param(index, knob, point[knob])
-                rows, _ = measure(index, queries, truth, ks, args.latency_queries)
+                rows, _ = measure(index, queries, truth, ks, args.latency_queries, repeats=args.repeats)
                 print(f"{factory:24s} at {knob}={point[knob]}: " + "  ".join(
                     f"k={k}: {r['qps']:8.0f} q/s {r['latency_ms']:6.2f} ms" for k, r in rows.items()), flush=True)
                 size_mb = faiss.serialize_index(index).nbytes / 2**20 if n <= 200_000 else None
@@ -187,32 +191,32 @@ def bench_bank(args):
     import tempfile
 
     import torch
+    from sentence_transformers import SentenceTransformer
 
-    from cm3leon_hf.retrieval import Cm3LeonMemoryBank, tiny_clip_encoder
-    from datasets import Dataset, Features, Image, Value
-    from PIL import Image as PILImage
+    from cm3leon_hf.retrieval import Cm3LeonMemoryBank
+    from cm3leon_hf.synthetic import build_task
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-    names = list(colours)
-    rng = np.random.default_rng(0)
+    encoder = SentenceTransformer(args.encoder)
+    pairs = build_task("text_to_image", num_train=args.bank_docs, num_validation=0, num_test=0, num_heldout=0)["train"]
+    texts, images = pairs["caption"], [row[0] for row in pairs["images"]]
 
-    def rows():
-        for i in range(args.bank_docs):
-            colour = names[rng.integers(len(names))]
-            image = PILImage.new("RGB", (64, 64), (255, 255, 255))
-            image.paste(colours[colour], (16, 16, 48, 48))
-            yield {"text": f"a {colour} square number {i}", "image": image}
+    def encode_only():
+        encoder.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)
+        encoder.encode(images, batch_size=args.batch_size, normalize_embeddings=True)
 
-    dataset = Dataset.from_generator(rows, features=Features({"text": Value("string"), "image": Image()}))
+    encode_s, _ = timed(encode_only, repeats=args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        encoder = tiny_clip_encoder(f"{tmp}/clip")
-        seconds, bank = timed(lambda: Cm3LeonMemoryBank.build(
-            dataset, encoder, f"{tmp}/bank", batch_size=args.batch_size, overwrite=True, show_progress_bar=False),
-            repeats=3)
-        print(f"bank build: {args.bank_docs} docs in {seconds:.2f}s = {args.bank_docs / seconds:.0f} docs/s "
-              f"(tiny CLIP {bank.manifest['encoder']['dim']}-d, batch {args.batch_size}, {args.threads} threads)")
+        build_s, bank = timed(lambda: Cm3LeonMemoryBank.build(
+            pairs, encoder, f"{tmp}/bank", text_column="caption", image_column="images", batch_size=args.batch_size,
+            overwrite=True, show_progress_bar=False), repeats=args.repeats)
+        dim = bank.dim
+    n = args.bank_docs
+    print(f"encoder alone (text + image passes, images decoded beforehand): {n / encode_s:.0f} docs/s")
+    print(f"Cm3LeonMemoryBank.build (decode PNG, encode, hash, Arrow shards, rows, Flat index, manifest): "
+          f"{n / build_s:.0f} docs/s  ({n} docs in {build_s:.1f}s, {dim}-d, batch {args.batch_size}, "
+          f"{args.threads} threads) = x{encode_s / build_s:.2f} of the encoder alone")
 
 
 def main():
@@ -223,10 +227,14 @@ def main():
     parser.add_argument("--queries", type=int, default=1000, help="queries for throughput and recall")
     parser.add_argument("--latency-queries", type=int, default=50, help="single queries timed for latency")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 2**round(log2(sqrt(n))))")
+    parser.add_argument("--indexes", nargs="+", default=["ivf-flat", "ivf-pq", "ivf-pq-refine", "hnsw"],
+                        choices=["ivf-flat", "ivf-pq", "ivf-pq-refine", "hnsw"])
+    parser.add_argument("--repeats", type=int, default=2, help="batched timings: median of this many runs")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bank-docs", type=int, default=2000)
+    parser.add_argument("--bank-docs", type=int, default=3000)
+    parser.add_argument("--encoder", default="outputs/clip-synthetic", help="sentence-transformers CLIP (bank part)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", default=None, help="also write the measurements here")
     args = parser.parse_args()
