@@ -88,8 +88,15 @@ FEATURES = Features({"text": Value("string"), "image": Image(), "image_ids": Lis
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    return random_clip(tmp_path_factory.mktemp("clip16"), dim=16, seed=0)
+def encoder_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip16")
+    random_clip(path, dim=16, seed=0)
+    return path / "st"
+
+
+@pytest.fixture(scope="module")
+def encoder(encoder_dir):
+    return SentenceTransformer(str(encoder_dir))
 
 
 @pytest.fixture(scope="module")
@@ -419,3 +426,32 @@ def test_fewer_than_k_after_filtering_warns(tmp_path, encoder):
         docs = retriever.retrieve(texts=["a red square"], k=3)[0]
     # six identical documents count once: 2 distinct contents in the bank
     assert len(docs) == 2 and any("fewer than k=3" in str(w.message) for w in caught)
+
+
+def test_build_memory_bank_script(tmp_path, dataset, encoder_dir, bank):
+    """training/build_memory_bank.py: builds the same bank as the API, refuses to overwrite, resumes/overwrites."""
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "training" / "build_memory_bank.py"
+    spec = importlib.util.spec_from_file_location("build_memory_bank", script)
+    build_memory_bank = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_memory_bank)
+    dataset.save_to_disk(str(tmp_path / "data"))
+    argv = ["--dataset", str(tmp_path / "data"), "--encoder", str(encoder_dir), "--output-dir", str(tmp_path / "bank"),
+            "--batch-size", "16", "--shard-size", "50", "--threads", "1", "--no-progress"]
+    built = build_memory_bank.main(argv)
+    assert len(built) == 118 and built.manifest["rows_hash"] == bank.manifest["rows_hash"]
+    with pytest.raises(ValueError, match="already holds a memory bank"):
+        build_memory_bank.main(argv)
+    rebuilt = build_memory_bank.main([*argv, "--overwrite", "--index-factory", "HNSW16"])
+    assert rebuilt.manifest["index_factory"] == "HNSW16" and rebuilt.manifest["search_parameters"] == "efSearch=64"
+
+
+def test_docstring_examples():
+    import doctest
+
+    import cm3leon_hf.retrieval
+
+    failures, attempted = doctest.testmod(cm3leon_hf.retrieval, optionflags=doctest.ELLIPSIS)
+    assert failures == 0 and attempted >= 8
