@@ -786,6 +786,40 @@ class Cm3LeonRetriever:
             selected.append([merged[j] for j in order])
         return selected
 
+    def add_retrieved_documents(self, dataset: Dataset, *, text_column: str = "text", image_column: str = "image",
+                                num_docs: int = 3, docs_per_modality: int = 2, exclude_self: bool = True,
+                                batch_size: int = 256, seed: int = 0, **map_kwargs) -> Dataset:
+        """Retrieve training documents for every pair of `dataset` once, ahead of training, with `datasets.map`.
+
+        Adds `retrieved_rows` (bank rows, `list[int64]`, up to `num_docs`; empty for a row lacking its text or image,
+        which is no caption-image pair) and `retrieved_scores` (`list[float32]`); the collator reads the documents
+        with `bank.documents(rows)`. `exclude_self=True` treats row `i` of `dataset`
+        as the bank's `source_index` `i` (the bank was built from this dataset) and never returns it. Batch `j` uses
+        `numpy.random.default_rng([seed, j])`, so the result does not depend on caching or resuming. Extra keyword
+        arguments go to `dataset.map` (`cache_file_name`, …; keep `num_proc` unset: the encoder is in this process).
+        """
+
+        def retrieve(batch, indices):
+            texts, images = batch[text_column], [_single_image(im, None) for im in batch[image_column]]
+            valid = [j for j, (t, im) in enumerate(zip(texts, images)) if isinstance(t, str) and t.strip()
+                     and im is not None]
+            rows, scores = [[] for _ in indices], [[] for _ in indices]
+            if valid:
+                docs = self.retrieve_for_training(
+                    [texts[j] for j in valid], [images[j] for j in valid], num_docs=num_docs,
+                    docs_per_modality=docs_per_modality,
+                    exclude=[[indices[j]] for j in valid] if exclude_self else None,
+                    generator=np.random.default_rng([seed, indices[0] // batch_size]))
+                for j, found in zip(valid, docs):
+                    rows[j], scores[j] = [d.row for d in found], [d.score for d in found]
+            return {"retrieved_rows": rows, "retrieved_scores": scores}
+
+        features = dataset.features.copy()
+        features["retrieved_rows"] = List(Value("int64"))
+        features["retrieved_scores"] = List(Value("float32"))
+        return dataset.map(retrieve, batched=True, batch_size=batch_size, with_indices=True, features=features,
+                           **map_kwargs)
+
     def _retrieve_embeddings(self, queries, k, modality, exclude, exclude_content):
         num_rows = len(self.bank)
         if k > num_rows:
