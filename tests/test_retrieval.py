@@ -123,6 +123,7 @@ def test_bank_layout_and_columns(bank, bank_dir, dataset):
     # rows 3 (no text) and 4 (no image) are not mixed-modal: skipped
     assert (manifest["num_rows"], manifest["num_skipped"], manifest["ntotal"]) == (118, 2, 118)
     assert manifest["index_factory"] == "Flat" and manifest["metric"] == "inner_product"
+    assert manifest["index_file"] == "index.faiss"
     assert manifest["encoder"]["dim"] == 16 and len(manifest["encoder"]["text_probe_embedding"]) == 16
     rows = load_from_disk(str(bank_dir / "rows"))
     assert rows.column_names == ["text", "image", "image_ids", "input_ids", "extra", "source_index",

@@ -142,6 +142,7 @@ def test_ivf_pq_recall_against_flat(bank, world, synthetic_clip, tmp_path):
         np.testing.assert_array_equal(found, found_again)
         np.testing.assert_array_equal(scores, scores_again)
         assert again.manifest["index_factory"] == factory and again.manifest["search_parameters"] == parameters
+        assert sorted(p.name for p in directory.glob("*.faiss")) == [again.manifest["index_file"]]
     print("\nrecall@10 vs Flat:", {k: round(v, 3) for k, v in recalls.items()})
     # raw 4-bit PQ codes lose much of this CLIP's concentrated space; exact re-ranking of 4x10 candidates recovers it
     assert recalls[f"IVF32,PQ{bank.dim // 4}x4fs"] >= 0.35

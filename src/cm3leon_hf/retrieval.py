@@ -13,6 +13,7 @@ faiss (maximum inner product search).
  directory/
    rows/            datasets.Dataset.save_to_disk: the mixed-modal source rows + source_index, content_hash, embedding
    index.faiss      faiss.write_index: inner-product index over the `embedding` column, faiss id = row position
+                    (`reindex` writes index-<random>.faiss; the manifest's `index_file` names the live one)
    manifest.json    encoder identity, dimension, metric, index factory, search parameters, counts, consistency hashes
    (shards/         only while building: finished shards of rows+embeddings, so that a re-run resumes)
    │
@@ -60,6 +61,7 @@ import json
 import math
 import os
 import shutil
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -390,7 +392,9 @@ class Cm3LeonMemoryBank:
                 `min(num_rows, max(64 * nlist, 65_536))` for IVF, 65,536 otherwise.
             shard_size (`int`): rows per resumable shard; a re-run skips the shards already on disk.
             overwrite (`bool`): delete an existing bank or unfinished build in `save_directory` first. Without it, an
-                existing bank is an error and an unfinished build with the same settings resumes.
+                existing bank is an error and an unfinished build with the same settings resumes: the same dataset
+                (its `datasets` fingerprint, stable for a dataset loaded from disk or generated with a cache; an
+                in-memory dataset made anew gets a new one), columns, shard size and encoder.
         """
         save_directory = Path(save_directory)
         if len(dataset) == 0:
@@ -479,8 +483,8 @@ class Cm3LeonMemoryBank:
             "columns": rows.column_names,
             "rows_hash": _rows_hash(rows),
         }
-        manifest.update(_write_index(rows, save_directory, dim, index_factory, search_parameters, train_size, seed,
-                                     show_progress_bar))
+        manifest.update(_write_index(rows, save_directory / INDEX_FILE, dim, index_factory, search_parameters,
+                                     train_size, seed, show_progress_bar))
         _atomic_write_json(save_directory / MANIFEST_FILE, manifest)
         shutil.rmtree(shards_dir)
         return cls.load(save_directory)
@@ -488,16 +492,20 @@ class Cm3LeonMemoryBank:
     def reindex(self, index_factory: str, *, search_parameters: str | None = None, train_size: int | None = None,
                 seed: int = 0, show_progress_bar: bool = True) -> "Cm3LeonMemoryBank":
         """Replace the bank's faiss index by a new `index_factory` index built from the stored embeddings (no
-        re-encoding), write it and the manifest atomically, and return the bank loaded again.
+        re-encoding) and return the bank loaded again. The new index goes to a new file and the manifest is renamed
+        over the old one: an interrupted re-index leaves the old, consistent bank.
 
         >>> bank = Cm3LeonMemoryBank.load("bank").reindex("IVF256,PQ32x4fs", search_parameters="nprobe=16")  # doctest: +SKIP
         """
         if self.directory is None:
             raise ValueError("Only a saved bank can be re-indexed.")
+        old_file = self.directory / self.manifest["index_file"]
+        new_file = self.directory / f"index-{uuid.uuid4().hex[:12]}.faiss"
         manifest = dict(self.manifest)
-        manifest.update(_write_index(self.dataset, self.directory, self.dim, index_factory, search_parameters,
-                                     train_size, seed, show_progress_bar))
-        _atomic_write_json(self.directory / MANIFEST_FILE, manifest)
+        manifest.update(_write_index(self.dataset, new_file, self.dim, index_factory, search_parameters, train_size,
+                                     seed, show_progress_bar))
+        _atomic_write_json(self.directory / MANIFEST_FILE, manifest)  # the commit point: the old index until here
+        old_file.unlink()
         return type(self).load(self.directory)
 
     @staticmethod
@@ -544,7 +552,7 @@ class Cm3LeonMemoryBank:
         if manifest.get("format_version") != BANK_FORMAT_VERSION:
             raise ValueError(f"Unsupported memory bank format {manifest.get('format_version')!r} in {directory}.")
         rows = load_from_disk(str(directory / ROWS_DIR))
-        index = faiss.read_index(str(directory / INDEX_FILE), faiss.IO_FLAG_MMAP if mmap else 0)
+        index = faiss.read_index(str(directory / manifest["index_file"]), faiss.IO_FLAG_MMAP if mmap else 0)
         problems = []
         if len(rows) == 0:
             problems.append("the bank has no rows")
@@ -570,8 +578,8 @@ class Cm3LeonMemoryBank:
         return cls(rows, index, manifest, directory)
 
 
-def _write_index(rows, directory, dim, index_factory, search_parameters, train_size, seed, show_progress_bar) -> dict:
-    """Build the faiss index of `rows`' embeddings, write it atomically to `directory`; return its manifest entries.
+def _write_index(rows, path, dim, index_factory, search_parameters, train_size, seed, show_progress_bar) -> dict:
+    """Build the faiss index of `rows`' embeddings, write it atomically to `path`; return its manifest entries.
 
     The factory defaults to `default_index_factory`; search parameters default to the factory's defaults for IVF
     (nprobe = nlist / 64) and `efSearch=64` for HNSW. An index that needs training is trained on a seeded sample of
@@ -605,12 +613,13 @@ def _write_index(rows, directory, dim, index_factory, search_parameters, train_s
         index.add(np.ascontiguousarray(batch[EMBEDDING_COLUMN], dtype=np.float32))
     if search_parameters:
         faiss.ParameterSpace().set_index_parameters(index, search_parameters)
-    index_tmp = Path(directory) / (INDEX_FILE + ".tmp")
+    index_tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(index, str(index_tmp))
-    os.replace(index_tmp, Path(directory) / INDEX_FILE)
+    os.replace(index_tmp, path)
     probe_rows = _probe_rows(len(rows))
     probe_scores, probe_ids = index.search(_embeddings_of(rows, probe_rows), 1)
     return {
+        "index_file": path.name,
         "index_factory": factory,
         "search_parameters": search_parameters,
         "ntotal": int(index.ntotal),
