@@ -373,15 +373,15 @@ def test_query_dropout_fraction_and_training_only(bank, encoder):
 def test_prompt_layout(bank, encoder):
     docs = Cm3LeonRetriever(bank, encoder).retrieve(texts=["a red square left"], k=2)[0]
     text, images = build_retrieval_prompt(docs, "a green square")
-    assert text == (f"<eos> {docs[0].text} <break> <image> <break> {docs[1].text} <break> <image> <break> "
+    assert text == (f"{docs[0].text} <break> <image> <break> {docs[1].text} <break> <image> <break> "
                     "a green square <break>")
     assert images == [docs[0].image, docs[1].image]
     uncond, uncond_images = build_retrieval_prompt(docs, "a green square", unconditional=True)
-    assert uncond == (f"<eos> {docs[0].text} <break> <image> <break> {docs[1].text} <break> <image> <break> "
-                      "<mask:0> <break>")
+    assert uncond == f"{docs[0].text} <break> <image> <break> {docs[1].text} <break> <image> <break> <mask:0> <break>"
     assert uncond_images == images
-    assert build_retrieval_prompt([], "a green square") == ("<eos> a green square <break>", [])
-    assert build_retrieval_prompt([], unconditional=True) == ("<eos> <mask:0> <break>", [])
+    assert build_retrieval_prompt(docs, "q", prepend_eos=True)[0].startswith(f"<eos> {docs[0].text} <break>")
+    assert build_retrieval_prompt([], "a green square") == ("a green square <break>", [])
+    assert build_retrieval_prompt([], unconditional=True, prepend_eos=True) == ("<eos> <mask:0> <break>", [])
     _, ids = build_retrieval_prompt(docs, "q", image_field="image_ids")
     assert ids == [docs[0].image_ids, docs[1].image_ids]
     with pytest.raises(ValueError, match="needs a query_text"):

@@ -18,7 +18,8 @@ faiss (maximum inner product search).
    (shards/         only while building: finished shards of rows+embeddings, so that a re-run resumes)
    │
    ▼  Cm3LeonRetriever(bank, encoder).retrieve(texts=[...], k=2) → list[list[RetrievedDocument]]
- build_retrieval_prompt(documents, query_text)  →  ("<eos> t1 <break> <image> <break> … query <break>", [images])
+ build_retrieval_prompt(documents, query_text)  →  ("t1 <break> <image> <break> … query <break>", [images])
+ Cm3LeonProcessor(text, images)                  →  <eos> t1 <break> [image codes] <break> … query <break>
 ```
 
 Choices the paper leaves open, made here (each one is tested in `tests/test_retrieval*.py`):
@@ -52,7 +53,8 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
 - **Prompt layout** (PAPER.md §1): conditional `<eos> t1 <break> <image> <break> t2 <break> <image> <break> query
   <break>`; unconditional (CFG) keeps the documents and replaces the query text by `<mask:0>`: `<eos> t1 <break>
   <image> <break> … <mask:0> <break>`, which is exactly the no-retrieval unconditional prompt `<eos> <mask:0> <break>`
-  with the documents in front, so both streams end with `<break>` and continue with image tokens.
+  with the documents in front, so both streams end with `<break>` and continue with image tokens. The leading
+  `<eos>` is left to `Cm3LeonProcessor` (which starts every document with it) unless `prepend_eos=True`.
 """
 
 import contextlib
@@ -893,19 +895,24 @@ class Cm3LeonRetriever:
 
 
 def build_retrieval_prompt(documents: Sequence[RetrievedDocument], query_text: str | None = None, *,
-                           unconditional: bool = False, image_field: str = "image") -> tuple[str, list]:
+                           unconditional: bool = False, image_field: str = "image",
+                           prepend_eos: bool = False) -> tuple[str, list]:
     """The marker text and images of a retrieval-augmented prompt, for `Cm3LeonProcessor`.
 
-    Conditional (PAPER.md §1, `[<eos>] + Σ(text <break> image <break>) + query_text <break>`):
-    `"<eos> {t1} <break> <image> <break> {t2} <break> <image> <break> {query_text} <break>"`.
-    Unconditional (the CFG stream, CL §3.1: documents kept, query text dropped): the query text becomes `<mask:0>`,
-    `"<eos> {t1} <break> <image> <break> … <mask:0> <break>"`; with no documents this is `"<eos> <mask:0> <break>"`.
+    PAPER.md §1's prompt is `[<eos>] + Σ(text <break> image <break>) + query_text <break>`. The `<eos>` is the
+    processor's to add (it starts every document with `<eos>` by default), so the text starts with the first document:
+
+    - conditional: `"{t1} <break> <image> <break> {t2} <break> <image> <break> {query_text} <break>"`;
+    - unconditional (the CFG stream, CL §3.1: documents kept, query text dropped): the query text becomes `<mask:0>`,
+      `"{t1} <break> <image> <break> … <mask:0> <break>"`; with no documents this is `"<mask:0> <break>"`, the
+      no-retrieval unconditional prompt `<eos> <mask:0> <break>` once the processor adds `<eos>`.
 
     Args:
         documents: retrieved documents, in prompt order.
         query_text: the query's text (required for the conditional prompt, ignored by the unconditional one).
         image_field: `"image"` (PIL images, for the processor) or `"image_ids"` (VQ codes): which document attribute
             fills the `<image>` markers.
+        prepend_eos: start the text with a literal `"<eos> "` (for a processor called with `prepend_eos=False`).
 
     Returns:
         `(text, images)`: `text` with one `<image>` marker per document, `images` the matching images in order.
@@ -913,15 +920,15 @@ def build_retrieval_prompt(documents: Sequence[RetrievedDocument], query_text: s
     >>> doc = RetrievedDocument(row=0, score=0.8, text="a red circle", image=None, image_ids=[7, 8], input_ids=None,
     ...                         source_index=0, content_hash="", query_modality="text")
     >>> build_retrieval_prompt([doc], "a red square", image_field="image_ids")
-    ('<eos> a red circle <break> <image> <break> a red square <break>', [[7, 8]])
-    >>> build_retrieval_prompt([doc], unconditional=True, image_field="image_ids")[0]
+    ('a red circle <break> <image> <break> a red square <break>', [[7, 8]])
+    >>> build_retrieval_prompt([doc], unconditional=True, image_field="image_ids", prepend_eos=True)[0]
     '<eos> a red circle <break> <image> <break> <mask:0> <break>'
     """
     if image_field not in ("image", "image_ids"):
         raise ValueError(f"image_field must be 'image' or 'image_ids', got {image_field!r}.")
     if not unconditional and query_text is None:
         raise ValueError("The conditional prompt needs a query_text.")
-    parts, images = [EOS_MARKER], []
+    parts, images = [EOS_MARKER] if prepend_eos else [], []
     for doc in documents:
         image = getattr(doc, image_field)
         if image is None:
