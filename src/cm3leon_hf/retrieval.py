@@ -767,7 +767,7 @@ class Cm3LeonRetriever:
         """
         modality = "text" if texts is not None else "image"
         queries = self.encode_queries(texts, images, training=training, generator=generator)
-        return self._retrieve_embeddings(queries, k or self.k, modality, exclude, exclude_content)
+        return self._retrieve_embeddings(queries, self.k if k is None else k, modality, exclude, exclude_content)
 
     def retrieve_for_training(self, texts: Sequence[str], images: Sequence[Image.Image], *, num_docs: int = 3,
                               docs_per_modality: int = 2, exclude: Sequence[Sequence[int]] | None = None,
@@ -833,6 +833,8 @@ class Cm3LeonRetriever:
 
     def _retrieve_embeddings(self, queries, k, modality, exclude, exclude_content):
         num_rows = len(self.bank)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
         if k > num_rows:
             raise ValueError(f"k={k} is larger than the memory bank ({num_rows} documents).")
         exclude = [set(e) for e in exclude] if exclude is not None else [set() for _ in queries]
