@@ -1,0 +1,479 @@
+"""Processor class for CM3Leon: text and PIL images in, one sequence of ids of the joint vocabulary out — and back.
+
+The processor bundles the text BPE tokenizer (`tokenization_cm3leon.py`) with the VQ image tokenizer
+(`image_tokenizer.py`), as in CM3Leon's design card and in metaseq, where images are tokenized before the model.
+
+**Document format.** A document is text with literal markers: `<image>` where an image goes (its codes replace the
+marker) and the special tokens `<break>`, `<mask:i>`, `<eos>`, `<eoss>`, `<pad>`. The synthetic world's rows
+(`text` + `images`) use this format, e.g. `"a red star at the top left <break> <image>"` (CL Fig. 8: `text <break> image`).
+
+- Whitespace next to a marker is not encoded, nor at either end of a document: `"a<break><image>"` and
+  `" a <break> <image> "` give the same ids. The text between two markers is encoded on its own.
+- `<eos>` is prepended to every document by default (CM3Leon starts each document with `<eos>`, PAPER.md §1);
+  `prepend_eos=False` turns it off. No other token is ever inserted: the modality switch `<break>` is written in the
+  document (the paper's templates contain it), never added implicitly.
+- An image becomes `image_seq_length` ids `image_token_offset + code` (raster order).
+
+**Decoding** gives an ordered list of segments, `str` and `PIL.Image.Image`:
+
+- A run of image ids is cut into images of `image_seq_length` codes. A run whose length is not a multiple of it ends
+  in an incomplete image: by default a `ValueError` (a sampling bug, or generation cut short by `max_new_tokens`);
+  with `incomplete_images="codes"` it is returned as a 1-D `torch.LongTensor` of its VQ codes (offset removed).
+- With `skip_special_tokens=False` (default) the text between two images is one segment in the canonical form:
+  pieces and markers joined by one space (`"<eos> a red star <break>"`), so encode → decode → encode is the identity.
+  With `skip_special_tokens=True` special tokens are dropped and split the text: the segments are the stripped,
+  non-empty texts between specials and images (`["a red star", <image>]`), and padding disappears.
+
+Example:
+
+```python
+>>> from cm3leon_hf.pretrained import TINY_PATH
+>>> from PIL import Image
+>>> processor = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+>>> batch = processor(["a red star <break> <image>", "a blue circle"], images=[[Image.new("RGB", (64, 64))], []],
+...                   padding_side="left", return_tensors="pt")
+>>> batch["input_ids"].shape  # (batch_size, sequence_length): <eos> + caption + <break> + 64 image ids
+torch.Size([2, 70])
+>>> segments = processor.decode(batch["input_ids"][0])
+>>> segments[0], type(segments[1]).__name__
+('<eos> a red star <break>', 'Image')
+>>> processor.decode(batch["input_ids"][1], skip_special_tokens=True)
+['a blue circle']
+
+```
+"""
+
+import os
+import posixpath
+import re
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils.hub import hf_api
+
+from .image_tokenizer import Cm3LeonImageTokenizer
+from .tokenization_cm3leon import (
+    BREAK_TOKEN,
+    EOSS_TOKEN,
+    IMAGE_TOKEN,
+    join_pieces,
+    marker_pattern,
+    sentinel_token,
+    split_markers,
+)
+
+IMAGE_TOKENIZER_SUBFOLDER = "image_tokenizer"
+
+
+class Cm3LeonProcessor(ProcessorMixin):
+    r"""
+    Constructs a CM3Leon processor from a text BPE tokenizer and a [`Cm3LeonImageTokenizer`] (a diffusers `VQModel`).
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`):
+            The text tokenizer, with `pad_token`, `eos_token` and the extra special tokens `<break>`, `<eoss>`,
+            `<mask:0>`… (as built by `train_text_tokenizer`). Its ids must stay below `text_vocab_size`.
+        image_tokenizer (`Cm3LeonImageTokenizer`):
+            The VQ image tokenizer. It is saved in diffusers format in the `image_tokenizer/` subfolder.
+        text_vocab_size (`int`, *optional*):
+            Number of text ids of the layout (`Cm3LeonConfig.text_vocab_size`); defaults to `len(tokenizer)`.
+        image_token_offset (`int`, *optional*):
+            Id of VQ code 0 (`Cm3LeonConfig.image_token_offset`); defaults to `text_vocab_size`.
+        prepend_eos (`bool`, defaults to `True`):
+            Start every document with `<eos>` (PAPER.md §1). Can be overridden per call.
+        chat_template (`str`, *optional*):
+            Unused by CM3Leon; accepted for `ProcessorMixin` compatibility.
+
+    The processor's attributes `pad_token_id`, `eos_token_id`, `break_token_id`, `eoss_token_id`, `mask_token_id`,
+    `sentinel_token_ids`, `image_seq_length`, `image_vocab_size` and `image_token_ids` describe its vocabulary;
+    `validate_model_config` compares them with a `Cm3LeonConfig`.
+    """
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_tokenizer: Cm3LeonImageTokenizer,
+        text_vocab_size: int | None = None,
+        image_token_offset: int | None = None,
+        prepend_eos: bool = True,
+        chat_template: str | None = None,
+    ):
+        if not isinstance(image_tokenizer, Cm3LeonImageTokenizer):
+            raise ValueError(
+                f"`image_tokenizer` must be a `Cm3LeonImageTokenizer`, got {type(image_tokenizer).__name__}."
+            )
+        super().__init__(tokenizer, chat_template=chat_template)
+        self.image_tokenizer = image_tokenizer
+        self.text_vocab_size = len(tokenizer) if text_vocab_size is None else int(text_vocab_size)
+        self.image_token_offset = self.text_vocab_size if image_token_offset is None else int(image_token_offset)
+        self.prepend_eos = bool(prepend_eos)
+        self._read_vocabulary()
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        # `ProcessorMixin` treats every `__init__` argument whose name contains "tokenizer" as a *text* tokenizer
+        # (saved and loaded with `AutoTokenizer`). The image tokenizer is a VQ model that we save and load ourselves
+        # (`save_pretrained`, `_get_arguments_from_pretrained`), so only `tokenizer` is a sub-processor.
+        return ["tokenizer"]
+
+    def _read_vocabulary(self) -> None:
+        tokenizer = self.tokenizer
+        missing = [t for t in (tokenizer.pad_token, tokenizer.eos_token) if t is None]
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (BREAK_TOKEN, EOSS_TOKEN, sentinel_token(0))}
+        missing += [token for token, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+        if missing:
+            raise ValueError(
+                f"The text tokenizer lacks the special tokens {missing} (pad, eos, <break>, <eoss>, <mask:0> are needed)."
+            )
+        if len(tokenizer) > self.text_vocab_size:
+            raise ValueError(
+                f"The text tokenizer has {len(tokenizer)} ids, more than `text_vocab_size` ({self.text_vocab_size})."
+            )
+        if self.image_token_offset < self.text_vocab_size:
+            raise ValueError(
+                f"`image_token_offset` ({self.image_token_offset}) overlaps the text ids [0, {self.text_vocab_size})."
+            )
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.break_token_id = ids[BREAK_TOKEN]
+        self.eoss_token_id = ids[EOSS_TOKEN]
+        self.sentinel_token_ids = []
+        while (token_id := tokenizer.convert_tokens_to_ids(sentinel_token(len(self.sentinel_token_ids)))) not in (
+            None,
+            tokenizer.unk_token_id,
+        ):
+            self.sentinel_token_ids.append(token_id)
+        self.mask_token_id = self.sentinel_token_ids[0]
+        self.image_seq_length = self.image_tokenizer.image_seq_length
+        self.image_vocab_size = self.image_tokenizer.codebook_size
+        self.image_token_ids = range(self.image_token_offset, self.image_token_offset + self.image_vocab_size)
+        self._special_ids = set(tokenizer.all_special_ids)
+        self._marker_pattern = marker_pattern([*tokenizer.all_special_tokens, IMAGE_TOKEN])
+        self._marker_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
+
+    # -------------------------------------------------------------------------------------------- encoding
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images=None,
+        *,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+        prepend_eos: bool | None = None,
+        return_tensors: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Encode documents (text with `<image>` placeholders, see the module docstring) and their images.
+
+        Args:
+            text: one document or a list of documents.
+            images: the images of the `<image>` placeholders, in order: one image, a flat list over the whole batch,
+                or one list per document. Any input `Cm3LeonImageTokenizer` accepts (PIL, arrays, bytes, paths).
+            padding: `True`/`"longest"` pads to the longest document, `"max_length"` to `max_length`,
+                `False`/`"do_not_pad"` leaves lengths as they are.
+            padding_side: `"left"` (for generation) or `"right"`; defaults to the tokenizer's `padding_side`.
+            max_length: longest allowed document (a `ValueError` names any longer one: we never truncate through an
+                image); the target length for `padding="max_length"`.
+            prepend_eos: start each document with `<eos>`; defaults to the processor's `prepend_eos`.
+            return_tensors: `"pt"`, `"np"` or `None` (lists).
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask`, each `(batch_size, sequence_length)`.
+        """
+        if kwargs:
+            raise TypeError(f"Unexpected keyword arguments {sorted(kwargs)}.")
+        documents = [text] if isinstance(text, str) else list(text)
+        if not documents or not all(isinstance(d, str) for d in documents):
+            raise ValueError("`text` must be a string or a non-empty list of strings.")
+        ids = self._encode_documents(documents, self._images_per_document(documents, images), prepend_eos)
+        return self._pad(ids, padding, padding_side, max_length, return_tensors)
+
+    def _images_per_document(self, documents: list[str], images) -> list[list]:
+        counts = [len(re.findall(re.escape(IMAGE_TOKEN), d)) for d in documents]
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        if images and all(isinstance(x, (list, tuple)) or x is None for x in images):  # one list per document
+            if len(images) != len(documents):
+                raise ValueError(f"`images` has {len(images)} lists for {len(documents)} documents.")
+            per_document = [list(x or []) for x in images]
+            for i, (count, doc_images) in enumerate(zip(counts, per_document)):
+                if count != len(doc_images):
+                    raise ValueError(
+                        f"Document {i} has {count} `{IMAGE_TOKEN}` placeholders but {len(doc_images)} images."
+                    )
+            return per_document
+        if sum(counts) != len(images):
+            raise ValueError(
+                f"The text has {sum(counts)} `{IMAGE_TOKEN}` placeholders but {len(images)} images were given."
+            )
+        per_document, start = [], 0
+        for count in counts:
+            per_document.append(list(images[start : start + count]))
+            start += count
+        return per_document
+
+    def _encode_documents(self, documents: list[str], images: list[list], prepend_eos: bool | None) -> list[list[int]]:
+        prepend_eos = self.prepend_eos if prepend_eos is None else prepend_eos
+        pieces = [split_markers(d, self._marker_pattern) for d in documents]
+        texts = [p for doc in pieces for p in doc if p not in self._marker_ids and p != IMAGE_TOKEN]
+        text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        flat_images = [image for doc_images in images for image in doc_images]
+        image_ids = iter((self.get_image_tokens(flat_images) if flat_images else torch.empty(0)).tolist())
+        out = []
+        for doc in pieces:
+            ids = [self.eos_token_id] if prepend_eos else []
+            for piece in doc:
+                if piece == IMAGE_TOKEN:
+                    ids.extend(next(image_ids))
+                elif piece in self._marker_ids:
+                    ids.append(self._marker_ids[piece])
+                else:
+                    ids.extend(next(text_ids))
+            out.append(ids)
+        return out
+
+    def _pad(self, ids: list[list[int]], padding, padding_side, max_length, return_tensors) -> BatchFeature:
+        padding_side = padding_side or self.tokenizer.padding_side
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
+        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"`padding` must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}.")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("`padding='max_length'` needs `max_length`.")
+        lengths = [len(x) for x in ids]
+        if max_length is not None and max(lengths) > max_length:
+            i = max(range(len(ids)), key=lengths.__getitem__)
+            raise ValueError(f"Document {i} has {lengths[i]} ids, more than `max_length` ({max_length}).")
+        target = max_length if padding == "max_length" else max(lengths) if padding in (True, "longest") else None
+        input_ids, attention_mask = [], []
+        for row in ids:
+            pad = [] if target is None else [self.pad_token_id] * (target - len(row))
+            mask = [1] * len(row)
+            if padding_side == "left":
+                input_ids.append(pad + row)
+                attention_mask.append([0] * len(pad) + mask)
+            else:
+                input_ids.append(row + pad)
+                attention_mask.append(mask + [0] * len(pad))
+        if return_tensors is not None and len(set(map(len, input_ids))) > 1:
+            raise ValueError(f"Documents have different lengths {lengths}: pad them to return {return_tensors!r} tensors.")
+        return BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
+
+    def get_image_tokens(self, images) -> torch.LongTensor:
+        """Images → ids of the joint vocabulary, `(batch_size, image_seq_length)`: `image_token_offset + code`."""
+        return self.image_tokenizer.encode(images) + self.image_token_offset
+
+    def unconditional_prompt(self, retrieved=None, images=None, return_tensors: str | None = None):
+        """The prompt of CFG's unconditional stream: `<eos> <mask:0> <break>` (PAPER.md §5, metaseq's demo).
+
+        With retrieval, the retrieved documents stay in front and only the query text is replaced by `<mask:0>`
+        (DESIGN.md §5): `<eos> docs <mask:0> <break>`. (The CM3Leon demo drops the `<mask:0> <break>` tail in that case;
+        we keep it, so that the unconditional stream always ends where image generation starts.)
+
+        Args:
+            retrieved: the retrieved documents, either as text in the document format (e.g.
+                `"a red star <break> <image> <break>"`, with their `images`) or as ids (without a leading `<eos>`).
+            images: the images of `retrieved`'s `<image>` placeholders.
+            return_tensors: `None` for a list of ids, `"pt"` for a `(1, sequence_length)` tensor.
+
+        >>> from cm3leon_hf.pretrained import TINY_PATH
+        >>> Cm3LeonProcessor.from_pretrained(TINY_PATH).unconditional_prompt()
+        [1, 4, 2]
+        """
+        if retrieved is None:
+            documents = []
+        elif isinstance(retrieved, str):
+            documents = self(retrieved, images=images, prepend_eos=False)["input_ids"][0]
+        else:
+            if images is not None:
+                raise ValueError("`images` go with a text `retrieved`, not with ids.")
+            documents = [int(i) for i in retrieved]
+        ids = [self.eos_token_id, *documents, self.mask_token_id, self.break_token_id]
+        return ids if return_tensors is None else BatchFeature({"input_ids": [ids]}, tensor_type=return_tensors)["input_ids"]
+
+    # -------------------------------------------------------------------------------------------- decoding
+
+    def decode(self, ids, skip_special_tokens: bool = False, incomplete_images: str = "raise") -> list:
+        """Ids of one sequence → ordered list of text segments (`str`) and images (`PIL.Image.Image`).
+
+        Args:
+            ids: a list or 1-D tensor of ids of the joint vocabulary.
+            skip_special_tokens: drop special tokens (then they split the text into segments, see the module docstring).
+            incomplete_images: `"raise"` (default) or `"codes"`: what to do with a run of image ids whose length is
+                not a multiple of `image_seq_length` (`"codes"` returns its codes as a 1-D `torch.LongTensor`).
+        """
+        if incomplete_images not in ("raise", "codes"):
+            raise ValueError(f"`incomplete_images` must be 'raise' or 'codes', got {incomplete_images!r}.")
+        ids = self._as_id_list(ids)
+        runs = []  # [("text" | "image", [ids])]
+        for token_id in ids:
+            kind = "image" if token_id in self.image_token_ids else "text"
+            if kind == "text" and not 0 <= token_id < self.text_vocab_size:
+                raise ValueError(
+                    f"Id {token_id} is neither a text id [0, {self.text_vocab_size}) nor an image id "
+                    f"[{self.image_token_ids.start}, {self.image_token_ids.stop})."
+                )
+            if runs and runs[-1][0] == kind:
+                runs[-1][1].append(token_id)
+            else:
+                runs.append((kind, [token_id]))
+        image_codes = []  # complete images, decoded in one batch below
+        segments = []
+        for kind, run in runs:
+            if kind == "text":
+                segments.extend(self._decode_text(run, skip_special_tokens))
+                continue
+            codes = torch.tensor(run, dtype=torch.long) - self.image_token_offset
+            complete = len(run) - len(run) % self.image_seq_length
+            for start in range(0, complete, self.image_seq_length):
+                segments.append(len(image_codes))
+                image_codes.append(codes[start : start + self.image_seq_length])
+            if complete < len(run):
+                if incomplete_images == "raise":
+                    raise ValueError(
+                        f"A run of {len(run)} image ids is not a whole number of images ({self.image_seq_length} ids "
+                        f"each): the last image has {len(run) - complete} ids. Pass incomplete_images='codes' to get "
+                        f"them as codes."
+                    )
+                segments.append(codes[complete:])
+        decoded = self.image_tokenizer.decode(torch.stack(image_codes)) if image_codes else []
+        return [decoded[s] if isinstance(s, int) else s for s in segments]
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, incomplete_images: str = "raise") -> list:
+        """`decode` for each row of `sequences` (`(batch_size, sequence_length)`); returns one segment list per row.
+        Padding is dropped with `skip_special_tokens=True`."""
+        return [self.decode(row, skip_special_tokens, incomplete_images) for row in sequences]
+
+    def _decode_text(self, run: list[int], skip_special_tokens: bool) -> list[str]:
+        pieces, text = [], []
+        for token_id in [*run, None]:
+            if token_id is not None and token_id not in self._special_ids:
+                text.append(token_id)
+                continue
+            if text:
+                pieces.append(self.tokenizer.decode(text, clean_up_tokenization_spaces=False).strip())
+                text = []
+            if token_id is not None:
+                pieces.append(None if skip_special_tokens else self.tokenizer.convert_ids_to_tokens(token_id))
+        if skip_special_tokens:
+            return [p for p in pieces if p]
+        return [join_pieces(p for p in pieces if p)] if any(pieces) else []
+
+    def decode_image_tokens(self, ids) -> list[Image.Image]:
+        """Image ids of the joint vocabulary, `(batch_size, image_seq_length)` or `(image_seq_length,)` → PIL images.
+        A `ValueError` names any id outside the image range."""
+        ids = torch.as_tensor(ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"Image ids must be integers, got dtype {ids.dtype}.")
+        outside = ids[(ids < self.image_token_ids.start) | (ids >= self.image_token_ids.stop)]
+        if outside.numel():
+            raise ValueError(
+                f"Id {outside[0].item()} is not an image id [{self.image_token_ids.start}, {self.image_token_ids.stop})."
+            )
+        return self.image_tokenizer.decode(ids.long() - self.image_token_offset)
+
+    @staticmethod
+    def _as_id_list(ids) -> list[int]:
+        ids = torch.as_tensor(ids)
+        if ids.numel() == 0:
+            return []
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(
+                f"`decode` takes one sequence of integer ids, got shape {tuple(ids.shape)} and dtype {ids.dtype} "
+                f"(use batch_decode for several)."
+            )
+        return ids.tolist()
+
+    # -------------------------------------------------------------------------------------------- model config
+
+    def validate_model_config(self, config) -> None:
+        """Raise a `ValueError` naming the field if `config` (a `Cm3LeonConfig`) does not describe this processor's
+        vocabulary: `text_vocab_size`, `image_vocab_size`, `image_token_offset`, `image_seq_length`, the special ids
+        and `num_sentinel_tokens`."""
+        expected = {
+            "text_vocab_size": self.text_vocab_size,
+            "image_vocab_size": self.image_vocab_size,
+            "image_token_offset": self.image_token_offset,
+            "image_seq_length": self.image_seq_length,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id,
+            "break_token_id": self.break_token_id,
+            "eoss_token_id": self.eoss_token_id,
+            "sentinel_token_start_id": self.mask_token_id,
+            "num_sentinel_tokens": len(self.sentinel_token_ids),
+        }
+        for field, value in expected.items():
+            if getattr(config, field, None) != value:
+                raise ValueError(
+                    f"The model config's `{field}` ({getattr(config, field, None)!r}) does not match the processor's "
+                    f"({value!r}): this processor's ids mean other things to that model."
+                )
+        if self.sentinel_token_ids != list(range(self.mask_token_id, self.mask_token_id + len(self.sentinel_token_ids))):
+            raise ValueError(f"The processor's sentinel ids {self.sentinel_token_ids} are not consecutive.")
+
+    # -------------------------------------------------------------------------------------------- saving
+
+    def to_dict(self) -> dict:
+        # The VQ weights live in `image_tokenizer/` (diffusers format); processor_config.json holds the layout only.
+        output = {
+            "processor_class": type(self).__name__,
+            "text_vocab_size": self.text_vocab_size,
+            "image_token_offset": self.image_token_offset,
+            "prepend_eos": self.prepend_eos,
+        }
+        if "auto_map" in self.__dict__:
+            output["auto_map"] = self.auto_map
+        return output
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Save the text tokenizer, `processor_config.json` and the VQ (diffusers format, in `image_tokenizer/`).
+
+        With `push_to_hub=True`, everything in `save_directory` is then uploaded in one commit to `repo_id` (default:
+        the directory's name); `push_to_hub(repo_id)` does the same from a temporary directory."""
+        files = super().save_pretrained(save_directory)
+        image_directory = os.path.join(save_directory, IMAGE_TOKENIZER_SUBFOLDER)
+        self.image_tokenizer.save_pretrained(image_directory)
+        if push_to_hub:
+            token = kwargs.get("token")
+            repo_id = kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            repo_id = hf_api().create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
+            self._upload_modified_files(
+                save_directory, repo_id, {}, commit_message=kwargs.get("commit_message"), token=token
+            )
+        return [*files, image_directory]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, model_config=None, **kwargs) -> "Cm3LeonProcessor":
+        """Load a processor saved by `save_pretrained` (a directory or a Hub repository). With `model_config` (a
+        `Cm3LeonConfig`), check that it matches the processor's vocabulary (`validate_model_config`)."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if model_config is not None:
+            processor.validate_model_config(model_config)
+        return processor
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()}\n- image_tokenizer: {self.image_tokenizer!r}"
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        (tokenizer,) = super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies")
+        image_tokenizer = Cm3LeonImageTokenizer.from_pretrained(
+            pretrained_model_name_or_path,
+            subfolder=posixpath.join(kwargs.get("subfolder") or "", IMAGE_TOKENIZER_SUBFOLDER),
+            **{key: kwargs[key] for key in hub_keys if kwargs.get(key) is not None},
+        )
+        return [tokenizer, image_tokenizer]
+
+
+__all__ = ["Cm3LeonProcessor"]

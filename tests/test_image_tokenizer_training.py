@@ -1,0 +1,81 @@
+"""training/train_image_tokenizer.py on a tiny image dataset: checkpoints written atomically, eval metrics, the saved
+image tokenizer, and an interrupted run resumed to exactly the weights of an uninterrupted one."""
+
+import json
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "training"))
+import train_image_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    rng = np.random.default_rng(0)
+
+    def split(n):  # rows with a list of 1–2 images, like the synthetic world's `images` column
+        images = [[Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)) for _ in range(1 + i % 2)] for i in range(n)]
+        features = datasets.Features({"images": datasets.Sequence(datasets.Image())})
+        return datasets.Dataset.from_dict({"images": images}, features=features)
+
+    path = tmp_path_factory.mktemp("data") / "images"
+    datasets.DatasetDict({"train": split(10), "validation": split(3)}).save_to_disk(str(path))
+    return path
+
+
+def arguments(dataset_dir, output_dir, max_steps, *extra):
+    return [
+        "--dataset", str(dataset_dir), "--output-dir", str(output_dir), "--max-steps", str(max_steps),
+        "--resolution", "16", "--block-out-channels", "8", "8", "--norm-num-groups", "4", "--latent-channels", "8",
+        "--vq-embed-dim", "4", "--num-codes", "16", "--batch-size", "4", "--restart-every", "2",
+        "--warmup-steps", "1", "--learning-rate", "1e-3", "--min-learning-rate", "1e-3",
+        "--checkpoint-every", "2", "--keep-checkpoints", "2", "--eval-every", "3", "--eval-images", "4", "--log-every", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_training_writes_checkpoints_eval_and_the_image_tokenizer(dataset_dir, tmp_path):
+    final = train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 5, "--disc-weight", "0.1", "--disc-start", "3"))
+    assert final["step"] == 5 and final["stop"] == "max_steps"
+    assert 0 < final["eval"]["psnr"] < 60 and 0 < final["eval"]["codebook_usage"] <= 1
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]  # 2 kept
+    assert not list(tmp_path.glob(".checkpoint-*"))  # no temporary directory left behind
+    checkpoint = tmp_path / "checkpoint-5"
+    assert {p.name for p in checkpoint.iterdir()} == {
+        "vq", "discriminator.safetensors", "optimizer_vq.safetensors", "optimizer_discriminator.safetensors",
+        "trainer_state.json",
+    }  # fmt: skip
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["position"]["epoch_rows"] == 10
+    assert state["position"]["rows"] * 1.5 <= 20 + 2  # 5 batches of 4 images from rows of 1–2 images
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval" in r] == [3, 5]
+    assert any("discriminator" in r for r in log) and any("restarted_codes" in r for r in log)
+    image_tokenizer = Cm3LeonImageTokenizer.from_pretrained(tmp_path / "image_tokenizer")
+    assert image_tokenizer.image_seq_length == 64 and image_tokenizer.codebook_size == 16
+
+
+def test_resume_continues_exactly(dataset_dir, tmp_path):
+    straight = train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "straight", 6, "--normalize-codes"))
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "resumed", 4, "--normalize-codes"))
+    resumed = train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "resumed", 6, "--normalize-codes", "--resume"))
+    assert resumed["step"] == straight["step"] == 6
+    a = load_file(tmp_path / "straight" / "checkpoint-6" / "vq" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint-6" / "vq" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    codebook = a["quantize.embedding.weight"]
+    assert torch.allclose(codebook.norm(dim=-1), torch.ones(16), atol=1e-5)  # --normalize-codes keeps unit norms
+
+
+def test_missing_image_column_is_named(dataset_dir, tmp_path):
+    with pytest.raises(ValueError, match="no column 'image'"):
+        train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 1, "--image-column", "image"))

@@ -1,0 +1,492 @@
+"""Train CM3Leon's VQ image tokenizer (a diffusers `VQModel`) on any `datasets` image column.
+
+CL §2.1 uses Make-A-Scene's VQ-VAE (256² → 32×32 codes from 8192), trained with pixel, codebook, commitment,
+adversarial and perceptual losses. Here: L1 + L2 reconstruction, codebook and commitment losses (VQ-VAE, beta 0.25),
+an optional PatchGAN discriminator (hinge loss), and no perceptual loss (it needs downloaded weights). Codebook
+usage is kept up by a data-dependent initialisation (the codebook starts as encoder outputs of the first batch) and
+dead-code restarts (every `--restart-every` steps, codes no image used since the last restart are moved onto random
+encoder outputs of the current batch).
+
+Commands:
+
+```bash
+# The shipped tiny VQ (64×64, stride 8, 512 codes: 64 tokens per image), trained alone on 2 CPU cores (~45 min):
+flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
+    --config training/recipes/image_tokenizer_tiny.yaml --output-dir runs/image_tokenizer_tiny
+
+# Resume after an interruption (same command + --resume):
+flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
+    --config training/recipes/image_tokenizer_tiny.yaml --output-dir runs/image_tokenizer_tiny --resume
+
+# Your own data: any image column (`Image` or a list of `Image`s), local (`save_to_disk`) or on the Hub, streamed:
+python training/train_image_tokenizer.py --dataset user/my-images --image-column image --streaming \
+    --resolution 256 --block-out-channels 128 128 256 512 --num-codes 8192 --output-dir runs/my_vq
+```
+
+The run directory holds `checkpoint-<step>/` (written to a temporary directory, then renamed, so a crash never
+leaves half a checkpoint; the last `--keep-checkpoints` are kept), `log.jsonl` (one JSON line per log and eval), and
+`image_tokenizer/`, the final `Cm3LeonImageTokenizer` (diffusers format) that `training/build_processor.py` bundles.
+A checkpoint holds the VQ, the discriminator, the optimizer moments (all safetensors) and `trainer_state.json`
+(step, position in the data, code usage since the last restart, elapsed time): `--resume` continues from the latest one with
+the same data order.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from diffusers import VQModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML recipe; its keys are these options (dashes or underscores).")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", help="Hub id or `save_to_disk` directory; default: the synthetic world.")
+    data.add_argument("--dataset-config", help="Configuration name of a Hub dataset.")
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--eval-split", default="validation")
+    data.add_argument("--image-column", default="images", help="An `Image` column or a list-of-`Image` column.")
+    data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of memory-mapping it.")
+    data.add_argument("--shuffle-buffer", type=int, default=10_000, help="Shuffle buffer when streaming.")
+    data.add_argument("--synthetic-rows", type=int, default=20_000, help="Synthetic world: train rows per task.")
+    data.add_argument("--synthetic-cache", type=Path, help="Synthetic world: `datasets` cache directory.")
+    model = parser.add_argument_group("model (a diffusers VQModel)")
+    model.add_argument("--resolution", type=int, default=64)
+    model.add_argument("--block-out-channels", type=int, nargs="+", default=[32, 64, 128, 128])
+    model.add_argument("--layers-per-block", type=int, default=1)
+    model.add_argument("--latent-channels", type=int, default=64)
+    model.add_argument("--vq-embed-dim", type=int, default=16)
+    model.add_argument("--num-codes", type=int, default=512)
+    model.add_argument("--norm-num-groups", type=int, default=16)
+    model.add_argument("--mid-block-attention", action=argparse.BooleanOptionalAction, default=True)
+    model.add_argument(
+        "--normalize-codes",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Unit-norm codebook, losses on unit-norm latents (cosine lookup, as in ViT-VQGAN); diffusers' Euclidean\n"
+        "lookup of the saved model picks the same codes, since every code has norm 1.",
+    )
+    train = parser.add_argument_group("training")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--min-learning-rate", type=float, default=1e-4, help="End of the cosine decay.")
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--max-steps", type=int, default=10_000, help="Also the length of the cosine schedule.")
+    train.add_argument("--max-minutes", type=float, help="Stop (with a checkpoint and the final eval) after this.")
+    train.add_argument("--l1-weight", type=float, default=1.0)
+    train.add_argument("--l2-weight", type=float, default=1.0)
+    train.add_argument("--commitment-weight", type=float, default=0.25, help="VQ-VAE's beta.")
+    train.add_argument("--restart-every", type=int, default=50, help="Dead-code restart period in steps (0: never).")
+    train.add_argument("--disc-weight", type=float, default=0.0, help="Weight of the PatchGAN loss (0: no GAN).")
+    train.add_argument("--disc-start", type=int, default=1000, help="Step at which the discriminator starts.")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", type=Path, required=True)
+    run.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in --output-dir.")
+    run.add_argument("--checkpoint-every", type=int, default=500, help="Steps between checkpoints.")
+    run.add_argument("--keep-checkpoints", type=int, default=2)
+    run.add_argument("--eval-every", type=int, default=500, help="Steps between evals (0: only at the end).")
+    run.add_argument("--eval-images", type=int, default=1000, help="Images of --eval-split used by each eval.")
+    run.add_argument("--log-every", type=int, default=25)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command line over YAML recipe: `--config` supplies defaults, explicit flags win."""
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.config is not None:
+        recipe = yaml.safe_load(args.config.read_text()) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(k for k in recipe if k.replace("-", "_") not in known)
+        if unknown:
+            parser.error(f"unknown keys in {args.config}: {unknown}")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in recipe.items()})
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def load_splits(args):
+    """The train and eval datasets (map-style, or iterable with --streaming)."""
+    import datasets
+
+    if args.dataset is None:
+        from cm3leon_hf.synthetic import build_tasks
+
+        world = build_tasks(
+            num_train=args.synthetic_rows,
+            num_validation=max(1, args.eval_images // 7 + 1),
+            num_test=0,
+            num_heldout=0,
+            cache_dir=None if args.synthetic_cache is None else str(args.synthetic_cache),
+        )
+        train, evaluation = world[args.train_split], world[args.eval_split]
+        if args.streaming:
+            train, evaluation = train.to_iterable_dataset(), evaluation.to_iterable_dataset()
+    elif Path(args.dataset).is_dir():
+        loaded = datasets.load_from_disk(args.dataset)
+        train, evaluation = loaded[args.train_split], loaded[args.eval_split]
+        if args.streaming:
+            train, evaluation = train.to_iterable_dataset(), evaluation.to_iterable_dataset()
+    else:
+        load = lambda split: datasets.load_dataset(  # noqa: E731
+            args.dataset, args.dataset_config, split=split, streaming=args.streaming
+        )
+        train, evaluation = load(args.train_split), load(args.eval_split)
+    for name, ds in (("train", train), ("eval", evaluation)):
+        if ds.column_names is not None and args.image_column not in ds.column_names:
+            raise ValueError(f"The {name} split has no column {args.image_column!r} (columns: {ds.column_names}).")
+    keep = [args.image_column]
+    return train.select_columns(keep), evaluation.select_columns(keep)
+
+
+def row_images(row: dict, column: str) -> list:
+    images = row[column]
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def image_stream(dataset, args, position: dict):
+    """Endless `(image, position after it)` pairs over the training rows, reshuffled every epoch (epoch `e` with seed
+    `args.seed + e`). A position is `{"rows": rows fully used, "images": images of the next row used, "epoch_rows":
+    rows per epoch, once known}`; starting from a saved position replays the same order (`--resume`)."""
+    rows, used, epoch_rows = position["rows"], position["images"], position.get("epoch_rows")
+    is_map_style = hasattr(dataset, "__len__")
+    if is_map_style:
+        epoch_rows = len(dataset)
+    while True:
+        epoch, offset = divmod(rows, epoch_rows) if epoch_rows else (0, rows)
+        if is_map_style:
+            shuffled = dataset.shuffle(seed=args.seed + epoch)
+        else:
+            shuffled = dataset.shuffle(seed=args.seed + epoch, buffer_size=args.shuffle_buffer)
+        for row in shuffled.skip(offset):
+            images = row_images(row, args.image_column)
+            for j in range(used, len(images)):
+                last = j == len(images) - 1
+                yield images[j], {"rows": rows + last, "images": 0 if last else j + 1, "epoch_rows": epoch_rows}
+            rows, used = rows + 1, 0
+        if rows == 0:
+            raise ValueError("The training split has no rows.")
+        epoch_rows = epoch_rows or rows  # an iterable dataset's length is known after its first pass
+
+
+def train_batches(stream, batch_size: int):
+    """Batches of `batch_size` images from `image_stream`, each with the stream's position after it."""
+    batch = []
+    for image, position in stream:
+        batch.append(image)
+        if len(batch) == batch_size:
+            yield batch, position
+            batch = []
+
+
+def eval_images(dataset, args) -> list:
+    images = []
+    for row in dataset:
+        images.extend(row_images(row, args.image_column))
+        if len(images) >= args.eval_images:
+            break
+    return images[: args.eval_images]
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def build_vq_model(args) -> VQModel:
+    n = len(args.block_out_channels)
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(args.block_out_channels),
+        layers_per_block=args.layers_per_block,
+        latent_channels=args.latent_channels,
+        vq_embed_dim=args.vq_embed_dim,
+        num_vq_embeddings=args.num_codes,
+        norm_num_groups=args.norm_num_groups,
+        sample_size=args.resolution,
+        mid_block_add_attention=args.mid_block_attention,
+        lookup_from_codebook=True,
+    )
+
+
+class PatchDiscriminator(nn.Sequential):
+    """A small PatchGAN (pix2pix/taming): stride-2 convolutions to a grid of real/fake logits, `(batch, 1, h, w)`."""
+
+    def __init__(self, channels: int = 64, num_layers: int = 3):
+        layers, width = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+        for _ in range(num_layers - 1):
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2)]
+            width *= 2
+        layers.append(nn.Conv2d(width, 1, 3, 1, 1))
+        super().__init__(*layers)
+
+
+def vq_forward(vq: VQModel, pixels: torch.Tensor, args) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """One autoencoding pass with our losses. Returns (reconstruction, losses, latents as `(N, D)`, code indices)."""
+    latents = vq.encode(pixels).latents  # (batch, D, g, g)
+    batch, dim, grid, _ = latents.shape
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)  # (batch * g * g, D), raster order
+    _, _, (_, _, indices) = vq.quantize(latents)  # nearest code of each position, (batch * g * g,)
+    if args.normalize_codes:  # the codebook is kept unit-norm (`normalize_codebook`): nearest = most cosine-similar
+        flat = F.normalize(flat, dim=-1)
+    codes = vq.quantize.embedding(indices)  # (batch * g * g, D)
+    quantized = flat + (codes - flat).detach()  # straight-through estimator
+    quantized = quantized.view(batch, grid, grid, dim).permute(0, 3, 1, 2)  # (batch, D, g, g)
+    reconstruction = vq.decoder(vq.post_quant_conv(quantized), quantized if vq.config.norm_type == "spatial" else None)
+    losses = {
+        "l1": (reconstruction - pixels).abs().mean(),
+        "l2": ((reconstruction - pixels) ** 2).mean(),
+        "codebook": F.mse_loss(codes, flat.detach()),
+        "commitment": F.mse_loss(flat, codes.detach()),
+    }
+    return reconstruction, losses, flat.detach(), indices
+
+
+def normalize_codebook(vq: VQModel) -> None:
+    with torch.no_grad():
+        weight = vq.quantize.embedding.weight
+        weight.copy_(F.normalize(weight, dim=-1))
+
+
+def restart_dead_codes(vq: VQModel, optimizer: torch.optim.Optimizer, usage: torch.Tensor, latents: torch.Tensor,
+                       generator: torch.Generator) -> int:
+    """Move every code unused since the last restart onto a random encoder output of this batch (plus a little
+    noise); reset its Adam moments. Returns the number of codes moved."""
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead):
+        weight = vq.quantize.embedding.weight
+        picks = torch.randint(0, latents.shape[0], (len(dead),), generator=generator).to(latents.device)
+        noise = torch.randn(len(dead), latents.shape[1], generator=generator).to(latents.device)
+        with torch.no_grad():
+            weight[dead] = latents[picks] + 0.01 * latents.std() * noise
+        for moment in optimizer.state.get(weight, {}).values():
+            if moment.dim() == 2:
+                moment[dead] = 0
+    usage.zero_()
+    return len(dead)
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate(image_tokenizer: Cm3LeonImageTokenizer, images: list, batch_size: int = 100) -> dict:
+    """PSNR (dB, on uint8 pixels, mean over images) of encode → decode, and the fraction of the codebook used."""
+    was_training = image_tokenizer.vq_model.training
+    image_tokenizer.vq_model.eval()
+    psnrs, used = [], torch.zeros(image_tokenizer.codebook_size, dtype=torch.bool)
+    for start in range(0, len(images), batch_size):
+        pixels = image_tokenizer.preprocess(images[start : start + batch_size])
+        codes = image_tokenizer.encode_pixels(pixels)
+        used[codes.flatten().cpu()] = True
+        decoded = image_tokenizer.decode_to_pixels(codes).clamp(-1, 1)
+        target = ((pixels + 1) * 127.5).round()
+        output = ((decoded + 1) * 127.5).round()
+        mse = ((output - target) ** 2).float().mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        psnrs.append(10 * torch.log10(255.0**2 / mse).cpu())
+    image_tokenizer.vq_model.train(was_training)
+    return {"psnr": torch.cat(psnrs).mean().item(), "codebook_usage": used.float().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(directory: Path, step: int, vq, discriminator, optimizers: dict, state: dict, keep: int) -> Path:
+    """Write `checkpoint-<step>` atomically (temporary directory, then rename) and prune old checkpoints."""
+    final = directory / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=directory))
+    vq.save_pretrained(tmp / "vq", safe_serialization=True)
+    if discriminator is not None:
+        save_file(discriminator.state_dict(), tmp / "discriminator.safetensors")
+    for name, optimizer in optimizers.items():
+        save_file(optimizer_tensors(optimizer), tmp / f"optimizer_{name}.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state as flat tensors (`"<param index>.<key>"`), for safetensors."""
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{index}.{key}"] = torch.as_tensor(value).contiguous()
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state_dict = optimizer.state_dict()
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def learning_rate(step: int, args) -> float:
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.min_learning_rate + 0.5 * (args.learning_rate - args.min_learning_rate) * (1 + math.cos(math.pi * progress))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+
+    resume_from = latest_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch", file=sys.stderr)
+    vq = (VQModel.from_pretrained(resume_from / "vq") if resume_from else build_vq_model(args)).to(device).train()
+    image_tokenizer = Cm3LeonImageTokenizer(vq)
+    vq.train()  # the image tokenizer puts its model in eval mode
+    optimizer = torch.optim.Adam(vq.parameters(), lr=args.learning_rate, betas=(0.9, 0.99))
+    optimizers = {"vq": optimizer}
+    discriminator = None
+    if args.disc_weight > 0:
+        discriminator = PatchDiscriminator().to(device).train()
+        optimizers["discriminator"] = torch.optim.Adam(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
+    state = {"step": 0, "position": {"rows": 0, "images": 0}, "elapsed_s": 0.0, "usage": [0] * args.num_codes}
+    if resume_from:
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        for name, opt in optimizers.items():
+            load_optimizer_tensors(opt, load_file(resume_from / f"optimizer_{name}.safetensors", device=str(device)))
+        if discriminator is not None:
+            discriminator.load_state_dict(load_file(resume_from / "discriminator.safetensors", device=str(device)))
+        print(f"resumed from {resume_from} (step {state['step']})", file=sys.stderr)
+    usage = torch.tensor(state["usage"], dtype=torch.long)
+
+    train, evaluation = load_splits(args)
+    held_out = eval_images(evaluation, args)
+    log_file = (args.output_dir / "log.jsonl").open("a")
+
+    def log(record: dict) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    def checkpoint() -> None:
+        state["usage"] = usage.tolist()
+        save_checkpoint(args.output_dir, state["step"], vq, discriminator, optimizers, state, args.keep_checkpoints)
+
+    start_time, start_elapsed = time.perf_counter(), state["elapsed_s"]
+    batches = train_batches(image_stream(train, args, state["position"]), args.batch_size)
+    progress = tqdm(total=args.max_steps, initial=state["step"], desc="VQ", dynamic_ncols=True)
+    stop_reason = "max_steps"
+    while state["step"] < args.max_steps:
+        elapsed = start_elapsed + time.perf_counter() - start_time
+        if args.max_minutes is not None and elapsed >= 60 * args.max_minutes:
+            stop_reason = "max_minutes"
+            break
+        step = state["step"]
+        generator.manual_seed(args.seed + step)  # restarts and initialisation: the same draws after --resume
+        images, position = next(batches)
+        pixels = image_tokenizer.preprocess(images)  # (batch, 3, res, res) in [-1, 1]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        reconstruction, losses, latents, indices = vq_forward(vq, pixels, args)
+        if step == 0 and resume_from is None:  # data-dependent codebook initialisation
+            with torch.no_grad():
+                picks = torch.randint(0, latents.shape[0], (args.num_codes,), generator=generator).to(device)
+                vq.quantize.embedding.weight.copy_(latents[picks])
+            if args.normalize_codes:
+                normalize_codebook(vq)
+            reconstruction, losses, latents, indices = vq_forward(vq, pixels, args)
+        loss = (
+            args.l1_weight * losses["l1"]
+            + args.l2_weight * losses["l2"]
+            + losses["codebook"]
+            + args.commitment_weight * losses["commitment"]
+        )
+        gan_on = discriminator is not None and step >= args.disc_start
+        if gan_on:
+            losses["generator"] = -discriminator(reconstruction).mean()
+            loss = loss + args.disc_weight * losses["generator"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if args.normalize_codes:
+            normalize_codebook(vq)
+        if gan_on:
+            real, fake = discriminator(pixels), discriminator(reconstruction.detach())
+            losses["discriminator"] = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+            optimizers["discriminator"].zero_grad(set_to_none=True)
+            losses["discriminator"].backward()
+            optimizers["discriminator"].step()
+        usage += torch.bincount(indices.cpu(), minlength=args.num_codes)
+        state["step"], state["position"] = step + 1, position
+        state["elapsed_s"] = start_elapsed + time.perf_counter() - start_time
+        restarted = None
+        if args.restart_every and state["step"] % args.restart_every == 0:
+            restarted = restart_dead_codes(vq, optimizer, usage, latents, generator)
+            if args.normalize_codes:
+                normalize_codebook(vq)
+        progress.update(1)
+        if state["step"] % args.log_every == 0 or restarted:
+            record = {"step": state["step"], "lr": learning_rate(step, args), "elapsed_s": round(state["elapsed_s"], 1)}
+            record.update({k: round(v.item(), 5) for k, v in losses.items()})
+            if restarted is not None:
+                record["restarted_codes"] = restarted
+            progress.set_postfix(l1=f"{losses['l1'].item():.4f}", refresh=False)
+            log(record)
+        if args.eval_every and state["step"] % args.eval_every == 0:
+            metrics = evaluate(image_tokenizer, held_out)
+            progress.set_postfix(psnr=f"{metrics['psnr']:.2f}", usage=f"{metrics['codebook_usage']:.2f}")
+            log({"step": state["step"], "eval": metrics})
+            vq.train()
+        if state["step"] % args.checkpoint_every == 0:
+            checkpoint()
+    progress.close()
+    checkpoint()
+    metrics = evaluate(image_tokenizer, held_out)
+    final = {"step": state["step"], "stop": stop_reason, "elapsed_s": round(state["elapsed_s"], 1), "eval": metrics}
+    log(final)
+    log_file.close()
+    image_tokenizer.save_pretrained(args.output_dir / "image_tokenizer")
+    print(json.dumps(final))
+    return final
+
+
+if __name__ == "__main__":
+    main()
