@@ -478,3 +478,49 @@ def test_add_retrieved_documents(bank, encoder, dataset):
     assert again["retrieved_rows"] == with_docs["retrieved_rows"]
     documents = bank.documents(with_docs[0]["retrieved_rows"])
     assert [d["source_index"] for d in documents] == [sources[r] for r in with_docs[0]["retrieved_rows"]]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """A tiny Cm3LeonProcessor: a BPE trained here and a random 8x8 -> 4x4-code diffusers VQModel."""
+    from diffusers import VQModel
+
+    from cm3leon_hf import Cm3LeonConfig
+    from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
+    from cm3leon_hf.processing_cm3leon import Cm3LeonProcessor
+    from cm3leon_hf.tokenization_cm3leon import train_text_tokenizer
+
+    config = Cm3LeonConfig(text_vocab_size=320, image_vocab_size=16, image_seq_length=16, max_position_embeddings=256)
+    tokenizer = train_text_tokenizer([" ".join(WORDS)] * 20, config)
+    torch.manual_seed(0)
+    vq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                 latent_channels=4, sample_size=8, num_vq_embeddings=16, norm_num_groups=4, vq_embed_dim=4,
+                 lookup_from_codebook=True)
+    return Cm3LeonProcessor(tokenizer, Cm3LeonImageTokenizer(vq), text_vocab_size=config.text_vocab_size)
+
+
+def test_prompt_through_the_processor(bank, encoder, processor):
+    """build_retrieval_prompt + Cm3LeonProcessor give PAPER.md §1's ids: <eos> (t <break> image <break>)* q <break>;
+    the unconditional prompt equals the processor's own `unconditional_prompt` with the same documents."""
+    docs = Cm3LeonRetriever(bank, encoder).retrieve(texts=["a red square left"], k=2)[0]
+    text, images = build_retrieval_prompt(docs, "a green square")
+    ids = processor(text, images=images, padding=False)["input_ids"][0]
+
+    def words(t):
+        return processor.tokenizer(t, add_special_tokens=False)["input_ids"]
+
+    eos, brk, mask = processor.eos_token_id, processor.break_token_id, processor.mask_token_id
+    codes = processor.get_image_tokens(images).tolist()  # (2, 16) ids of the joint vocabulary
+    expected = [eos]
+    for doc, image_ids in zip(docs, codes):
+        expected += [*words(doc.text), brk, *image_ids, brk]
+    expected += [*words("a green square"), brk]
+    assert ids == expected and len(codes[0]) == processor.image_seq_length == 16
+    uncond_text, uncond_images = build_retrieval_prompt(docs, unconditional=True)
+    uncond = processor(uncond_text, images=uncond_images, padding=False)["input_ids"][0]
+    assert uncond == expected[: -len(words("a green square")) - 1] + [mask, brk]
+    documents_only = text[: text.index("a green square")]
+    assert uncond == processor.unconditional_prompt(retrieved=documents_only, images=images)
+    assert processor(build_retrieval_prompt([], unconditional=True)[0], padding=False)["input_ids"][0] == \
+        processor.unconditional_prompt()

@@ -77,6 +77,8 @@ from datasets.utils import are_progress_bars_disabled, disable_progress_bars, en
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .tokenization_cm3leon import BREAK_TOKEN, EOS_TOKEN, IMAGE_TOKEN, sentinel_token
+
 BANK_FORMAT_VERSION = 1
 ROWS_DIR = "rows"
 INDEX_FILE = "index.faiss"
@@ -89,10 +91,7 @@ SOURCE_INDEX_COLUMN = "source_index"
 CONTENT_HASH_COLUMN = "content_hash"
 RESERVED_COLUMNS = (EMBEDDING_COLUMN, SOURCE_INDEX_COLUMN, CONTENT_HASH_COLUMN)
 
-EOS_MARKER = "<eos>"
-BREAK_MARKER = "<break>"
-IMAGE_MARKER = "<image>"
-MASK_MARKER = "<mask:0>"
+MASK_TOKEN = sentinel_token(0)
 
 PROBE_TEXT = "a red circle above a blue square on a white background"
 FINGERPRINT_MIN_COSINE = 0.999
@@ -930,12 +929,12 @@ def build_retrieval_prompt(documents: Sequence[RetrievedDocument], query_text: s
         raise ValueError(f"image_field must be 'image' or 'image_ids', got {image_field!r}.")
     if not unconditional and query_text is None:
         raise ValueError("The conditional prompt needs a query_text.")
-    parts, images = [EOS_MARKER] if prepend_eos else [], []
+    parts, images = [EOS_TOKEN] if prepend_eos else [], []
     for doc in documents:
         image = getattr(doc, image_field)
         if image is None:
             raise ValueError(f"Document at bank row {doc.row} has no {image_field!r}.")
-        parts += [doc.text, BREAK_MARKER, IMAGE_MARKER, BREAK_MARKER]
+        parts += [doc.text, BREAK_TOKEN, IMAGE_TOKEN, BREAK_TOKEN]
         images.append(image)
-    parts += [MASK_MARKER if unconditional else query_text, BREAK_MARKER]
+    parts += [MASK_TOKEN if unconditional else query_text, BREAK_TOKEN]
     return " ".join(parts), images
