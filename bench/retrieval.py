@@ -4,7 +4,8 @@ Two parts, each with its reference in the same run:
 
 * ``index``: query latency (one query at a time, median) and throughput (a batch of queries) at k = 2, 5, 10 on
   100k and 1M random unit-norm 512-d vectors, for Flat (exact inner product, the reference), IVF-Flat, IVF-PQ (4-bit
-  fast-scan codes, raw and with exact re-ranking of 10·k candidates, `RFlat`) and HNSW, with recall@10 against Flat. Two kinds of data: *isotropic* (uniform on the sphere: every approximate index struggles,
+  fast-scan codes, raw and with exact re-ranking of 10·k candidates, `RFlat`), IVF-SQ8 (8-bit scalar codes) and HNSW,
+  with recall@10 against Flat. Two kinds of data: *isotropic* (uniform on the sphere: every approximate index struggles,
   all points are nearly equidistant) and *clustered* (a mixture of Gaussian clusters on the sphere, like real CLIP
   embeddings, which gather by concept). The run then sweeps nprobe / efSearch and prints the recall@10 / queries-per-
   second frontier, and checks the issue's target: at 1M clustered vectors some approximate index reaches
@@ -20,6 +21,8 @@ flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part index --sizes 100
     --queries 500 --latency-queries 20 --repeats 1 --ef-construction 40
 flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part index --sizes 1000000 --kinds isotropic \
     --queries 500 --latency-queries 20 --repeats 1 --indexes ivf-flat ivf-pq ivf-pq-refine
+flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part index --sizes 1000000 --kinds clustered \
+    --queries 500 --latency-queries 20 --repeats 1 --indexes ivf-sq8
 flock /tmp/cm3leon-heavy.lock python bench/retrieval.py --part bank --encoder outputs/clip-synthetic --bank-docs 3000
 python bench/retrieval.py --part index --sizes 20000 --queries 200   # a quick smoke run
 ```
@@ -135,6 +138,7 @@ def bench_index(args):
                 "ivf-flat": (f"IVF{nlist},Flat", "nprobe", (1, 2, 4, 8, 16, 32, 64, 128)),
                 "ivf-pq": (f"IVF{nlist},PQ64x4fs", "nprobe", (1, 4, 8, 16, 32, 64, 128)),
                 "ivf-pq-refine": (f"IVF{nlist},PQ64x4fs,RFlat", "nprobe", (4, 8, 16, 32, 64)),
+                "ivf-sq8": (f"IVF{nlist},SQ8", "nprobe", (1, 4, 16, 64)),
                 "hnsw": (f"HNSW{args.hnsw_m}", "efSearch", (16, 32, 64, 128, 256)),
             }
             for factory, knob, values in (candidates[name] for name in args.indexes):
@@ -227,8 +231,8 @@ def main():
     parser.add_argument("--queries", type=int, default=1000, help="queries for throughput and recall")
     parser.add_argument("--latency-queries", type=int, default=50, help="single queries timed for latency")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 2**round(log2(sqrt(n))))")
-    parser.add_argument("--indexes", nargs="+", default=["ivf-flat", "ivf-pq", "ivf-pq-refine", "hnsw"],
-                        choices=["ivf-flat", "ivf-pq", "ivf-pq-refine", "hnsw"])
+    parser.add_argument("--indexes", nargs="+", default=["ivf-flat", "ivf-pq", "ivf-pq-refine", "ivf-sq8", "hnsw"],
+                        choices=["ivf-flat", "ivf-pq", "ivf-pq-refine", "ivf-sq8", "hnsw"])
     parser.add_argument("--repeats", type=int, default=2, help="batched timings: median of this many runs")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=64)

@@ -414,7 +414,7 @@ def test_default_index_factory():
     assert default_index_factory(1_000, 512) == ("Flat", "")
     assert default_index_factory(199_999, 512) == ("Flat", "")
     assert default_index_factory(1_000_000, 512) == ("IVF1024,Flat", "nprobe=16")
-    assert default_index_factory(100_000_000, 512) == ("IVF8192,PQ64x4fs", "nprobe=128")
+    assert default_index_factory(100_000_000, 512) == ("IVF8192,SQ8", "nprobe=128")
 
 
 def test_fewer_than_k_after_filtering_warns(tmp_path, encoder):

@@ -128,6 +128,7 @@ def test_ivf_pq_recall_against_flat(bank, world, synthetic_clip, tmp_path):
     for factory, parameters in (
         (f"IVF32,PQ{bank.dim // 4}x4fs", "nprobe=8"),
         (f"IVF32,PQ{bank.dim // 4}x4fs,RFlat", "nprobe=8,k_factor_rf=4"),
+        ("IVF32,SQ8", "nprobe=8"),
         ("HNSW32", "efSearch=64"),
     ):
         directory = tmp_path / factory.replace(",", "_")
@@ -147,4 +148,5 @@ def test_ivf_pq_recall_against_flat(bank, world, synthetic_clip, tmp_path):
     # raw 4-bit PQ codes lose much of this CLIP's concentrated space; exact re-ranking of 4x10 candidates recovers it
     assert recalls[f"IVF32,PQ{bank.dim // 4}x4fs"] >= 0.35
     assert recalls[f"IVF32,PQ{bank.dim // 4}x4fs,RFlat"] >= 0.9
+    assert recalls["IVF32,SQ8"] >= 0.95
     assert recalls["HNSW32"] >= 0.95
