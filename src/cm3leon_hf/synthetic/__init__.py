@@ -3,7 +3,7 @@ evaluator, and helpers for the small CLIP trained on it.
 
 - `scene`: vocabulary (`SHAPES`, `COLORS`, `BACKGROUNDS`, `SIZES`, `POSITIONS`), `Scene`/`SceneObject`,
   grid geometry, seeded `sample_scene`.
-- `render`: `render` (PIL) / `render_array`, edge and segmentation maps.
+- `drawing`: `render` (PIL) / `render_array`, edge and segmentation maps.
 - `captions`: captions, long captions, referring expressions, VQA questions, edit instructions.
 - `parsing`: `parse_caption`, `parse_instruction`/`apply_instruction`, `answer_question`.
 - `evaluator`: `read_scene`, `score`, `score_many`.
@@ -20,7 +20,7 @@ True
 from .captions import caption, long_caption, make_question, vocabulary
 from .evaluator import read_scene, score, score_many
 from .parsing import Edit, answer_question, apply_instruction, parse_caption, parse_instruction
-from .render import edge_array, render, render_array, segmentation_array
+from .drawing import edge_array, render, render_array, segmentation_array
 from .scene import (
     BACKGROUNDS,
     COLORS,

@@ -23,7 +23,7 @@ A result with no objects means "no object found": `score` reports it in its `sta
 Example:
 
 >>> from cm3leon_hf.synthetic.scene import Scene, SceneObject
->>> from cm3leon_hf.synthetic.render import render
+>>> from cm3leon_hf.synthetic.drawing import render
 >>> scene = Scene("black", (SceneObject("cross", "cyan", "medium", "bottom right"),))
 >>> read = read_scene(render(scene, 64))
 >>> read.key() == scene.key(), read.objects[0].box
@@ -45,7 +45,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from .render import tight_shape
+from .drawing import tight_shape
 from .scene import (
     BACKGROUNDS,
     COLORS,

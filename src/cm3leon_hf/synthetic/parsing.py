@@ -62,7 +62,7 @@ from .scene import (
     size_class,
 )
 
-_SYNONYMS = {"colour": "color", "grey": "gray", "centre": "center", "middle": "center"}
+_SYNONYMS = {"colour": "color", "centre": "center", "middle": "center"}
 _SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
 _GENERIC = {"object": False, "objects": True, "shape": False, "shapes": True, "thing": False, "things": True}
 _NUMBERS = {w: i for i, w in enumerate(NUMBER_WORDS) if i > 0}

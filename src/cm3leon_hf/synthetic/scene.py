@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -267,16 +268,19 @@ def grid_cell(position: str) -> tuple[int, int]:
     return divmod(i, GRID)
 
 
+@lru_cache(maxsize=None)
 def cell_bounds(index: int, resolution: int) -> tuple[int, int]:
     """Pixel range [lo, hi) of grid row/column `index` (the last one takes the remainder)."""
     return index * resolution // GRID, (index + 1) * resolution // GRID
 
 
+@lru_cache(maxsize=None)
 def margin_pixels(resolution: int) -> int:
     """Pixels an object keeps free from its cell's border."""
     return max(1, int(MARGIN_FRACTION * (resolution // GRID)))
 
 
+@lru_cache(maxsize=None)
 def size_pixels(size: str, resolution: int) -> int:
     """Nominal side in pixels of an object of this size class: odd, and small enough to fit its cell with
     the margin on both sides."""
@@ -368,7 +372,7 @@ def sample_scene(rng: np.random.Generator, *, heldout: bool = False, num_objects
     if not 1 <= num_objects <= MAX_OBJECTS:
         raise ValueError(f"num_objects must be in 1..{MAX_OBJECTS}, got {num_objects}")
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    cells = sorted(rng.choice(MAX_OBJECTS, size=num_objects, replace=False).tolist())
+    cells = sorted(rng.permutation(MAX_OBJECTS)[:num_objects].tolist())
     special = int(rng.integers(num_objects)) if heldout else -1
     objects = tuple(
         sample_object(rng, POSITIONS[c], heldout_ok=heldout, force_heldout=(i == special))

@@ -43,9 +43,9 @@ Example:
 
 >>> row = make_row("vqa", "train", 0, seed=0)
 >>> row["text"]
-'Question: what size is the circle in the top right corner? The answer is small. <break> <image>'
+'Question: is the large object above the small cross? The answer is no. <break> <image>'
 >>> len(row["images"]), row["images"][0].size, row["answer"]
-(1, (64, 64), 'small')
+(1, (64, 64), 'no')
 >>> ds = build_task("edit", num_train=4, num_validation=2, num_test=2, num_heldout=2)  # doctest: +SKIP
 """
 
@@ -56,7 +56,7 @@ import numpy as np
 from PIL import Image
 
 from . import captions as C
-from .render import edge_array, encode_png, masked_array, object_pixel_box, render_array, segmentation_array
+from .drawing import edge_array, encode_png, masked_array, object_pixel_box, render_array, segmentation_array
 from .scene import (
     HELDOUT_PAIRS,
     POSITIONS,
@@ -273,13 +273,14 @@ def build_task(
     resolution: int = 64,
     cache_dir: str | None = None,
     num_proc: int | None = None,
+    shard_size: int = 1000,
     keep_in_memory: bool = False,
 ) -> datasets.DatasetDict:
     """One task's `DatasetDict` with splits `train`, `validation`, `test`, `heldout`.
 
     Rows are written to Arrow in chunks by `datasets.Dataset.from_generator` (with its progress bar and
-    cache, under `cache_dir`); with `num_proc`, shards of 1,000 rows are generated in parallel. The same
-    arguments give byte-identical data.
+    cache, under `cache_dir`); with `num_proc`, shards of `shard_size` rows are generated in parallel. The
+    same seed and sizes give byte-identical data whatever `num_proc` and `shard_size`.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
@@ -292,8 +293,9 @@ def build_task(
         if n == 0:
             out[split] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
             continue
-        shard = 1000
-        ranges = [(s, min(s + shard, n)) for s in range(0, n, shard)]
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
         out[split] = datasets.Dataset.from_generator(
             _generate,
             features=FEATURES,
