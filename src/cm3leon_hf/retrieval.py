@@ -67,6 +67,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -779,23 +780,26 @@ class Cm3LeonRetriever:
 
         Retrieves `docs_per_modality` documents with the caption (query dropout on) and as many with the image,
         merges the two lists without duplicates (same row or content; text-side first), and samples `num_docs` of them
-        without replacement, in random order. The pair itself (same content, or a `source_index` in `exclude[i]`) is
-        never returned. Deterministic given the retriever's seed or `generator`.
+        without replacement, in random order. When the two lists overlap so much that fewer than `num_docs` distinct
+        documents remain, the next-ranked candidates of both lists (alternating, text first) fill the gap. The pair
+        itself (same content, or a `source_index` in `exclude[i]`) is never returned. Deterministic given the
+        retriever's seed or `generator`.
         """
         if len(texts) != len(images):
             raise ValueError(f"texts and images must pair up, got {len(texts)} texts and {len(images)} images.")
         generator = generator or self.generator
         pair_hashes = [content_hash(t, im) for t, im in zip(texts, images)]
-        by_text = self.retrieve(texts=texts, k=docs_per_modality, training=True, exclude=exclude,
-                                exclude_content=pair_hashes, generator=generator)
-        by_image = self.retrieve(images=images, k=docs_per_modality, exclude=exclude, exclude_content=pair_hashes)
+        depth = max(docs_per_modality, num_docs)
+        by_text = self.retrieve(texts=texts, k=depth, training=True, exclude=exclude, exclude_content=pair_hashes,
+                                generator=generator)
+        by_image = self.retrieve(images=images, k=depth, exclude=exclude, exclude_content=pair_hashes)
         selected = []
         for from_text, from_image in zip(by_text, by_image):
-            merged, seen = [], set()
-            for doc in from_text + from_image:
-                if doc.row not in seen and doc.content_hash not in seen:
-                    merged.append(doc)
-                    seen.update((doc.row, doc.content_hash))
+            first = from_text[:docs_per_modality] + from_image[:docs_per_modality]
+            reserve = [d for pair in zip_longest(from_text[docs_per_modality:], from_image[docs_per_modality:])
+                       for d in pair if d is not None]
+            merged = _distinct(first, limit=None)
+            merged += _distinct(reserve, limit=num_docs - len(merged), seen=merged)
             order = generator.permutation(len(merged))[:num_docs]
             selected.append([merged[j] for j in order])
         return selected
@@ -897,6 +901,19 @@ class Cm3LeonRetriever:
                 content_hash=values.pop(CONTENT_HASH_COLUMN), query_modality=modality, extra=values,
             ))
         return documents
+
+
+def _distinct(documents, limit, seen=()):
+    """`documents` without repeats of a row or a content hash (also none of `seen`'s), at most `limit` of them."""
+    keys = {k for d in seen for k in (d.row, d.content_hash)}
+    out = []
+    for doc in documents:
+        if limit is not None and len(out) >= limit:
+            break
+        if doc.row not in keys and doc.content_hash not in keys:
+            out.append(doc)
+            keys.update((doc.row, doc.content_hash))
+    return out
 
 
 def build_retrieval_prompt(documents: Sequence[RetrievedDocument], query_text: str | None = None, *,
