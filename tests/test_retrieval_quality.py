@@ -37,7 +37,7 @@ def synthetic_clip(tmp_path_factory):
         train_clip = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(train_clip)
         path = tmp_path_factory.mktemp("clip") / "clip"
-        train_clip.main(["--output-dir", str(path), "--max-minutes", "1.5", "--eval-size", "100", "--threads", "1"])
+        train_clip.main(["--output-dir", str(path), "--max-steps", "300", "--eval-size", "100", "--threads", "1"])
     return SentenceTransformer(str(path))
 
 
@@ -91,9 +91,12 @@ def test_retrieved_documents_share_scene_attributes(bank, world, synthetic_clip)
     print("\nattribute agreement, retrieved vs chance:",
           {a: (round(retrieved[a], 3), round(chance[a], 3)) for a in ATTRIBUTES})
     assert len(pairs) == 2 * NUM_QUERIES
-    assert retrieved["color"] >= chance["color"] + 0.25 and retrieved["color"] >= 1.6 * chance["color"]
-    assert retrieved["object"] >= 2.0 * chance["object"]
-    assert retrieved["background"] >= chance["background"] + 0.3
+    # 300-step CLIP: colour 0.67 / 0.39, position 0.89 / 0.39, background 1.00 / 0.50, object 0.19 / 0.09;
+    # 5-minute CLIP: 0.91 / 0.39, 0.97 / 0.39, 0.91 / 0.50, 0.38 / 0.09 (bench/RESULTS.md)
+    for attribute in ("color", "position", "background"):
+        assert retrieved[attribute] >= chance[attribute] + 0.25, attribute
+    assert retrieved["object"] >= 1.5 * chance["object"]
+    assert np.mean([retrieved[a] - chance[a] for a in ATTRIBUTES]) >= 0.15
 
 
 def test_paper_strategy_invariants_on_the_world(bank, world, synthetic_clip):
