@@ -32,7 +32,7 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
   all (counted in the manifest as `num_skipped`), so every faiss id is a usable document.
 - **Consistency.** Every file is written to a temporary name and renamed. `load` refuses a directory whose index and
   rows disagree: index size vs row count, the dimension, a hash of a sample of rows (embeddings, ids, content hashes),
-  and a probe search whose scores must match those recorded at build time.
+  and a probe search whose ids and scores must match those recorded at build time.
 - **Encoder identity.** The manifest records the encoder's name, dimension and its embeddings of a fixed probe text and
   probe image; querying with an encoder of another dimension, or whose probe embeddings differ (cosine < 0.999), is an
   error.
@@ -40,7 +40,9 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
 - **Strategy** (CL §2.1): relevance order; candidates scoring above `max_score=0.9` are skipped ("too similar to the
   query"); duplicates are skipped — the same row, the same content (text and image bytes) as an already chosen
   document, the query pair itself (by content, and by `exclude` source indices); candidates are over-fetched
-  (`k * overfetch`) and the search widened (x4 each round) when filtering leaves fewer than `k`.
+  (`k * overfetch`) and the search widened (x4 each round) when filtering leaves fewer than `k`. The threshold is an
+  absolute cosine, so its effect depends on the encoder: with the synthetic world's small CLIP, near-identical scenes
+  score above 0.9 and are skipped, as the paper intends (`max_score` is an argument).
 - **k.** `k` larger than the bank is an error; fewer than `k` documents surviving the filters (after widening to the whole
   bank) returns fewer with a warning.
 - **Query dropout** (CL §2.1: "drops some tokens of the query … 20%"): each whitespace-separated word of a text query is
@@ -49,7 +51,9 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
   half word behind. Images are never dropped out.
 - **Training retrieval** (PAPER.md §8 item 4, our reading of "we retrieve two documents each, based on image and text …
   randomly select three"): `retrieve_for_training` retrieves 2 documents with the (dropped-out) caption and 2 with the
-  image, merges them without duplicates, and samples 3 in random order with a seeded generator.
+  image, merges them without duplicates (topping up from the next-ranked candidates when the two lists overlap), and
+  samples 3 in random order with a seeded generator. `add_retrieved_documents` does it once for a whole training set
+  with `datasets.map`, storing bank rows for the collator.
 - **Prompt layout** (PAPER.md §1): conditional `<eos> t1 <break> <image> <break> t2 <break> <image> <break> query
   <break>`; unconditional (CFG) keeps the documents and replaces the query text by `<mask:0>`: `<eos> t1 <break>
   <image> <break> … <mask:0> <break>`, which is exactly the no-retrieval unconditional prompt `<eos> <mask:0> <break>`
