@@ -53,7 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--train-size", type=int, default=None, help="rows sampled to train IVF/PQ indexes")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=10_000, help="rows per resumable shard")
-    parser.add_argument("--threads", type=int, default=2, help="torch and faiss threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and faiss threads (1: on a shared 2-core machine 2 threads spin-wait, 11x slower)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the index training sample")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
