@@ -1,0 +1,982 @@
+"""Retrieval for CM3Leon: a CLIP-space memory bank in Arrow + faiss, and the paper's retrieval strategy.
+
+CM3Leon (CL §2.1, PAPER.md §3) prepends documents retrieved from a memory bank of image-text pairs to every training
+example and, optionally, to inference prompts (FID 10.82 → 5.78 → 4.88 with 0 / 1 / 2 documents, CL Table 1). The
+retriever is a frozen CLIP bi-encoder: a document is encoded as the normalised mean of its normalised text and image
+embeddings; a query is a text or an image; relevance is the inner product (cosine) of unit vectors, searched with
+faiss (maximum inner product search).
+
+```
+ datasets.Dataset (text, image | image ids, any extra columns)
+   │  Cm3LeonMemoryBank.build(dataset, encoder, directory)          text batch → encoder, image batch → encoder
+   ▼
+ directory/
+   rows/            datasets.Dataset.save_to_disk: the mixed-modal source rows + source_index, content_hash, embedding
+   index.faiss      faiss.write_index: inner-product index over the `embedding` column, faiss id = row position
+                    (`reindex` writes index-<random>.faiss; the manifest's `index_file` names the live one)
+   manifest.json    encoder identity, dimension, metric, index factory, search parameters, counts, consistency hashes
+   (shards/         only while building: finished shards of rows+embeddings, so that a re-run resumes)
+   │
+   ▼  Cm3LeonRetriever(bank, encoder).retrieve(texts=[...], k=2) → list[list[RetrievedDocument]]
+ build_retrieval_prompt(documents, query_text)  →  ("t1 <break> <image> <break> … query <break>", [images])
+ Cm3LeonProcessor(text, images)                  →  <eos> t1 <break> [image codes] <break> … query <break>
+```
+
+Choices the paper leaves open, made here (each one is tested in `tests/test_retrieval*.py`):
+
+- **Storage.** Embeddings are stored twice: as a float32 `embedding` column (fixed-size list) of the Arrow rows, memory-
+  mapped, and inside the faiss index. The Arrow copy is the source of truth: candidates found by a (possibly lossy,
+  e.g. PQ) index are re-scored exactly from it, so the 0.9 threshold and the ranking always use exact CLIP scores, and
+  another index can be built later without re-encoding. No pickle anywhere: Arrow, faiss's own format and JSON.
+- **Mixed-modal documents only.** Rows whose text is missing/blank or whose image is missing are not put in the bank at
+  all (counted in the manifest as `num_skipped`), so every faiss id is a usable document.
+- **Consistency.** Every file is written to a temporary name and renamed. `load` refuses a directory whose index and
+  rows disagree: index size vs row count, the dimension, a hash of a sample of rows (embeddings, ids, content hashes),
+  and a probe search whose ids and scores must match those recorded at build time.
+- **Encoder identity.** The manifest records the encoder's name, dimension and its embeddings of a fixed probe text and
+  probe image; querying with an encoder of another dimension, or whose probe embeddings differ (cosine < 0.999), is an
+  error.
+- **Default index** by bank size (`default_index_factory`, justified by `bench/retrieval.py`, see `bench/RESULTS.md`).
+- **Strategy** (CL §2.1): relevance order; candidates scoring above `max_score=0.9` are skipped ("too similar to the
+  query"); duplicates are skipped — the same row, the same content (text and image bytes) as an already chosen
+  document, the query pair itself (by content, and by `exclude` source indices); candidates are over-fetched
+  (`k * overfetch`) and the search widened (x4 each round) when filtering leaves fewer than `k`. The threshold is an
+  absolute cosine, so its effect depends on the encoder: with the synthetic world's small CLIP, near-identical scenes
+  score above 0.9 and are skipped, as the paper intends (`max_score` is an argument).
+- **k.** `k` larger than the bank is an error; fewer than `k` documents surviving the filters (after widening to the whole
+  bank) returns fewer with a warning.
+- **Query dropout** (CL §2.1: "drops some tokens of the query … 20%"): each whitespace-separated word of a text query is
+  dropped independently with probability 0.2 (at least one word is kept), only when `training=True`. Words, not the
+  encoder's BPE tokens: the rule then does not depend on which CLIP is plugged in, and a dropped word never leaves a
+  half word behind. Images are never dropped out.
+- **Training retrieval** (PAPER.md §8 item 4, our reading of "we retrieve two documents each, based on image and text …
+  randomly select three"): `retrieve_for_training` retrieves 2 documents with the (dropped-out) caption and 2 with the
+  image, merges them without duplicates (topping up from the next-ranked candidates when the two lists overlap), and
+  samples 3 in random order with a seeded generator. `add_retrieved_documents` does it once for a whole training set
+  with `datasets.map`, storing bank rows for the collator.
+- **Prompt layout** (PAPER.md §1): conditional `<eos> t1 <break> <image> <break> t2 <break> <image> <break> query
+  <break>`; unconditional (CFG) keeps the documents and replaces the query text by `<mask:0>`: `<eos> t1 <break>
+  <image> <break> … <mask:0> <break>`, which is exactly the no-retrieval unconditional prompt `<eos> <mask:0> <break>`
+  with the documents in front, so both streams end with `<break>` and continue with image tokens. The leading
+  `<eos>` is left to `Cm3LeonProcessor` (which starts every document with it) unless `prepend_eos=True`.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from datasets import Dataset, List, Value, concatenate_datasets, load_from_disk
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .tokenization_cm3leon import BREAK_TOKEN, EOS_TOKEN, IMAGE_TOKEN, sentinel_token
+
+BANK_FORMAT_VERSION = 1
+ROWS_DIR = "rows"
+INDEX_FILE = "index.faiss"
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+BUILD_FILE = "build.json"
+
+EMBEDDING_COLUMN = "embedding"
+SOURCE_INDEX_COLUMN = "source_index"
+CONTENT_HASH_COLUMN = "content_hash"
+RESERVED_COLUMNS = (EMBEDDING_COLUMN, SOURCE_INDEX_COLUMN, CONTENT_HASH_COLUMN)
+
+MASK_TOKEN = sentinel_token(0)
+
+PROBE_TEXT = "a red circle above a blue square on a white background"
+FINGERPRINT_MIN_COSINE = 0.999
+FLAT_MAX_ROWS = 200_000
+IVF_FLAT_MAX_ROWS = 10_000_000
+
+
+def probe_image() -> Image.Image:
+    """The fixed 64x64 RGB image whose embedding fingerprints an encoder (a colour gradient with a square)."""
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), axis=-1).copy()
+    pixels[16:48, 16:48] = (200, 30, 30)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def content_hash(text: str, image: Any) -> str:
+    """sha1 of a document's content: its text and its image (PIL pixels, or a sequence of image ids).
+
+    Two documents with equal text and pixel-identical images (or equal image ids) get the same hash; the retriever uses
+    it to skip duplicates and the query pair itself.
+
+    >>> from PIL import Image
+    >>> a = content_hash("a red square", Image.new("RGB", (4, 4), (255, 0, 0)))
+    >>> a == content_hash("a red square", Image.new("RGB", (4, 4), (255, 0, 0))), a == content_hash("a red square", [1, 2])
+    (True, False)
+    """
+    digest = hashlib.sha1(text.encode("utf-8") + b"\0")
+    if isinstance(image, Image.Image):
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    else:
+        digest.update(np.asarray(image, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def query_dropout(text: str, p: float, generator: np.random.Generator) -> str:
+    """Drop each whitespace-separated word of `text` independently with probability `p`; at least one word stays.
+
+    CL §2.1's query dropout (20% of the query's tokens), applied to words (see the module docstring).
+
+    >>> import numpy as np
+    >>> query_dropout("a small red circle at the top left", 0.2, np.random.default_rng(0))
+    'a small at the top left'
+    >>> query_dropout("a small red circle", 0.0, np.random.default_rng(0))
+    'a small red circle'
+    """
+    words = text.split()
+    if p == 0 or not words:
+        return text
+    keep = generator.random(len(words)) >= p
+    if not keep.any():
+        keep[generator.integers(len(words))] = True
+    return " ".join(word for word, kept in zip(words, keep) if kept)
+
+
+def default_index_factory(num_rows: int, dim: int) -> tuple[str, str]:
+    """faiss factory string and default search parameters for a bank of `num_rows` unit vectors of size `dim`.
+
+    Chosen with `bench/retrieval.py` (figures in `bench/RESULTS.md`, 2-core CPU):
+
+    - below 200k rows, `"Flat"`: exact, nothing to train; at 100k a batched query costs ~6 ms.
+    - up to 10M rows, `"IVF{nlist},Flat"` with nlist = 2**round(log2(sqrt(n))) and nprobe = nlist / 64: at 1M clustered
+      vectors IVF1024 with nprobe=16 has recall@10 0.98 at 22x Flat's queries/s. Same memory as Flat (4·dim B/row).
+    - above, `"IVF{nlist},SQ8"` (8-bit scalar codes, dim bytes/row: a quarter of Flat): at 1M clustered vectors
+      recall@10 0.955 at 30x Flat (nprobe=16), and 0.96-0.99 on the synthetic world's CLIP bank, where 4-bit fast-scan
+      PQ codes (`PQ{dim/8}x4fs`, 32x smaller than Flat) reach 0.58-0.69, and 0.18 at 1M; PQ needs exact re-ranking
+      (`,RFlat`) to be usable, which keeps the full vectors in RAM.
+      Users with memory to spare may prefer `HNSW32` (best recall per query, slowest to build).
+
+    >>> default_index_factory(50_000, 512)
+    ('Flat', '')
+    >>> default_index_factory(1_000_000, 512)
+    ('IVF1024,Flat', 'nprobe=16')
+    >>> default_index_factory(50_000_000, 512)
+    ('IVF8192,SQ8', 'nprobe=128')
+    """
+    if num_rows < FLAT_MAX_ROWS:
+        return "Flat", ""
+    nlist = 2 ** round(math.log2(math.sqrt(num_rows)))
+    nprobe = f"nprobe={max(1, nlist // 64)}"
+    if num_rows <= IVF_FLAT_MAX_ROWS:
+        return f"IVF{nlist},Flat", nprobe
+    return f"IVF{nlist},SQ8", nprobe
+
+
+def _encoder_name(encoder) -> str:
+    first = encoder[0]
+    model = getattr(first, "model", None) or getattr(first, "auto_model", None)
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(encoder).__name__)
+
+
+def _encoder_dim(encoder) -> int:
+    get_dim = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+    return int(get_dim())
+
+
+def encoder_identity(encoder) -> dict:
+    """The JSON-able identity of a sentence-transformers encoder: name, dimension and probe embeddings.
+
+    Raises `ValueError` when the encoder does not encode both texts and images (a text-only model is not a CLIP).
+    """
+    modalities = set(getattr(encoder, "modalities", ()) or ())
+    if not {"text", "image"} <= modalities:
+        raise ValueError(
+            f"The encoder must embed both texts and images into one space (a CLIP model); it supports "
+            f"{sorted(modalities) or 'text only'}."
+        )
+    text = encoder.encode([PROBE_TEXT], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    image = encoder.encode([probe_image()], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    return {
+        "name": _encoder_name(encoder),
+        "dim": _encoder_dim(encoder),
+        "probe_text": PROBE_TEXT,
+        "text_probe_embedding": [round(float(v), 6) for v in text[0]],
+        "image_probe_embedding": [round(float(v), 6) for v in image[0]],
+    }
+
+
+def _same_encoder(identity: dict, other: dict) -> bool:
+    if identity.get("dim") != other.get("dim"):
+        return False
+    for key in ("text_probe_embedding", "image_probe_embedding"):
+        if float(np.dot(identity[key], other[key])) < FINGERPRINT_MIN_COSINE:
+            return False
+    return True
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+@dataclass
+class RetrievedDocument:
+    """One retrieved memory-bank document, ready for the collator (ids) and for prompts (text + image).
+
+    Attributes:
+        row (`int`): row of the bank (= faiss id).
+        score (`float`): relevance, the exact inner product of the unit query and document embeddings (CLIP cosine).
+        text (`str`): the document's text.
+        image (`PIL.Image.Image` or `None`): the document's image, when the bank has an image column.
+        image_ids (`list[int]` or `None`): pre-tokenized VQ codes of the image, when the bank has an `image_ids` column.
+        input_ids (`list[int]` or `None`): the pre-tokenized document, when the bank has an `input_ids` column.
+        source_index (`int`): the row of the dataset the bank was built from.
+        content_hash (`str`): `content_hash(text, image)`.
+        query_modality (`str`): `"text"` or `"image"`, the kind of query that found the document.
+        extra (`dict`): every other column of the bank row, carried through unchanged.
+    """
+
+    row: int
+    score: float
+    text: str
+    image: Image.Image | None
+    image_ids: list[int] | None
+    input_ids: list[int] | None
+    source_index: int
+    content_hash: str
+    query_modality: str
+    extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _datasets_progress_bars_off():
+    """Silence `datasets`' own bars (flattening, saving shards) while `build` shows one bar for the whole bank."""
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+class Cm3LeonMemoryBank:
+    """A memory bank of mixed-modal documents: Arrow rows with CLIP embeddings + a faiss inner-product index.
+
+    Build one with `Cm3LeonMemoryBank.build(dataset, encoder, directory)` (resumable; see `training/build_memory_bank.py`)
+    and open it with `Cm3LeonMemoryBank.load(directory)`. The row dataset keeps every source column (images, `image_ids`,
+    `input_ids`, anything else) and adds `source_index` (int64, row of the source dataset), `content_hash` (str) and
+    `embedding` (float32, shape `(dim,)`, unit norm). faiss id `i` is row `i`.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from sentence_transformers import SentenceTransformer
+    >>> from cm3leon_hf.pretrained import CLIP_PATH
+    >>> from cm3leon_hf.retrieval import Cm3LeonMemoryBank
+    >>> from cm3leon_hf.synthetic import build_task
+    >>> encoder = SentenceTransformer(str(CLIP_PATH))  # the synthetic world's CLIP, shipped with the package
+    >>> pairs = build_task("text_to_image", num_train=200, num_validation=0, num_test=0, num_heldout=0)["train"]
+    >>> directory = tempfile.mkdtemp() + "/bank"
+    >>> _ = Cm3LeonMemoryBank.build(pairs, encoder, directory, text_column="caption", image_column="images",
+    ...                             show_progress_bar=False)
+    >>> bank = Cm3LeonMemoryBank.load(directory)
+    >>> scores, rows = bank.search(encoder.encode(["a red star at the top left"]), k=10)
+    >>> len(bank), scores.shape, rows.dtype
+    (200, (1, 10), dtype('int64'))
+
+    ```
+    """
+
+    def __init__(self, dataset: Dataset, index: faiss.Index, manifest: dict, directory: Path | None = None):
+        self.dataset = dataset
+        self.index = index
+        self.manifest = manifest
+        self.directory = directory
+        self._embeddings = dataset.with_format("numpy", columns=[EMBEDDING_COLUMN])
+        self._documents = dataset.remove_columns([EMBEDDING_COLUMN])
+        self._keys = dataset.select_columns([SOURCE_INDEX_COLUMN, CONTENT_HASH_COLUMN])
+        if manifest.get("search_parameters"):
+            self.set_search_parameters(manifest["search_parameters"])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["encoder"]["dim"])
+
+    def set_search_parameters(self, parameters: str) -> None:
+        """Set faiss search parameters, e.g. `"nprobe=32"` (IVF) or `"efSearch=128"` (HNSW)."""
+        faiss.ParameterSpace().set_index_parameters(self.index, parameters)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` rows by index score for unit `queries` of shape `(num_queries, dim)`.
+
+        Returns `(scores, rows)` of shape `(num_queries, k)`; approximate indexes may return fewer than `k` hits,
+        padded with row `-1`.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (num_queries, {self.dim}), got {queries.shape}.")
+        return self.index.search(queries, k)
+
+    def embeddings(self, rows: Sequence[int]) -> np.ndarray:
+        """Exact stored embeddings of `rows`, float32 of shape `(len(rows), dim)`."""
+        if len(rows) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._embeddings[[int(r) for r in rows]][EMBEDDING_COLUMN].astype(np.float32, copy=False)
+
+    def row_keys(self, rows: Sequence[int]) -> tuple[list[int], list[str]]:
+        """`source_index` and `content_hash` of `rows` (two lists), without decoding images."""
+        if len(rows) == 0:
+            return [], []
+        keys = self._keys[[int(r) for r in rows]]
+        return keys[SOURCE_INDEX_COLUMN], keys[CONTENT_HASH_COLUMN]
+
+    def documents(self, rows: Sequence[int]) -> list[dict]:
+        """The bank rows `rows` without their embedding, as a list of dicts (images decoded to PIL)."""
+        if len(rows) == 0:
+            return []
+        batch = self._documents[[int(r) for r in rows]]
+        return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+    def check_encoder(self, encoder) -> None:
+        """Raise `ValueError` unless `encoder` is the encoder the bank was built with (dimension and probe embeddings)."""
+        built_with = self.manifest["encoder"]
+        dim = _encoder_dim(encoder)
+        if dim != built_with["dim"]:
+            raise ValueError(
+                f"Encoder dimension mismatch: the bank was built with {built_with['name']!r} ({built_with['dim']}-d "
+                f"embeddings) but the query encoder {_encoder_name(encoder)!r} gives {dim}-d embeddings."
+            )
+        if not _same_encoder(built_with, encoder_identity(encoder)):
+            raise ValueError(
+                f"Encoder mismatch: the bank was built with {built_with['name']!r} but the query encoder "
+                f"{_encoder_name(encoder)!r} embeds the probe text/image differently (cosine < {FINGERPRINT_MIN_COSINE}); "
+                "query a bank with the encoder that built it."
+            )
+
+    # ------------------------------------------------------------------------------------------------------- build
+    @classmethod
+    @_datasets_progress_bars_off()
+    def build(
+        cls,
+        dataset: Dataset,
+        encoder,
+        save_directory: str | os.PathLike,
+        *,
+        text_column: str = "text",
+        image_column: str = "image",
+        image_decoder: Callable[[list], list[Image.Image]] | None = None,
+        index_factory: str | None = None,
+        search_parameters: str | None = None,
+        train_size: int | None = None,
+        batch_size: int = 64,
+        shard_size: int = 10_000,
+        overwrite: bool = False,
+        show_progress_bar: bool = True,
+        seed: int = 0,
+    ) -> "Cm3LeonMemoryBank":
+        """Encode `dataset` into a memory bank saved in `save_directory`, and return it loaded.
+
+        Args:
+            dataset (`datasets.Dataset`): the documents. `text_column` holds strings; `image_column` holds PIL images
+                (a `datasets.Image` column) or, with `image_decoder`, pre-tokenized image ids. Every column is kept.
+            encoder (`sentence_transformers.SentenceTransformer`): a CLIP-like model embedding texts and images into one
+                space. Texts and images are encoded in separate calls of `batch_size` items.
+            image_decoder (`callable`, *optional*): maps a list of `image_column` values (e.g. VQ ids) to PIL images for
+                the encoder, e.g. the image tokenizer's `decode_image_tokens`.
+            index_factory (`str`, *optional*): faiss factory string (`"Flat"`, `"HNSW32"`, `"IVF4096,PQ64x4fs"` …), built
+                with the inner-product metric. Defaults to `default_index_factory(num_rows, dim)`.
+            search_parameters (`str`, *optional*): faiss parameters stored in the manifest and set at load
+                (`"nprobe=16"`); defaults to those of `default_index_factory` for IVF indexes, `efSearch=64` for HNSW.
+            train_size (`int`, *optional*): rows sampled (seeded) to train an index that needs training; defaults to
+                `min(num_rows, max(64 * nlist, 65_536))` for IVF, 65,536 otherwise.
+            shard_size (`int`): rows per resumable shard; a re-run skips the shards already on disk.
+            overwrite (`bool`): delete an existing bank or unfinished build in `save_directory` first. Without it, an
+                existing bank is an error and an unfinished build with the same settings resumes: the same dataset
+                (its `datasets` fingerprint, stable for a dataset loaded from disk or generated with a cache; an
+                in-memory dataset made anew gets a new one), columns, shard size and encoder.
+        """
+        save_directory = Path(save_directory)
+        if len(dataset) == 0:
+            raise ValueError("Cannot build a memory bank from an empty dataset.")
+        for role, column in (("text_column", text_column), ("image_column", image_column)):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"{role}={column!r} is not a column of the dataset (columns: {dataset.column_names})."
+                )
+        reserved = [c for c in RESERVED_COLUMNS if c in dataset.column_names]
+        if reserved:
+            raise ValueError(f"Columns {reserved} are reserved for the memory bank; rename them in the dataset.")
+        if overwrite and save_directory.exists():
+            shutil.rmtree(save_directory)
+        if (save_directory / MANIFEST_FILE).exists():
+            raise ValueError(f"{save_directory} already holds a memory bank; pass overwrite=True to rebuild it.")
+
+        identity = encoder_identity(encoder)
+        dim = identity["dim"]
+        shards_dir = save_directory / SHARDS_DIR
+        settings = {
+            "format_version": BANK_FORMAT_VERSION,
+            "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+            "num_source_rows": len(dataset),
+            "text_column": text_column,
+            "image_column": image_column,
+            "shard_size": shard_size,
+            "encoder": identity,
+        }
+        build_file = shards_dir / BUILD_FILE
+        if build_file.exists():
+            previous = json.loads(build_file.read_text())
+            if not _same_encoder(previous.pop("encoder", {}), identity) or previous != {
+                k: v for k, v in settings.items() if k != "encoder"
+            }:
+                raise ValueError(
+                    f"{save_directory} holds an unfinished build with other settings (dataset, columns, shard size or "
+                    "encoder); pass overwrite=True to start over."
+                )
+        else:
+            shards_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_json(build_file, settings)
+
+        num_shards = math.ceil(len(dataset) / shard_size)
+        shard_paths = [shards_dir / f"shard-{i:05d}" for i in range(num_shards)]
+        done = sum(min(shard_size, len(dataset) - i * shard_size) for i, p in enumerate(shard_paths) if p.exists())
+        progress = tqdm(total=len(dataset), initial=done, desc="memory bank", unit="doc", disable=not show_progress_bar)
+        for i, path in enumerate(shard_paths):
+            if path.exists():
+                continue
+            start = i * shard_size
+            part = dataset.select(range(start, min(len(dataset), start + shard_size)))
+            shard = cls._encode_shard(part, start, encoder, text_column, image_column, image_decoder, batch_size,
+                                      dim, progress)
+            tmp = path.with_name(path.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shard.save_to_disk(str(tmp), num_shards=1 if len(shard) == 0 else None)
+            os.replace(tmp, path)
+        progress.close()
+
+        rows = concatenate_datasets([load_from_disk(str(p)) for p in shard_paths])
+        if len(rows) == 0:
+            raise ValueError(
+                f"No mixed-modal rows: every row of the dataset lacks a text ({text_column!r}) or an image "
+                f"({image_column!r})."
+            )
+        rows_tmp = save_directory / (ROWS_DIR + ".tmp")
+        if rows_tmp.exists():
+            shutil.rmtree(rows_tmp)
+        rows.save_to_disk(str(rows_tmp))
+        if (save_directory / ROWS_DIR).exists():
+            shutil.rmtree(save_directory / ROWS_DIR)
+        os.replace(rows_tmp, save_directory / ROWS_DIR)
+        rows = load_from_disk(str(save_directory / ROWS_DIR))
+
+        manifest = {
+            "format_version": BANK_FORMAT_VERSION,
+            "encoder": identity,
+            "metric": "inner_product",
+            "num_rows": len(rows),
+            "num_source_rows": len(dataset),
+            "num_skipped": len(dataset) - len(rows),
+            "text_column": text_column,
+            "image_column": image_column,
+            "columns": rows.column_names,
+            "rows_hash": _rows_hash(rows),
+        }
+        manifest.update(_write_index(rows, save_directory / INDEX_FILE, dim, index_factory, search_parameters,
+                                     train_size, seed, show_progress_bar))
+        _atomic_write_json(save_directory / MANIFEST_FILE, manifest)
+        shutil.rmtree(shards_dir)
+        return cls.load(save_directory)
+
+    def reindex(self, index_factory: str, *, search_parameters: str | None = None, train_size: int | None = None,
+                seed: int = 0, show_progress_bar: bool = True) -> "Cm3LeonMemoryBank":
+        """Replace the bank's faiss index by a new `index_factory` index built from the stored embeddings (no
+        re-encoding) and return the bank loaded again. The new index goes to a new file and the manifest is renamed
+        over the old one: an interrupted re-index leaves the old, consistent bank.
+
+        Example: `bank = Cm3LeonMemoryBank.load("bank").reindex("IVF256,PQ32x4fs", search_parameters="nprobe=16")`.
+        """
+        if self.directory is None:
+            raise ValueError("Only a saved bank can be re-indexed.")
+        old_file = self.directory / self.manifest["index_file"]
+        new_file = self.directory / f"index-{uuid.uuid4().hex[:12]}.faiss"
+        manifest = dict(self.manifest)
+        manifest.update(_write_index(self.dataset, new_file, self.dim, index_factory, search_parameters, train_size,
+                                     seed, show_progress_bar))
+        _atomic_write_json(self.directory / MANIFEST_FILE, manifest)  # the commit point: the old index until here
+        old_file.unlink()
+        return type(self).load(self.directory)
+
+    @staticmethod
+    def _encode_shard(part, start, encoder, text_column, image_column, image_decoder, batch_size, dim, progress):
+        kept, hashes, embeddings = [], [], []
+        offset = 0
+        for batch in part.iter(batch_size=batch_size):
+            texts, images = batch[text_column], [_single_image(im, image_decoder) for im in batch[image_column]]
+            keep = [
+                j for j, (t, im) in enumerate(zip(texts, images))
+                if isinstance(t, str) and t.strip() and im is not None
+            ]
+            if keep:
+                texts = [texts[j] for j in keep]
+                stored_images = [images[j] for j in keep]
+                pixels = image_decoder(stored_images) if image_decoder is not None else stored_images
+                text_emb = encoder.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                          convert_to_numpy=True, show_progress_bar=False)
+                image_emb = encoder.encode(pixels, batch_size=batch_size, normalize_embeddings=True,
+                                           convert_to_numpy=True, show_progress_bar=False)
+                embeddings.append(_unit_rows((text_emb + image_emb) / 2).astype(np.float32))
+                hashes.extend(content_hash(t, im) for t, im in zip(texts, stored_images))
+                kept.extend(offset + j for j in keep)
+            offset += len(images)
+            progress.update(len(images))
+        shard = part.select(kept).flatten_indices()
+        shard = shard.add_column(SOURCE_INDEX_COLUMN, np.asarray(kept, dtype=np.int64) + start, feature=Value("int64"))
+        shard = shard.add_column(CONTENT_HASH_COLUMN, hashes, feature=Value("string"))
+        matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
+        return shard.add_column(EMBEDDING_COLUMN, list(matrix), feature=List(Value("float32"), length=dim))
+
+    # -------------------------------------------------------------------------------------------------------- load
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, mmap: bool = False) -> "Cm3LeonMemoryBank":
+        """Open a bank saved by `build`. `mmap=True` memory-maps the faiss index (`faiss.IO_FLAG_MMAP`); the Arrow rows
+        are always memory-mapped. Raises `ValueError` when the directory is not a finished bank or when its index and
+        rows disagree."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_FILE
+        if not manifest_path.exists():
+            unfinished = " (an unfinished build: re-run the build to resume)" if (directory / SHARDS_DIR).exists() else ""
+            raise ValueError(f"{directory} is not a memory bank: {MANIFEST_FILE} is missing{unfinished}.")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format_version") != BANK_FORMAT_VERSION:
+            raise ValueError(f"Unsupported memory bank format {manifest.get('format_version')!r} in {directory}.")
+        rows = load_from_disk(str(directory / ROWS_DIR))
+        index = faiss.read_index(str(directory / manifest["index_file"]), faiss.IO_FLAG_MMAP if mmap else 0)
+        problems = []
+        if len(rows) == 0:
+            problems.append("the bank has no rows")
+        if not (index.ntotal == len(rows) == manifest["num_rows"] == manifest["ntotal"]):
+            problems.append(f"index size {index.ntotal}, rows {len(rows)}, manifest {manifest['num_rows']}")
+        if index.d != manifest["encoder"]["dim"]:
+            problems.append(f"index dimension {index.d} != manifest dimension {manifest['encoder']['dim']}")
+        if not problems and _rows_hash(rows) != manifest["rows_hash"]:
+            problems.append("the rows are not those the index was built from (rows hash differs)")
+        if not problems:
+            if manifest.get("search_parameters"):
+                faiss.ParameterSpace().set_index_parameters(index, manifest["search_parameters"])
+            probe = manifest["index_probe"]
+            scores, ids = index.search(_embeddings_of(rows, probe["rows"]), 1)
+            found = ids[:, 0].tolist()
+            # a different id is fine only if it is an exact duplicate of the recorded one (ties)
+            same_ids = found == probe["ids"] or (min(found) >= 0 and np.allclose(
+                _embeddings_of(rows, found), _embeddings_of(rows, probe["ids"]), atol=1e-6))
+            if not same_ids or not np.allclose(scores[:, 0], probe["scores"], atol=1e-3):
+                problems.append("the index is not the one built from these rows (probe search differs)")
+        if problems:
+            raise ValueError(f"Memory bank {directory} is inconsistent: {'; '.join(problems)}. Rebuild it.")
+        return cls(rows, index, manifest, directory)
+
+
+def _write_index(rows, path, dim, index_factory, search_parameters, train_size, seed, show_progress_bar) -> dict:
+    """Build the faiss index of `rows`' embeddings, write it atomically to `path`; return its manifest entries.
+
+    The factory defaults to `default_index_factory`; search parameters default to the factory's defaults for IVF
+    (nprobe = nlist / 64) and `efSearch=64` for HNSW. An index that needs training is trained on a seeded sample of
+    `train_size` rows (default `max(64 * nlist, 65_536)`, capped at the bank size).
+    """
+    default_factory, default_parameters = default_index_factory(len(rows), dim)
+    factory = index_factory or default_factory
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise ValueError(f"Invalid faiss index_factory {factory!r}: {error}") from error
+    if search_parameters is None:
+        if index_factory is None:
+            search_parameters = default_parameters
+        elif "IVF" in factory:
+            search_parameters = f"nprobe={max(1, faiss.extract_index_ivf(index).nlist // 64)}"
+        elif "HNSW" in factory:
+            search_parameters = "efSearch=64"
+        else:
+            search_parameters = ""
+    if not index.is_trained:
+        if train_size is None:
+            nlist = faiss.extract_index_ivf(index).nlist if "IVF" in factory else 0
+            train_size = max(64 * nlist, 65_536)
+        sample = np.random.default_rng(seed).choice(len(rows), size=min(len(rows), train_size), replace=False)
+        index.train(_embeddings_of(rows, np.sort(sample).tolist()))
+    view = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
+    chunk = 65_536
+    for batch in tqdm(view.iter(batch_size=chunk), total=math.ceil(len(rows) / chunk), desc="faiss index",
+                      disable=not show_progress_bar):
+        index.add(np.ascontiguousarray(batch[EMBEDDING_COLUMN], dtype=np.float32))
+    if search_parameters:
+        faiss.ParameterSpace().set_index_parameters(index, search_parameters)
+    index_tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(index_tmp))
+    os.replace(index_tmp, path)
+    probe_rows = _probe_rows(len(rows))
+    probe_scores, probe_ids = index.search(_embeddings_of(rows, probe_rows), 1)
+    return {
+        "index_file": path.name,
+        "index_factory": factory,
+        "search_parameters": search_parameters,
+        "ntotal": int(index.ntotal),
+        "index_probe": {"rows": probe_rows, "scores": [round(float(s), 6) for s in probe_scores[:, 0]],
+                        "ids": [int(i) for i in probe_ids[:, 0]]},
+    }
+
+
+def _single_image(value, image_decoder):
+    """A row's image: the value itself, or the one element of a list of images (`None` when missing/empty).
+
+    Image ids (with `image_decoder`) are a list of ints, so only PIL lists are unwrapped; an empty id list is missing.
+    """
+    if value is None:
+        return None
+    if image_decoder is not None:
+        return value if len(value) > 0 and not isinstance(value[0], (list, tuple)) else _one(value)
+    if isinstance(value, (list, tuple)):
+        return _one(value)
+    return value
+
+
+def _one(values):
+    if len(values) > 1:
+        raise ValueError(f"A memory-bank document has one image; a row of the image column holds {len(values)}.")
+    return values[0] if values else None
+
+
+def _embeddings_of(rows: Dataset, indices: Sequence[int]) -> np.ndarray:
+    view = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
+    return np.ascontiguousarray(view[list(indices)][EMBEDDING_COLUMN], dtype=np.float32)
+
+
+def _probe_rows(num_rows: int, count: int = 16) -> list[int]:
+    return sorted({int(i) for i in np.linspace(0, num_rows - 1, num=min(count, num_rows))})
+
+
+def _rows_hash(rows: Dataset) -> str:
+    """sha256 of the row count, the column names and up to 256 evenly spaced rows (ids, content hash, embedding)."""
+    digest = hashlib.sha256(f"{len(rows)}|{','.join(rows.column_names)}".encode())
+    sample = _probe_rows(len(rows), count=256)
+    view = rows.with_format("numpy", columns=[SOURCE_INDEX_COLUMN, EMBEDDING_COLUMN])[sample]
+    digest.update(np.asarray(view[SOURCE_INDEX_COLUMN], dtype=np.int64).tobytes())
+    digest.update(np.asarray(view[EMBEDDING_COLUMN], dtype=np.float32).tobytes())
+    digest.update("".join(rows.select(sample)[CONTENT_HASH_COLUMN]).encode())
+    return digest.hexdigest()
+
+
+class Cm3LeonRetriever:
+    """CM3Leon's retriever (CL §2.1): CLIP relevance over a memory bank, with the paper's filters and query dropout.
+
+    Args:
+        bank (`Cm3LeonMemoryBank`): the memory bank.
+        encoder (`sentence_transformers.SentenceTransformer`): the encoder that built the bank (checked).
+        k (`int`, defaults to 2): documents per query (CL Table 1's best setting, `num_retrieved_doc=2` in the code).
+        max_score (`float`, defaults to 0.9): candidates scoring above it are skipped (CL §2.1 "≤ 0.9").
+        query_dropout (`float`, defaults to 0.2): fraction of the words of a text query dropped in training.
+        overfetch (`int`, defaults to 4): candidates fetched per wanted document before filtering.
+        seed (`int`, defaults to 0): seed of the retriever's own `numpy` generator (query dropout, training selection);
+            every method also takes a `generator`.
+        batch_size (`int`, defaults to 64): encoder batch size.
+
+    Example (shapes: `len(results) == len(texts)`, `len(results[i]) == k`):
+
+    ```python
+    >>> import tempfile
+    >>> from sentence_transformers import SentenceTransformer
+    >>> from cm3leon_hf.pretrained import CLIP_PATH
+    >>> from cm3leon_hf.synthetic import build_task
+    >>> encoder = SentenceTransformer(str(CLIP_PATH))
+    >>> pairs = build_task("text_to_image", num_train=500, num_validation=0, num_test=0, num_heldout=0)["train"]
+    >>> bank = Cm3LeonMemoryBank.build(pairs, encoder, tempfile.mkdtemp() + "/bank", text_column="caption",
+    ...                                image_column="images", show_progress_bar=False)
+    >>> retriever = Cm3LeonRetriever(bank, encoder)
+    >>> docs = retriever.retrieve(texts=["a red circle at the top left"], k=2)[0]
+    >>> len(docs), all(d.score <= 0.9 for d in docs), type(docs[0].image).__name__
+    (2, True, 'PngImageFile')
+    >>> prompt, images = build_retrieval_prompt(docs, "a red circle at the top left")
+    >>> prompt.count("<image>"), len(images), prompt.endswith("<break> a red circle at the top left <break>")
+    (2, 2, True)
+
+    ```
+    """
+
+    def __init__(self, bank: Cm3LeonMemoryBank, encoder, *, k: int = 2, max_score: float = 0.9,
+                 query_dropout: float = 0.2, overfetch: int = 4, seed: int = 0, batch_size: int = 64):
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        if not 0 <= query_dropout < 1:
+            raise ValueError(f"query_dropout must be in [0, 1), got {query_dropout}.")
+        if overfetch < 1:
+            raise ValueError(f"overfetch must be at least 1, got {overfetch}.")
+        if len(bank) == 0:
+            raise ValueError("The memory bank is empty.")
+        bank.check_encoder(encoder)
+        self.bank = bank
+        self.encoder = encoder
+        self.k = k
+        self.max_score = max_score
+        self.query_dropout = query_dropout
+        self.overfetch = overfetch
+        self.batch_size = batch_size
+        self.generator = np.random.default_rng(seed)
+        columns = set(bank.dataset.column_names)
+        self._text_column = bank.manifest["text_column"]
+        self._image_column = bank.manifest["image_column"]
+        self._image_ids_column = "image_ids" if "image_ids" in columns and self._image_column != "image_ids" else None
+        self._input_ids_column = "input_ids" if "input_ids" in columns else None
+
+    def encode_queries(self, texts: Sequence[str] | None = None, images: Sequence[Image.Image] | None = None, *,
+                       training: bool = False, generator: np.random.Generator | None = None) -> np.ndarray:
+        """Unit query embeddings, float32 of shape `(num_queries, dim)`, for texts or images (exactly one of them).
+
+        With `training=True`, text queries first go through `query_dropout` (never at inference)."""
+        if (texts is None) == (images is None):
+            raise ValueError("Pass exactly one of `texts` or `images`.")
+        if texts is not None:
+            if isinstance(texts, str):
+                raise ValueError("`texts` must be a list of strings, not a string.")
+            if training and self.query_dropout > 0:
+                generator = generator or self.generator
+                texts = [query_dropout(t, self.query_dropout, generator) for t in texts]
+            inputs = list(texts)
+        else:
+            inputs = list(images)
+        if not inputs:
+            raise ValueError("No queries given.")
+        embeddings = self.encoder.encode(inputs, batch_size=self.batch_size, normalize_embeddings=True,
+                                         convert_to_numpy=True, show_progress_bar=False)
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+    def retrieve(self, texts: Sequence[str] | None = None, images: Sequence[Image.Image] | None = None, *,
+                 k: int | None = None, training: bool = False, exclude: Sequence[Sequence[int]] | None = None,
+                 exclude_content: Sequence[str | None] | None = None,
+                 generator: np.random.Generator | None = None) -> list[list[RetrievedDocument]]:
+        """Retrieve `k` documents for each text query or each image query (exactly one of `texts`/`images`).
+
+        Args:
+            k (`int`, *optional*): documents per query, defaults to the retriever's `k`. More than the bank holds is an
+                error; fewer surviving the filters returns fewer with a warning.
+            training (`bool`): apply query dropout to text queries.
+            exclude (`list[list[int]]`, *optional*): per query, `source_index` values never to return (e.g. the query
+                pair's own row when the bank is the training set).
+            exclude_content (`list[str | None]`, *optional*): per query, a `content_hash` never to return (the query
+                pair's content; `retrieve_for_training` passes it).
+
+        Returns:
+            `list[list[RetrievedDocument]]`: per query, documents in decreasing relevance, each scoring `<= max_score`,
+            no two with the same row or content.
+        """
+        modality = "text" if texts is not None else "image"
+        queries = self.encode_queries(texts, images, training=training, generator=generator)
+        return self._retrieve_embeddings(queries, self.k if k is None else k, modality, exclude, exclude_content)
+
+    def retrieve_for_training(self, texts: Sequence[str], images: Sequence[Image.Image], *, num_docs: int = 3,
+                              docs_per_modality: int = 2, exclude: Sequence[Sequence[int]] | None = None,
+                              generator: np.random.Generator | None = None) -> list[list[RetrievedDocument]]:
+        """Documents for training pairs `(texts[i], images[i])`: our reading of CL §2.1 (PAPER.md §8 item 4).
+
+        Retrieves `docs_per_modality` documents with the caption (query dropout on) and as many with the image,
+        merges the two lists without duplicates (same row or content; text-side first), and samples `num_docs` of them
+        without replacement, in random order. When the two lists overlap so much that fewer than `num_docs` distinct
+        documents remain, the next-ranked candidates of both lists (alternating, text first) fill the gap. The pair
+        itself (same content, or a `source_index` in `exclude[i]`) is never returned. Deterministic given the
+        retriever's seed or `generator`.
+        """
+        if len(texts) != len(images):
+            raise ValueError(f"texts and images must pair up, got {len(texts)} texts and {len(images)} images.")
+        generator = generator or self.generator
+        pair_hashes = [content_hash(t, im) for t, im in zip(texts, images)]
+        depth = max(docs_per_modality, num_docs)
+        by_text = self.retrieve(texts=texts, k=depth, training=True, exclude=exclude, exclude_content=pair_hashes,
+                                generator=generator)
+        by_image = self.retrieve(images=images, k=depth, exclude=exclude, exclude_content=pair_hashes)
+        selected = []
+        for from_text, from_image in zip(by_text, by_image):
+            first = from_text[:docs_per_modality] + from_image[:docs_per_modality]
+            reserve = [d for pair in zip_longest(from_text[docs_per_modality:], from_image[docs_per_modality:])
+                       for d in pair if d is not None]
+            merged = _distinct(first, limit=None)
+            merged += _distinct(reserve, limit=num_docs - len(merged), seen=merged)
+            order = generator.permutation(len(merged))[:num_docs]
+            selected.append([merged[j] for j in order])
+        return selected
+
+    def add_retrieved_documents(self, dataset: Dataset, *, text_column: str = "text", image_column: str = "image",
+                                num_docs: int = 3, docs_per_modality: int = 2, exclude_self: bool = True,
+                                batch_size: int = 256, seed: int = 0, **map_kwargs) -> Dataset:
+        """Retrieve training documents for every pair of `dataset` once, ahead of training, with `datasets.map`.
+
+        Adds `retrieved_rows` (bank rows, `list[int64]`, up to `num_docs`; empty for a row lacking its text or image,
+        which is no caption-image pair) and `retrieved_scores` (`list[float32]`); the collator reads the documents
+        with `bank.documents(rows)`. `exclude_self=True` treats row `i` of `dataset`
+        as the bank's `source_index` `i` (the bank was built from this dataset) and never returns it. Batch `j` uses
+        `numpy.random.default_rng([seed, j])`, so the result does not depend on caching or resuming. Extra keyword
+        arguments go to `dataset.map` (`cache_file_name`, …; keep `num_proc` unset: the encoder is in this process).
+        """
+
+        def retrieve(batch, indices):
+            texts, images = batch[text_column], [_single_image(im, None) for im in batch[image_column]]
+            valid = [j for j, (t, im) in enumerate(zip(texts, images)) if isinstance(t, str) and t.strip()
+                     and im is not None]
+            rows, scores = [[] for _ in indices], [[] for _ in indices]
+            if valid:
+                docs = self.retrieve_for_training(
+                    [texts[j] for j in valid], [images[j] for j in valid], num_docs=num_docs,
+                    docs_per_modality=docs_per_modality,
+                    exclude=[[indices[j]] for j in valid] if exclude_self else None,
+                    generator=np.random.default_rng([seed, indices[0] // batch_size]))
+                for j, found in zip(valid, docs):
+                    rows[j], scores[j] = [d.row for d in found], [d.score for d in found]
+            return {"retrieved_rows": rows, "retrieved_scores": scores}
+
+        features = dataset.features.copy()
+        features["retrieved_rows"] = List(Value("int64"))
+        features["retrieved_scores"] = List(Value("float32"))
+        return dataset.map(retrieve, batched=True, batch_size=batch_size, with_indices=True, features=features,
+                           **map_kwargs)
+
+    def _retrieve_embeddings(self, queries, k, modality, exclude, exclude_content):
+        num_rows = len(self.bank)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        if k > num_rows:
+            raise ValueError(f"k={k} is larger than the memory bank ({num_rows} documents).")
+        exclude = [set(e) for e in exclude] if exclude is not None else [set() for _ in queries]
+        exclude_content = list(exclude_content) if exclude_content is not None else [None] * len(queries)
+        if len(exclude) != len(queries) or len(exclude_content) != len(queries):
+            raise ValueError(f"exclude/exclude_content must have one entry per query ({len(queries)}).")
+        chosen = [[] for _ in queries]
+        pending = list(range(len(queries)))
+        fetch = min(num_rows, k * self.overfetch)
+        while pending:
+            _, rows = self.bank.search(queries[pending], fetch)
+            unique = np.unique(rows[rows >= 0])
+            stored = self.bank.embeddings(unique)
+            position = {int(r): j for j, r in enumerate(unique)}
+            sources, hashes = self.bank.row_keys(unique)
+            source_of = dict(zip(unique.tolist(), sources))
+            hash_of = dict(zip(unique.tolist(), hashes))
+            still = []
+            for q, candidates in zip(pending, rows):
+                candidates = [int(r) for r in candidates if r >= 0]
+                exact = stored[[position[r] for r in candidates]] @ queries[q] if candidates else np.zeros(0)
+                picked, seen = [], {exclude_content[q]}
+                for j in np.argsort(-exact, kind="stable"):
+                    row, score = candidates[j], float(exact[j])
+                    if score > self.max_score or source_of[row] in exclude[q] or hash_of[row] in seen:
+                        continue
+                    picked.append((row, score))
+                    seen.add(hash_of[row])
+                    if len(picked) == k:
+                        break
+                chosen[q] = picked
+                if len(picked) < k and fetch < num_rows:
+                    still.append(q)
+            pending = still
+            fetch = min(num_rows, fetch * 4)
+        short = sum(len(c) < k for c in chosen)
+        if short:
+            warnings.warn(f"{short} of {len(queries)} queries got fewer than k={k} documents after the filters "
+                          f"(score <= {self.max_score}, no duplicates, exclusions).", stacklevel=3)
+        return [self._to_documents(c, modality) for c in chosen]
+
+    def _to_documents(self, picked, modality):
+        rows = [row for row, _ in picked]
+        documents = []
+        for (row, score), values in zip(picked, self.bank.documents(rows)):
+            text = values.pop(self._text_column)
+            image = values.pop(self._image_column)
+            if isinstance(image, list) and len(image) == 1 and isinstance(image[0], (Image.Image, list)):
+                image = image[0]
+            image_ids = values.pop(self._image_ids_column) if self._image_ids_column else None
+            if image_ids is None and not isinstance(image, Image.Image):
+                image_ids = image
+            input_ids = values.pop(self._input_ids_column) if self._input_ids_column else None
+            documents.append(RetrievedDocument(
+                row=row, score=score, text=text, image=image if isinstance(image, Image.Image) else None,
+                image_ids=image_ids, input_ids=input_ids, source_index=int(values.pop(SOURCE_INDEX_COLUMN)),
+                content_hash=values.pop(CONTENT_HASH_COLUMN), query_modality=modality, extra=values,
+            ))
+        return documents
+
+
+def _distinct(documents, limit, seen=()):
+    """`documents` without repeats of a row or a content hash (also none of `seen`'s), at most `limit` of them."""
+    keys = {k for d in seen for k in (d.row, d.content_hash)}
+    out = []
+    for doc in documents:
+        if limit is not None and len(out) >= limit:
+            break
+        if doc.row not in keys and doc.content_hash not in keys:
+            out.append(doc)
+            keys.update((doc.row, doc.content_hash))
+    return out
+
+
+def build_retrieval_prompt(documents: Sequence[RetrievedDocument], query_text: str | None = None, *,
+                           unconditional: bool = False, image_field: str = "image",
+                           prepend_eos: bool = False) -> tuple[str, list]:
+    """The marker text and images of a retrieval-augmented prompt, for `Cm3LeonProcessor`.
+
+    PAPER.md §1's prompt is `[<eos>] + Σ(text <break> image <break>) + query_text <break>`. The `<eos>` is the
+    processor's to add (it starts every document with `<eos>` by default), so the text starts with the first document:
+
+    - conditional: `"{t1} <break> <image> <break> {t2} <break> <image> <break> {query_text} <break>"`;
+    - unconditional (the CFG stream, CL §3.1: documents kept, query text dropped): the query text becomes `<mask:0>`,
+      `"{t1} <break> <image> <break> … <mask:0> <break>"`; with no documents this is `"<mask:0> <break>"`, the
+      no-retrieval unconditional prompt `<eos> <mask:0> <break>` once the processor adds `<eos>`.
+
+    Args:
+        documents: retrieved documents, in prompt order.
+        query_text: the query's text (required for the conditional prompt, ignored by the unconditional one).
+        image_field: `"image"` (PIL images, for the processor) or `"image_ids"` (VQ codes): which document attribute
+            fills the `<image>` markers.
+        prepend_eos: start the text with a literal `"<eos> "` (for a processor called with `prepend_eos=False`).
+
+    Returns:
+        `(text, images)`: `text` with one `<image>` marker per document, `images` the matching images in order.
+
+    >>> doc = RetrievedDocument(row=0, score=0.8, text="a red circle", image=None, image_ids=[7, 8], input_ids=None,
+    ...                         source_index=0, content_hash="", query_modality="text")
+    >>> build_retrieval_prompt([doc], "a red square", image_field="image_ids")
+    ('a red circle <break> <image> <break> a red square <break>', [[7, 8]])
+    >>> build_retrieval_prompt([doc], unconditional=True, image_field="image_ids", prepend_eos=True)[0]
+    '<eos> a red circle <break> <image> <break> <mask:0> <break>'
+    """
+    if image_field not in ("image", "image_ids"):
+        raise ValueError(f"image_field must be 'image' or 'image_ids', got {image_field!r}.")
+    if not unconditional and query_text is None:
+        raise ValueError("The conditional prompt needs a query_text.")
+    parts, images = [EOS_TOKEN] if prepend_eos else [], []
+    for doc in documents:
+        image = getattr(doc, image_field)
+        if image is None:
+            raise ValueError(f"Document at bank row {doc.row} has no {image_field!r}.")
+        parts += [doc.text, BREAK_TOKEN, IMAGE_TOKEN, BREAK_TOKEN]
+        images.append(image)
+    parts += [MASK_TOKEN if unconditional else query_text, BREAK_TOKEN]
+    return " ".join(parts), images
