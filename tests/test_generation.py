@@ -109,6 +109,10 @@ def test_image_constraint_states():
     out = proc(ids, torch.zeros(3, 12))
     allowed = [row.isfinite().nonzero().flatten().tolist() for row in out]
     assert allowed == [[8, 9, 10, 11], [8, 9, 10, 11], [1, 2]]
+    layout = ImageTokenConstraintLogitsProcessor(8, 4, 2, [2, 1], 12)  # generate_image=None: `<break>` after text
+    out = layout(torch.tensor([[0, 1, 5, 2], [1, 9, 10, 2], [0, 1, 5, 4], [0, 2, 2, 2]]), torch.zeros(4, 12))
+    allowed = [row.isfinite().nonzero().flatten().tolist() for row in out]
+    assert allowed == [[8, 9, 10, 11], list(range(8)), list(range(8)), [8, 9, 10, 11]]
     text = ImageTokenConstraintLogitsProcessor(8, 4, 2, [2, 1], 12, generate_image=False)
     out = text(ids, torch.zeros(6, 12))  # two streams: the same rule on both
     allowed = [row.isfinite().nonzero().flatten().tolist() for row in out]
@@ -217,7 +221,7 @@ def test_batched_cfg_equals_separate_forwards_greedy(model, generate_image):
         ids, attention_mask=mask, cfg_scale=3.0, generate_image=generate_image, do_sample=False,
         max_new_tokens=steps, output_scores=True, return_dict_in_generate=True,
     )
-    constraint = constraint_for(config, True) if generate_image else None
+    constraint = constraint_for(config, generate_image)  # None: the layout decides (here `text <break>` → image)
     scores, sequences = reference_decode(
         model, [(ids, mask), (uncond, torch.ones_like(uncond))], cfg(3.0), steps, constraint
     )
@@ -271,7 +275,7 @@ def test_other_processors_run_after_guidance_on_one_row_per_prompt(model):
         output_scores=True, return_dict_in_generate=True,
     )
     scores, sequences = reference_decode(
-        model, [(ids, mask), (uncond, torch.ones_like(uncond))], cfg(2.0), 10, None,
+        model, [(ids, mask), (uncond, torch.ones_like(uncond))], cfg(2.0), 10, constraint_for(config, None),
         warpers=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=(1 - mask).sum(-1))]),
     )
     assert_same_scores(out.scores, scores)
@@ -363,12 +367,32 @@ def test_every_strategy_writes_exactly_one_image(model, decoding):
 
 def test_text_generation_never_emits_image_codes(model):
     config = model.config
+    image_ids = range(config.image_token_offset, config.image_token_offset + config.image_vocab_size)
     ids = torch.tensor(text_prompts(config, [6, 6, 6, 6]))
-    free = model.generate(ids, do_sample=True, max_new_tokens=40, generator=torch.Generator().manual_seed(0))
-    assert (free[:, 6:] >= config.image_token_offset).any()  # unconstrained, this random model does emit codes
+    with torch.no_grad():  # unconstrained, this random model would write codes: a third of its mass is on them
+        mass = model(ids).logits[:, -1].softmax(-1)[:, image_ids.start : image_ids.stop].sum(-1)
+    assert (mass > 0.2).all()
     text = model.generate(ids, generate_image=False, do_sample=True, max_new_tokens=40, cfg_scale=2.0,
                           generator=torch.Generator().manual_seed(0))
     assert not (text[:, 6:] >= config.image_token_offset).any()
+
+
+def test_the_layout_decides_the_modality_by_default(model):
+    """No `generate_image`: `text <break>` continues with an image, `image <break>` and an infill `<mask:0>` with
+    text, and a generated `<break>` after text starts an image of exactly `image_seq_length` codes."""
+    config = model.config
+    brk, mask = config.break_token_id, config.mask_token_id
+    image = list(range(config.image_token_offset, config.image_token_offset + config.image_seq_length))
+    text = text_prompts(config, [5])[0]  # <eos> ... <break>
+    is_image = lambda t: config.image_token_offset <= t < config.image_token_offset + config.image_vocab_size  # noqa: E731
+    after_text = model.generate(torch.tensor([text]), max_new_tokens=config.image_seq_length, do_sample=False)
+    assert all(is_image(t) for t in after_text[0, len(text) :].tolist())
+    for prompt in ([*text, *image, brk], [*text[:-1], mask, brk, *image, mask]):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=True,
+                             generator=torch.Generator().manual_seed(0))[0, len(prompt) :].tolist()
+        if brk in out:  # the model may switch modality itself: then an image follows, complete
+            out = out[: out.index(brk)]
+        assert not any(is_image(t) for t in out)
 
 
 def test_generator_makes_sampling_reproducible(model):

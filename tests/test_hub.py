@@ -41,6 +41,7 @@ def test_save_and_auto_load_round_trip(saved):
         "AutoConfig": "configuration_cm3leon.Cm3LeonConfig",
         "AutoModel": "modeling_cm3leon.Cm3LeonModel",
         "AutoModelForCausalLM": "modeling_cm3leon.Cm3LeonForCausalLM",
+        "AutoModelForImageTextToText": "modeling_cm3leon.Cm3LeonForCausalLM",
     }
     assert {"configuration_cm3leon.py", "modeling_cm3leon.py"} <= {p.name for p in path.iterdir()}
 
@@ -175,9 +176,10 @@ def test_generation_configs_match_the_special_ids():
         generation = json.loads((directory / "generation_config.json").read_text())
         assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (
             config.bos_token_id,
-            config.eos_token_id,
+            [config.eos_token_id, config.eoss_token_id],  # an infilled span ends at <eoss>
             config.pad_token_id,
         )
+        assert (generation["do_sample"], generation["top_p"], generation["top_k"]) == (True, 0.8, 0)
         assert "auto_map" not in json.loads((directory / "config.json").read_text())  # no code ships with them
 
 

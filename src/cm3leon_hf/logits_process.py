@@ -35,14 +35,21 @@ def _split_streams(input_ids: torch.LongTensor, scores: torch.FloatTensor, num_s
 
 
 def next_token_modality(
-    input_ids: torch.LongTensor, image_token_offset: int, image_vocab_size: int, image_seq_length: int, generate_image: bool
+    input_ids: torch.LongTensor,
+    image_token_offset: int,
+    image_vocab_size: int,
+    image_seq_length: int,
+    break_token_id: int,
+    generate_image: bool | None = None,
 ) -> torch.LongTensor:
     """What each row must emit next: `IMAGE` (an image code), `END_OF_IMAGE` (`<break>` or `<eos>` after a complete
     image) or `TEXT` (anything but an image code).
 
     The state is read off the trailing run of image codes: inside an image (run not a multiple of `image_seq_length`)
-    only codes are allowed; right after a complete image only `<break>`/`<eos>`; outside an image, codes are required
-    when `generate_image` (the continuation is an image, e.g. after `text <break>`) and forbidden otherwise.
+    only codes are allowed; right after a complete image only `<break>`/`<eos>`. Outside an image, `generate_image`
+    decides: `True` requires codes (the continuation is an image), `False` forbids them, and `None` follows the
+    document layout (CL §2.1: `<break>` is the modality switch): a `<break>` that follows text starts an image,
+    anything else continues text. So `text <break>` → image, `image <break>` → text, `... <mask:0>` → text.
 
     Args:
         input_ids (`torch.LongTensor` of shape `(batch_size, length)`): the conditional stream.
@@ -55,7 +62,11 @@ def next_token_modality(
     positions = torch.arange(length, device=input_ids.device)
     run = length - 1 - torch.where(is_text, positions, -1).amax(-1)  # trailing image codes per row
     inside = run % image_seq_length != 0
-    outside = IMAGE if generate_image else TEXT
+    if generate_image is None:
+        after_text = is_text[:, -2] if length > 1 else torch.ones_like(run, dtype=torch.bool)
+        outside = torch.where((input_ids[:, -1] == break_token_id) & after_text, IMAGE, TEXT)
+    else:
+        outside = torch.full_like(run, IMAGE if generate_image else TEXT)
     return torch.where(inside, IMAGE, torch.where(run > 0, END_OF_IMAGE, outside))
 
 
@@ -63,9 +74,10 @@ class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
     r"""Modality-constrained decoding (PAPER.md §0 #22): an image is exactly `image_seq_length` image codes, then
     `<break>` or `<eos>`; text never contains image codes.
 
-    With `generate_image=True` the continuation must be an image (text-to-image, editing: the prompt ends with
-    `<break>`); with `generate_image=False` it is text (captioning, VQA) and image codes are suppressed, except to finish
-    an image the prompt left incomplete. Disallowed tokens get `-inf`.
+    With `generate_image=True` the continuation must be an image (text-to-image, editing); with `False` it is text
+    (captioning, VQA) and image codes are suppressed, except to finish an image the prompt left incomplete; with `None`
+    the document layout decides (a `<break>` after text starts an image, see `next_token_modality`). Disallowed tokens
+    get `-inf`.
 
     The processor runs on the stacked streams, before guidance, so that every guidance formula sees the same allowed
     set whether the LM head computed the whole vocabulary or, in image mode, only the `image_vocab_size` image columns
@@ -75,9 +87,9 @@ class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
         image_token_offset (`int`): id of image code 0.
         image_vocab_size (`int`): number of image codes.
         image_seq_length (`int`): codes per image.
-        end_of_image_token_ids (`list[int]`): the tokens allowed right after an image (`<break>`, `<eos>`).
+        end_of_image_token_ids (`list[int]`): the tokens allowed right after an image, `<break>` first, then `<eos>`.
         vocab_size (`int`): width of full-vocabulary scores.
-        generate_image (`bool`): whether the continuation is an image.
+        generate_image (`bool`, *optional*): whether the continuation is an image; `None`: the layout decides.
 
     Example:
 
@@ -104,7 +116,7 @@ class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
         image_seq_length: int,
         end_of_image_token_ids: list[int],
         vocab_size: int,
-        generate_image: bool,
+        generate_image: bool | None = None,
     ):
         for name, value in (
             ("image_vocab_size", image_vocab_size),
@@ -124,6 +136,7 @@ class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
         self.image_vocab_size = image_vocab_size
         self.image_seq_length = image_seq_length
         self.vocab_size = vocab_size
+        self.break_token_id = end_of_image_token_ids[0]
         self.generate_image = generate_image
         allowed = torch.zeros(3, vocab_size, dtype=torch.bool)  # rows: TEXT, IMAGE, END_OF_IMAGE
         allowed[TEXT] = True
@@ -134,7 +147,12 @@ class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         state = next_token_modality(
-            input_ids, self.image_token_offset, self.image_vocab_size, self.image_seq_length, self.generate_image
+            input_ids,
+            self.image_token_offset,
+            self.image_vocab_size,
+            self.image_seq_length,
+            self.break_token_id,
+            self.generate_image,
         )
         num_streams = scores.shape[0] // input_ids.shape[0]
         if scores.shape[-1] == self.image_vocab_size and scores.shape[-1] != self.vocab_size:

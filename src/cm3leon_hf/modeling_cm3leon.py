@@ -311,7 +311,7 @@ class Cm3LeonDecodingPlan:
         attention_mask (`torch.LongTensor` of shape `(num_streams * batch_size, prompt_length + steps)`): grows by one
             column of ones per decoding step.
         num_streams (`int`): 1, 2 (CFG, CD-K) or 3 (instruct-CFG).
-        generate_image (`bool`, *optional*): the modality constraint's mode.
+        generate_image (`bool`, *optional*): the modality constraint's mode (`None`: the layout decides).
     """
 
     input_ids: torch.LongTensor | None
@@ -354,8 +354,11 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
         # CM3Leon samples (temperature or top-p, CL §3.1; p = 0.8 in its demo), never with transformers' global
-        # default of top-k 50. A checkpoint's generation_config.json replaces these.
-        self.generation_config.update(do_sample=True, top_p=0.8, top_k=0, temperature=1.0)
+        # default of top-k 50, and a generated span ends at <eos> or, when infilling (CM3), at <eoss>.
+        # A checkpoint's generation_config.json replaces these.
+        self.generation_config.update(
+            do_sample=True, top_p=0.8, top_k=0, temperature=1.0, eos_token_id=[config.eos_token_id, config.eoss_token_id]
+        )
 
     @can_return_tuple
     def forward(
@@ -468,10 +471,12 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
                 For editing: the prompt with the source image but without the instruction. Its mask:
                 `image_cond_attention_mask`.
             generate_image (`bool`, *optional*):
-                `True`: the continuation is an image — exactly `image_seq_length` image codes, then only
-                `<break>`/`<eos>`; the LM head computes only the image columns while inside the image, and
-                `max_new_tokens` defaults to `image_seq_length`. `False`: text, image codes suppressed. `None`: no
-                constraint.
+                The modality constraint, always on: an image is exactly `image_seq_length` image codes followed by
+                `<break>`/`<eos>`, and text contains no image code. `True`: the continuation is an image, and
+                `max_new_tokens` defaults to `image_seq_length`. `False`: the continuation is text. `None` (default):
+                the document layout decides — a `<break>` after text starts an image, anything else continues text
+                (see [`next_token_modality`]). While every row must write image codes the LM head computes only
+                their columns.
             generator (`torch.Generator`, *optional*):
                 Makes sampling reproducible without touching the global RNG: a seed drawn from it seeds a forked RNG
                 for this call (the generator advances, so successive calls differ, as in diffusers).
@@ -503,9 +508,10 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
         extra_prompts = (uncond_input_ids, uncond_attention_mask, image_cond_input_ids, image_cond_attention_mask)
         if not guided and any(x is not None for x in extra_prompts):
             raise ValueError("Unconditional or image-conditional prompts need `cfg_scale` or `contrastive_k`.")
-        if guided or generate_image is not None:
-            if input_ids is None:
-                raise ValueError("Guided or constrained generation needs the prompt `input_ids`.")
+        if input_ids is None:
+            if guided or generate_image is not None:
+                raise ValueError("Guided or image-constrained generation needs the prompt `input_ids`.")
+        else:
             kwargs, logits_processor = self._prepare_cm3leon_decoding(
                 input_ids,
                 kwargs,
@@ -545,8 +551,10 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
         generate_image,
         generation_config,
     ) -> tuple[dict, LogitsProcessorList]:
-        """Validate the decoding arguments, stack the streams and build the stream processors."""
+        """Validate the decoding arguments, build the modality constraint and the guidance processor, and stack the
+        streams of guided decoding."""
         config = self.config
+        guided = cfg_scale is not None or image_cfg_scale is not None or contrastive_k is not None
         if contrastive_k is not None and (cfg_scale is not None or image_cfg_scale is not None):
             raise ValueError("Choose one of CD-K (`contrastive_k`) and CFG (`cfg_scale`/`image_cfg_scale`).")
         if image_cfg_scale is not None and cfg_scale is None:
@@ -558,25 +566,24 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
             )
         if image_cfg_scale is None and image_cond[0] is not None:
             raise ValueError("`image_cond_input_ids` is only used by instruct-CFG (`image_cfg_scale`).")
-        for name in ("guidance_scale", "assistant_model", "negative_prompt_ids"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"`{name}` cannot be combined with CM3Leon's guided or constrained decoding.")
-        num_beams = kwargs.get("num_beams", getattr(generation_config, "num_beams", 1))
-        if num_beams not in (None, 1):
-            raise ValueError("Guided and constrained decoding sample or decode greedily; beam search is not supported.")
+        if guided:
+            for name in ("guidance_scale", "assistant_model", "negative_prompt_ids"):
+                if kwargs.get(name) is not None:
+                    raise ValueError(f"`{name}` cannot be combined with CM3Leon's guided decoding.")
+            num_beams = kwargs.get("num_beams", getattr(generation_config, "num_beams", 1))
+            if num_beams not in (None, 1):
+                raise ValueError("Guided decoding samples or decodes greedily; beam search is not supported.")
 
-        processors = []
-        if generate_image is not None:
-            processors.append(
-                ImageTokenConstraintLogitsProcessor(
-                    image_token_offset=config.image_token_offset,
-                    image_vocab_size=config.image_vocab_size,
-                    image_seq_length=config.image_seq_length,
-                    end_of_image_token_ids=[config.break_token_id, config.eos_token_id],
-                    vocab_size=config.vocab_size,
-                    generate_image=generate_image,
-                )
+        processors = [
+            ImageTokenConstraintLogitsProcessor(
+                image_token_offset=config.image_token_offset,
+                image_vocab_size=config.image_vocab_size,
+                image_seq_length=config.image_seq_length,
+                end_of_image_token_ids=[config.break_token_id, config.eos_token_id],
+                vocab_size=config.vocab_size,
+                generate_image=generate_image,
             )
+        ]
         if contrastive_k is not None:
             candidates = config.image_vocab_size if generate_image else config.vocab_size
             processors.append(
@@ -587,12 +594,13 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
         elif cfg_scale is not None:
             processors.append(BatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale))
 
-        attention_mask = kwargs.pop("attention_mask", None)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        max_new_tokens = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+        if generate_image and max_new_tokens is None:
+            max_new_tokens = kwargs["max_new_tokens"] = config.image_seq_length
+
         batch_size = input_ids.shape[0]
-        streams = [(input_ids, attention_mask)]
-        if contrastive_k is not None or cfg_scale is not None:
+        streams = [(input_ids, kwargs.pop("attention_mask", None))]
+        if guided:
             uncond_ids, uncond_mask = uncond
             if uncond_ids is None:
                 default = [config.eos_token_id, config.mask_token_id, config.break_token_id]
@@ -600,22 +608,18 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
             streams.append((uncond_ids, uncond_mask))
             if image_cfg_scale is not None:
                 streams.append(image_cond)
-        for i, (ids, mask) in enumerate(streams):
-            if ids.shape[0] != batch_size:
-                raise ValueError(f"Stream {i} has {ids.shape[0]} prompts, the conditional stream {batch_size}.")
-            streams[i] = (ids, torch.ones_like(ids) if mask is None else mask)
+            for i, (ids, mask) in enumerate(streams):
+                if ids.shape[0] != batch_size:
+                    raise ValueError(f"Stream {i} has {ids.shape[0]} prompts, the conditional stream {batch_size}.")
+                streams[i] = (ids, torch.ones_like(ids) if mask is None else mask)
+            # Expanded here rather than by transformers, which does not know the extra streams.
+            num_return_sequences = (
+                kwargs.pop("num_return_sequences", None)
+                or getattr(generation_config or self.generation_config, "num_return_sequences", None)
+                or 1
+            )
+            streams = [(i.repeat_interleave(num_return_sequences, 0), m.repeat_interleave(num_return_sequences, 0)) for i, m in streams]
 
-        # Expanded here rather than by transformers, which does not know the extra streams.
-        num_return_sequences = (
-            kwargs.pop("num_return_sequences", None)
-            or getattr(generation_config or self.generation_config, "num_return_sequences", None)
-            or 1
-        )
-        streams = [(i.repeat_interleave(num_return_sequences, 0), m.repeat_interleave(num_return_sequences, 0)) for i, m in streams]
-
-        max_new_tokens = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
-        if generate_image and max_new_tokens is None:
-            max_new_tokens = kwargs["max_new_tokens"] = config.image_seq_length
         prompt_length = max(ids.shape[1] for ids, _ in streams)
         if max_new_tokens is not None and prompt_length + max_new_tokens > config.max_position_embeddings:
             raise ValueError(
@@ -624,7 +628,7 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
             )
 
         cond_ids, cond_mask = streams[0]
-        if len(streams) > 1:
+        if guided:
             pad = config.pad_token_id
             padded = [
                 (
@@ -641,7 +645,9 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
             )
         else:
             plan = Cm3LeonDecodingPlan(None, None, 1, generate_image)
-        kwargs.update(input_ids=cond_ids, attention_mask=cond_mask, decoding_plan=plan)
+        kwargs.update(input_ids=cond_ids, decoding_plan=plan)
+        if cond_mask is not None:
+            kwargs["attention_mask"] = cond_mask
         return kwargs, LogitsProcessorList([*(logits_processor or []), *processors])
 
     def prepare_inputs_for_generation(
@@ -676,10 +682,15 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
             model_inputs = super().prepare_inputs_for_generation(
                 input_ids, next_sequence_length, cache, attention_mask, inputs_embeds, is_first_iteration, **kwargs
             )
-        if decoding_plan is not None and decoding_plan.generate_image:
+        if decoding_plan is not None and decoding_plan.generate_image is not False:
             config = self.config
             state = next_token_modality(
-                input_ids, config.image_token_offset, config.image_vocab_size, config.image_seq_length, True
+                input_ids,
+                config.image_token_offset,
+                config.image_vocab_size,
+                config.image_seq_length,
+                config.break_token_id,
+                decoding_plan.generate_image,
             )
             if bool((state == IMAGE).all()):
                 model_inputs["logits_vocab_range"] = (
@@ -711,8 +722,12 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
             model_card_kwargs (`dict`, *optional*):
                 Passed to `cm3leon_hf.modelcard.build_model_card` (e.g. `training_data`, `repo_id`, `license`).
         """
-        if self._auto_class is not None:  # the saved code also serves `AutoModel` (the decoder without its head)
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": "modeling_cm3leon.Cm3LeonModel"}
+        if self._auto_class is not None:  # the saved code also serves `AutoModel` and image-text-to-text
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_cm3leon.Cm3LeonModel",
+                "AutoModelForImageTextToText": "modeling_cm3leon.Cm3LeonForCausalLM",
+            }
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if not is_main_process:
             return
