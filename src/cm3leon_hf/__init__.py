@@ -1,23 +1,66 @@
 """cm3leon-hf: CM3Leon (arXiv 2309.02591) for the Hugging Face ecosystem.
 
-Importing the package registers the model with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForCausalLM`) and marks the classes for `register_for_auto_class`, so that a saved directory carries its
+Importing the package registers the model and processor with transformers' Auto classes (`AutoConfig`, `AutoModel`,
+`AutoModelForCausalLM`, `AutoModelForImageTextToText`, `AutoProcessor`) and its pipelines (`"text-to-image"`,
+`"image-text-to-image"`; captioning runs in transformers' own `"image-text-to-text"`) with `PIPELINE_REGISTRY`, and marks the classes for `register_for_auto_class`, so that a saved directory carries its
 code and `auto_map` and loads elsewhere with `trust_remote_code=True`.
+
+The retrieval classes need the `retrieval` extra (faiss, sentence-transformers) and are imported on first use.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import importlib
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_cm3leon import Cm3LeonConfig
+from .image_tokenizer import Cm3LeonImageTokenizer
+from .logits_process import (
+    BatchedClassifierFreeGuidanceLogitsProcessor,
+    ContrastiveDecodingLogitsProcessor,
+    ImageTokenConstraintLogitsProcessor,
+    InstructClassifierFreeGuidanceLogitsProcessor,
+)
 from .modeling_cm3leon import Cm3LeonForCausalLM, Cm3LeonModel, Cm3LeonPreTrainedModel
+from .pipelines import Cm3LeonImageTextToImagePipeline, Cm3LeonTextToImagePipeline
+from .processing_cm3leon import Cm3LeonProcessor
 
 __version__ = "0.1.0.dev0"
 
 AutoConfig.register(Cm3LeonConfig.model_type, Cm3LeonConfig, exist_ok=True)
 AutoModel.register(Cm3LeonConfig, Cm3LeonModel, exist_ok=True)
 AutoModelForCausalLM.register(Cm3LeonConfig, Cm3LeonForCausalLM, exist_ok=True)
+AutoModelForImageTextToText.register(Cm3LeonConfig, Cm3LeonForCausalLM, exist_ok=True)  # captioning, VQA
+AutoProcessor.register(Cm3LeonConfig, Cm3LeonProcessor, exist_ok=True)
 
 Cm3LeonConfig.register_for_auto_class()
 Cm3LeonModel.register_for_auto_class("AutoModel")
 Cm3LeonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+Cm3LeonProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["Cm3LeonConfig", "Cm3LeonForCausalLM", "Cm3LeonModel", "Cm3LeonPreTrainedModel"]
+_LAZY = {name: "retrieval" for name in ("Cm3LeonMemoryBank", "Cm3LeonRetriever", "RetrievedDocument", "build_retrieval_prompt")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BatchedClassifierFreeGuidanceLogitsProcessor",
+    "Cm3LeonConfig",
+    "Cm3LeonForCausalLM",
+    "Cm3LeonImageTextToImagePipeline",
+    "Cm3LeonImageTokenizer",
+    "Cm3LeonMemoryBank",
+    "Cm3LeonModel",
+    "Cm3LeonPreTrainedModel",
+    "Cm3LeonProcessor",
+    "Cm3LeonRetriever",
+    "Cm3LeonTextToImagePipeline",
+    "ContrastiveDecodingLogitsProcessor",
+    "ImageTokenConstraintLogitsProcessor",
+    "InstructClassifierFreeGuidanceLogitsProcessor",
+    "RetrievedDocument",
+    "build_retrieval_prompt",
+]

@@ -67,6 +67,19 @@ from .tokenization_cm3leon import (
 )
 
 IMAGE_TOKENIZER_SUBFOLDER = "image_tokenizer"
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] if message['content'] is not string "
+    "else [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- set text = content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set images = content | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ text }} <mask:0> <break>{% for _ in range(images) %} <image>{% endfor %} <mask:0>"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ ' ' ~ text }} <eoss>"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 class Cm3LeonProcessor(ProcessorMixin):
@@ -86,7 +99,10 @@ class Cm3LeonProcessor(ProcessorMixin):
         prepend_eos (`bool`, defaults to `True`):
             Start every document with `<eos>` (PAPER.md §1). Can be overridden per call.
         chat_template (`str`, *optional*):
-            Unused by CM3Leon; accepted for `ProcessorMixin` compatibility.
+            Jinja template that `apply_chat_template` (and transformers' `image-text-to-text` pipeline) renders
+            messages with. Defaults to `CHAT_TEMPLATE`: a user turn becomes the CM3 infill prompt
+            `"{text} <mask:0> <break> <image>… <mask:0>"` (CL §2.2: "Image of <mask>: [image] <infill>") and an assistant
+            turn the infilled span `"{text} <eoss>"`, our answer to PAPER.md §8.9.
 
     The processor's attributes `pad_token_id`, `eos_token_id`, `break_token_id`, `eoss_token_id`, `mask_token_id`,
     `sentinel_token_ids`, `image_seq_length`, `image_vocab_size` and `image_token_ids` describe its vocabulary;
@@ -108,7 +124,7 @@ class Cm3LeonProcessor(ProcessorMixin):
             raise ValueError(
                 f"`image_tokenizer` must be a `Cm3LeonImageTokenizer`, got {type(image_tokenizer).__name__}."
             )
-        super().__init__(tokenizer, chat_template=chat_template)
+        super().__init__(tokenizer, chat_template=CHAT_TEMPLATE if chat_template is None else chat_template)
         self.image_tokenizer = image_tokenizer
         self.text_vocab_size = len(tokenizer) if text_vocab_size is None else int(text_vocab_size)
         self.image_token_offset = self.text_vocab_size if image_token_offset is None else int(image_token_offset)
@@ -169,6 +185,8 @@ class Cm3LeonProcessor(ProcessorMixin):
         max_length: int | None = None,
         prepend_eos: bool | None = None,
         return_tensors: str | None = None,
+        videos=None,
+        audio=None,
         **kwargs,
     ) -> BatchFeature:
         """Encode documents (text with `<image>` placeholders, see the module docstring) and their images.
@@ -190,6 +208,8 @@ class Cm3LeonProcessor(ProcessorMixin):
         """
         if kwargs:
             raise TypeError(f"Unexpected keyword arguments {sorted(kwargs)}.")
+        if videos is not None or audio is not None:  # `apply_chat_template` passes both, as None
+            raise ValueError("CM3Leon reads text and images only, not videos or audio.")
         documents = [text] if isinstance(text, str) else list(text)
         if not documents or not all(isinstance(d, str) for d in documents):
             raise ValueError("`text` must be a string or a non-empty list of strings.")
@@ -368,6 +388,18 @@ class Cm3LeonProcessor(ProcessorMixin):
         if skip_special_tokens:
             return [p for p in pieces if p]
         return [join_pieces(p for p in pieces if p)] if any(pieces) else []
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """The text of each sequence of `generated_outputs` (`(batch_size, length)`), image segments left out: what
+        transformers' `image-text-to-text` pipeline reads. An unfinished image run is dropped, not an error."""
+        return [
+            " ".join(
+                segment
+                for segment in self.decode(row, skip_special_tokens=skip_special_tokens, incomplete_images="codes")
+                if isinstance(segment, str)
+            )
+            for row in generated_outputs
+        ]
 
     def decode_image_tokens(self, ids) -> list[Image.Image]:
         """Image ids of the joint vocabulary, `(batch_size, image_seq_length)` or `(image_seq_length,)` → PIL images.

@@ -1,0 +1,416 @@
+"""CM3Leon pipelines, registered with transformers' `PIPELINE_REGISTRY` when `cm3leon_hf` is imported:
+
+- `"text-to-image"` [`Cm3LeonTextToImagePipeline`]: prompt → images (CFG, CD-K, or the paper's pooled "½ top-p + ½
+  CD-K" candidates), optional retrieved documents in the prompt and CLIP re-ranking of N candidates.
+- `"image-text-to-image"` [`Cm3LeonImageTextToImagePipeline`]: image + instruction → image (editing with instruct-CFG,
+  or structure-guided generation with plain CFG). transformers 5 has removed `"image-to-image"` (it points users to
+  diffusers), hence the name, symmetric with its `"image-text-to-text"`.
+- Image → text (captioning, VQA) needs no pipeline of ours: the model is registered for
+  `AutoModelForImageTextToText`, the processor's chat template writes the CM3 infill prompt, and transformers'
+  own `pipeline("image-text-to-text")` runs it.
+
+Arguments follow diffusers (`prompt`, `negative_prompt`, `guidance_scale`, `num_images_per_prompt`, `generator`,
+`output_type`); inside, each maps onto `Cm3LeonForCausalLM.generate`'s own names (`cfg_scale`, …), so transformers'
+two-forward `guidance_scale` processor is never triggered. Prompts of different lengths are batched together with
+`batch_size=`. A pipeline saved with `save_pretrained` carries its code and loads elsewhere with
+`pipeline(task, model=path, trust_remote_code=True)`.
+"""
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, Pipeline
+from transformers.generation.streamers import BaseStreamer
+from transformers.pipelines import PIPELINE_REGISTRY
+
+DECODING_STRATEGIES = ("top-p", "temperature", "cd-k", "pooled")
+OUTPUT_TYPES = ("pil", "np", "ids")
+EDIT_TEMPLATE = "Edit the image following the text instruction <break> <image> <break> {prompt} <break>"
+
+
+class TokenProgressBar(BaseStreamer):
+    """A tqdm bar over generated tokens, fed by `generate`'s streamer hook (the first call carries the prompt)."""
+
+    def __init__(self, total: int, desc: str, disable: bool = False):
+        self.bar = tqdm(total=total, desc=desc, unit="tok", disable=disable)
+        self.prompt_seen = False
+        self.steps = 0
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.steps += 1
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self):
+        self.bar.close()
+
+
+def _attach_processor(pipe: Pipeline) -> None:
+    """Check the processor against the model and let transformers' batching pad on the left with its tokenizer."""
+    if pipe.processor is None:
+        raise ValueError(f"{type(pipe).__name__} needs the model's Cm3LeonProcessor (`processor=`).")
+    pipe.processor.validate_model_config(pipe.model.config)
+    pipe.tokenizer = pipe.processor.tokenizer
+    pipe.tokenizer.padding_side = "left"
+
+
+def _save_pretrained(pipe: Pipeline, save_directory, **kwargs) -> None:
+    """`Pipeline.save_pretrained` writes the model, this code and the tokenizer, but not a processor: add ours (its
+    `processor_config.json` and the VQ in `image_tokenizer/`), so that the directory loads as a pipeline again."""
+    Pipeline.save_pretrained(pipe, save_directory, **kwargs)
+    pipe.processor.save_pretrained(save_directory)
+
+
+def _encode(processor, text: str, images=None) -> dict:
+    encoded = processor(text, images=images, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def _sampling_runs(decoding: str, num_candidates: int, top_p: float, temperature: float, cd_kwargs: dict) -> list:
+    """(number of candidates, generate kwargs) per decoding strategy. "pooled" is the paper's ½ top-p + ½ CD-K pool
+    (CL Fig. 4): ceil(n/2) top-p candidates and floor(n/2) CD-K candidates, re-ranked together."""
+    if decoding not in DECODING_STRATEGIES:
+        raise ValueError(f"`decoding` must be one of {DECODING_STRATEGIES}, got {decoding!r}.")
+    top_p_run = {"do_sample": True, "top_p": top_p, "top_k": 0, "temperature": 1.0}
+    temperature_run = {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": temperature}
+    cd_run = {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": 1.0, **cd_kwargs}
+    runs = {
+        "top-p": [(num_candidates, top_p_run)],
+        "temperature": [(num_candidates, temperature_run)],
+        "cd-k": [(num_candidates, cd_run)],
+        "pooled": [(math.ceil(num_candidates / 2), top_p_run), (num_candidates // 2, cd_run)],
+    }[decoding]
+    return [(n, kwargs) for n, kwargs in runs if n > 0]
+
+
+def _rerank(reranker, images: list, prompt: str) -> np.ndarray:
+    """CLIP scores (cosine of image and prompt embeddings) with a sentence-transformers CLIP model."""
+    image_embeddings = reranker.encode(images, convert_to_numpy=True, normalize_embeddings=True)
+    text_embedding = reranker.encode([prompt], convert_to_numpy=True, normalize_embeddings=True)
+    return image_embeddings @ text_embedding[0]
+
+
+def _image_outputs(pipe: Pipeline, image_ids: torch.Tensor, prompt: str, output_type: str, reranker, keep: int) -> list:
+    """(candidates, image_seq_length) image ids → the `keep` best images as dicts, CLIP-ranked when a reranker is
+    given (best first)."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    scores = None
+    order = list(range(keep))
+    if reranker is not None:
+        images = pipe.processor.decode_image_tokens(image_ids)
+        scores = _rerank(reranker, images, prompt)
+        order = [int(i) for i in np.argsort(-scores, kind="stable")[:keep]]
+    elif output_type != "ids":
+        images = pipe.processor.decode_image_tokens(image_ids[:keep])
+    outputs = []
+    for i in order:
+        if output_type == "ids":
+            image = image_ids[i]
+        else:
+            image = images[i] if output_type == "pil" else np.asarray(images[i])
+        outputs.append({"image": image, "score": None if scores is None else float(scores[i])})
+    return outputs
+
+
+class Cm3LeonTextToImagePipeline(Pipeline):
+    r"""
+    Text-to-image with CM3Leon (CL §3): the prompt `<eos> [retrieved documents] text <break>` is continued by exactly
+    `image_seq_length` image codes, decoded to pixels by the processor's VQ.
+
+    Args (at construction or per call):
+        negative_prompt (`str`, *optional*):
+            Text of the unconditional stream instead of the paper's `<mask:0>`.
+        guidance_scale (`float`, defaults to 3.0):
+            CFG scale α_c (the paper's demo uses 3, its evaluation 4). Ignored by `decoding="cd-k"`.
+        decoding (`str`, defaults to `"top-p"`):
+            `"top-p"` (CFG + nucleus sampling, `top_p`), `"temperature"` (CFG + temperature sampling), `"cd-k"` (CD-K
+            contrastive decoding: `contrastive_k`, `contrastive_alpha`, `amateur_temperature`) or `"pooled"` (the
+            paper's ½ top-p + ½ CD-K candidates).
+        num_images_per_prompt (`int`, defaults to 1): images returned per prompt.
+        num_candidates (`int`, *optional*):
+            Images generated per prompt before re-ranking (the paper: 8). Defaults to `num_images_per_prompt`; more
+            needs a `reranker`.
+        reranker (`SentenceTransformer`, *optional*):
+            A CLIP model (text and images in one space) that ranks the candidates by similarity to the prompt.
+        retriever (`Cm3LeonRetriever`, *optional*), num_retrieved_docs (`int`, defaults to 0):
+            Put that many retrieved documents in front of the prompt (CL Table 1: 0/1/2); the unconditional stream
+            keeps them and replaces only the prompt text.
+        generator (`torch.Generator`, *optional*): makes the result reproducible.
+        output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (uint8 `(H, W, 3)`) or `"ids"` (image ids).
+        progress_bar (`bool`, defaults to `True`): a progress bar over generated tokens.
+        Other keyword arguments go to `generate`.
+
+    Returns:
+        Per prompt, a list of `num_images_per_prompt` dicts `{"image": ..., "score": CLIP score or None}`, best first
+        when re-ranked.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> import cm3leon_hf, torch
+    >>> pipe = pipeline("text-to-image", model=cm3leon_hf.TINY_MODEL_PATH)  # doctest: +SKIP
+    >>> pipe("a red star at the top left", generator=torch.Generator().manual_seed(0))[0]["image"]  # doctest: +SKIP
+    <PIL.Image.Image image mode=RGB size=64x64>
+
+    ```
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _attach_processor(self)
+
+    save_pretrained = _save_pretrained
+
+    def _sanitize_parameters(
+        self,
+        negative_prompt=None,
+        retriever=None,
+        num_retrieved_docs=None,
+        guidance_scale=None,
+        decoding=None,
+        num_images_per_prompt=None,
+        num_candidates=None,
+        top_p=None,
+        temperature=None,
+        contrastive_k=None,
+        contrastive_alpha=None,
+        amateur_temperature=None,
+        generator=None,
+        progress_bar=None,
+        reranker=None,
+        output_type=None,
+        **generate_kwargs,
+    ):
+        preprocess = {k: v for k, v in dict(
+            negative_prompt=negative_prompt, retriever=retriever, num_retrieved_docs=num_retrieved_docs
+        ).items() if v is not None}
+        forward = {k: v for k, v in dict(
+            guidance_scale=guidance_scale, decoding=decoding, num_images_per_prompt=num_images_per_prompt,
+            num_candidates=num_candidates, top_p=top_p, temperature=temperature, contrastive_k=contrastive_k,
+            contrastive_alpha=contrastive_alpha, amateur_temperature=amateur_temperature, generator=generator,
+            progress_bar=progress_bar, reranker=reranker,
+        ).items() if v is not None}
+        if generate_kwargs:
+            forward["generate_kwargs"] = generate_kwargs
+        postprocess = {k: v for k, v in dict(
+            reranker=reranker, output_type=output_type, num_images_per_prompt=num_images_per_prompt
+        ).items() if v is not None}
+        return preprocess, forward, postprocess
+
+    def preprocess(self, prompt: str, negative_prompt: str | None = None, retriever=None, num_retrieved_docs: int = 0):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"The prompt must be a non-empty string, got {prompt!r}.")
+        if num_retrieved_docs < 0:
+            raise ValueError(f"`num_retrieved_docs` must be >= 0, got {num_retrieved_docs}.")
+        if num_retrieved_docs and retriever is None:
+            raise ValueError("`num_retrieved_docs` > 0 needs a `retriever` (a Cm3LeonRetriever).")
+        uncond_query = negative_prompt if negative_prompt is not None else "<mask:0>"
+        if num_retrieved_docs:
+            try:  # in a try block: transformers does not require `cm3leon_hf` to load this file as remote code
+                from cm3leon_hf.retrieval import build_retrieval_prompt
+            except ImportError as error:
+                raise ImportError("Retrieval needs `pip install cm3leon-hf[retrieval]`.") from error
+            documents = retriever.retrieve(texts=[prompt], k=num_retrieved_docs)[0]
+            text, images = build_retrieval_prompt(documents, prompt)
+            uncond_text, uncond_images = build_retrieval_prompt(documents, uncond_query)
+        else:
+            text, images = f"{prompt} <break>", None
+            uncond_text, uncond_images = f"{uncond_query} <break>", None
+        cond, uncond = _encode(self.processor, text, images), _encode(self.processor, uncond_text, uncond_images)
+        return {**cond, "uncond_input_ids": uncond["input_ids"], "uncond_attention_mask": uncond["attention_mask"],
+                "prompt": prompt}
+
+    def _forward(
+        self,
+        model_inputs,
+        guidance_scale: float = 3.0,
+        decoding: str = "top-p",
+        num_images_per_prompt: int = 1,
+        num_candidates: int | None = None,
+        top_p: float = 0.8,
+        temperature: float = 1.0,
+        contrastive_k: int = 5,
+        contrastive_alpha: float = 0.5,
+        amateur_temperature: float = 0.5,
+        generator: torch.Generator | None = None,
+        progress_bar: bool = True,
+        reranker=None,
+        generate_kwargs: dict | None = None,
+    ):
+        num_candidates = num_images_per_prompt if num_candidates is None else num_candidates
+        if num_images_per_prompt < 1 or num_candidates < num_images_per_prompt:
+            raise ValueError(
+                f"Need 1 <= num_images_per_prompt ({num_images_per_prompt}) <= num_candidates ({num_candidates})."
+            )
+        if num_candidates > num_images_per_prompt and reranker is None:
+            raise ValueError("Generating more candidates than images to return needs a `reranker` (a CLIP model).")
+        cd_kwargs = dict(contrastive_k=contrastive_k, contrastive_alpha=contrastive_alpha,
+                         amateur_temperature=amateur_temperature)
+        config = self.model.config
+        batch_size = model_inputs["input_ids"].shape[0]
+        images = []
+        for count, sampling in _sampling_runs(decoding, num_candidates, top_p, temperature, cd_kwargs):
+            guidance = {} if "contrastive_k" in sampling else {"cfg_scale": guidance_scale}
+            bar = TokenProgressBar(config.image_seq_length, f"{decoding} image tokens", disable=not progress_bar)
+            out = self.model.generate(
+                input_ids=model_inputs["input_ids"],
+                attention_mask=model_inputs["attention_mask"],
+                uncond_input_ids=model_inputs["uncond_input_ids"],
+                uncond_attention_mask=model_inputs["uncond_attention_mask"],
+                generate_image=True,
+                max_new_tokens=config.image_seq_length,
+                num_return_sequences=count,
+                generator=generator,
+                streamer=bar,
+                **guidance,
+                **{**sampling, **(generate_kwargs or {})},
+            )
+            images.append(out[:, -config.image_seq_length :].view(batch_size, count, -1))
+        return {"image_ids": torch.cat(images, dim=1), "prompt": model_inputs["prompt"]}  # (batch, candidates, L)
+
+    def postprocess(self, model_outputs, reranker=None, output_type: str = "pil", num_images_per_prompt: int = 1):
+        prompt = model_outputs["prompt"]
+        prompt = prompt[0] if isinstance(prompt, list) else prompt
+        image_ids = model_outputs["image_ids"]
+        image_ids = image_ids[0] if image_ids.dim() == 3 else image_ids  # (candidates, L)
+        return _image_outputs(self, image_ids, prompt, output_type, reranker, num_images_per_prompt)
+
+
+class Cm3LeonImageTextToImagePipeline(Pipeline):
+    r"""
+    Image + instruction → image with CM3Leon (CL §4.1). With `image_guidance_scale` (editing, the paper: image 1.5,
+    text 7.5) three streams are decoded: the full prompt, the prompt without the instruction (`<mask:0>` instead),
+    and the unconditional `<eos> <mask:0> <break>`; without it (structure-guided generation, the paper: 3) plain CFG.
+
+    Args:
+        prompt (`str`): the instruction (or caption, for structure-guided templates).
+        template (`str`, defaults to the editing template of CL §4.1):
+            `"Edit the image following the text instruction <break> <image> <break> {prompt} <break>"`.
+        guidance_scale (`float`, defaults to 7.5): text scale. image_guidance_scale (`float`, defaults to 1.5): image
+        scale; `None` for plain CFG. num_images_per_prompt, generator, output_type, progress_bar: as in
+        [`Cm3LeonTextToImagePipeline`]. Other keyword arguments go to `generate` (default: top-p 0.8 sampling).
+
+    Returns:
+        Per input, a list of `num_images_per_prompt` dicts `{"image": ..., "score": None}`.
+
+    Example: `pipeline("image-text-to-image", model=path)(image, prompt="make the star blue")[0]["image"]`.
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _attach_processor(self)
+
+    save_pretrained = _save_pretrained
+
+    def __call__(self, images, prompt: str | list[str] | None = None, **kwargs):
+        """`images`: one image or a list; `prompt`: the instruction (one, or one per image)."""
+        if isinstance(images, (list, tuple)):
+            prompts = prompt if isinstance(prompt, (list, tuple)) else [prompt] * len(images)
+            if len(prompts) != len(images):
+                raise ValueError(f"{len(images)} images but {len(prompts)} prompts.")
+            return super().__call__([{"image": i, "prompt": p} for i, p in zip(images, prompts)], **kwargs)
+        return super().__call__({"image": images, "prompt": prompt}, **kwargs)
+
+    def _sanitize_parameters(
+        self, template=None, guidance_scale=None, image_guidance_scale="default", num_images_per_prompt=None,
+        generator=None, progress_bar=None, output_type=None, **generate_kwargs,
+    ):
+        preprocess = {"template": template} if template is not None else {}
+        forward = {k: v for k, v in dict(
+            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
+            progress_bar=progress_bar,
+        ).items() if v is not None}
+        if image_guidance_scale != "default":
+            forward["image_guidance_scale"] = image_guidance_scale
+        if generate_kwargs:
+            forward["generate_kwargs"] = generate_kwargs
+        postprocess = {k: v for k, v in dict(output_type=output_type, num_images_per_prompt=num_images_per_prompt).items() if v is not None}
+        return preprocess, forward, postprocess
+
+    def preprocess(self, inputs, template: str = EDIT_TEMPLATE):
+        if inputs.get("image") is None:
+            raise ValueError("Image-to-image needs the source image (`images`).")
+        if not isinstance(inputs.get("prompt"), str) or not inputs["prompt"].strip():
+            raise ValueError(f"Image-to-image needs an instruction (`prompt`), got {inputs.get('prompt')!r}.")
+        if "{prompt}" not in template or template.count("<image>") != 1:
+            raise ValueError("`template` needs exactly one `<image>` and a `{prompt}` field.")
+        image = [inputs["image"]]
+        full = _encode(self.processor, template.format(prompt=inputs["prompt"]), image)
+        image_only = _encode(self.processor, template.format(prompt="<mask:0>"), image)
+        uncond = _encode(self.processor, "<mask:0> <break>")
+        return {
+            **full,
+            "image_cond_input_ids": image_only["input_ids"],
+            "image_cond_attention_mask": image_only["attention_mask"],
+            "uncond_input_ids": uncond["input_ids"],
+            "uncond_attention_mask": uncond["attention_mask"],
+        }
+
+    def _forward(
+        self,
+        model_inputs,
+        guidance_scale: float = 7.5,
+        image_guidance_scale: float | None = 1.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        progress_bar: bool = True,
+        generate_kwargs: dict | None = None,
+    ):
+        config = self.model.config
+        streams = {
+            "uncond_input_ids": model_inputs["uncond_input_ids"],
+            "uncond_attention_mask": model_inputs["uncond_attention_mask"],
+        }
+        if image_guidance_scale is not None:
+            streams.update(
+                image_cfg_scale=image_guidance_scale,
+                image_cond_input_ids=model_inputs["image_cond_input_ids"],
+                image_cond_attention_mask=model_inputs["image_cond_attention_mask"],
+            )
+        sampling = {"do_sample": True, "top_p": 0.8, "top_k": 0, **(generate_kwargs or {})}
+        bar = TokenProgressBar(config.image_seq_length, "image tokens", disable=not progress_bar)
+        out = self.model.generate(
+            input_ids=model_inputs["input_ids"],
+            attention_mask=model_inputs["attention_mask"],
+            cfg_scale=guidance_scale,
+            generate_image=True,
+            max_new_tokens=config.image_seq_length,
+            num_return_sequences=num_images_per_prompt,
+            generator=generator,
+            streamer=bar,
+            **streams,
+            **sampling,
+        )
+        batch_size = model_inputs["input_ids"].shape[0]
+        return {"image_ids": out[:, -config.image_seq_length :].view(batch_size, num_images_per_prompt, -1)}
+
+    def postprocess(self, model_outputs, output_type: str = "pil", num_images_per_prompt: int = 1):
+        image_ids = model_outputs["image_ids"]
+        image_ids = image_ids[0] if image_ids.dim() == 3 else image_ids
+        return _image_outputs(self, image_ids, "", output_type, None, num_images_per_prompt)
+
+
+PIPELINE_REGISTRY.register_pipeline(
+    "text-to-image", pipeline_class=Cm3LeonTextToImagePipeline, pt_model=AutoModelForCausalLM, type="multimodal"
+)
+PIPELINE_REGISTRY.register_pipeline(
+    "image-text-to-image",
+    pipeline_class=Cm3LeonImageTextToImagePipeline,
+    pt_model=AutoModelForCausalLM,
+    type="multimodal",
+)

@@ -1,0 +1,254 @@
+"""The registered pipelines on a tiny random model with a real processor: outputs, equivalence with `generate` on the
+same streams, batching, seeds, re-ranking, retrieval in the prompt, errors, and loading a saved pipeline in a fresh
+process that never imports `cm3leon_hf`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from diffusers import VQModel
+from PIL import Image
+from sentence_transformers import SentenceTransformer
+from transformers import pipeline
+
+from cm3leon_hf import Cm3LeonConfig, Cm3LeonProcessor
+from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
+from cm3leon_hf.pipelines import TokenProgressBar, _sampling_runs
+from cm3leon_hf.pretrained import CLIP_PATH
+from cm3leon_hf.synthetic import build_task
+from cm3leon_hf.tokenization_cm3leon import train_text_tokenizer
+from conftest import HUB_CONFIGS
+from test_modeling_cm3leon import random_model
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_task("text_to_image", num_train=300, num_validation=0, num_test=20, num_heldout=0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, world):
+    """The tiny config with random weights and a processor of its vocabulary (BPE on the world's captions, a random
+    64x64 -> 8x8 VQ with 512 codes), saved together as a Hub repository would be."""
+    config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
+    torch.manual_seed(0)
+    vq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                 latent_channels=4, sample_size=64, num_vq_embeddings=config.image_vocab_size, norm_num_groups=4,
+                 vq_embed_dim=4, lookup_from_codebook=True)
+    tokenizer = train_text_tokenizer(world["train"]["caption"], config)
+    processor = Cm3LeonProcessor(tokenizer, Cm3LeonImageTokenizer(vq), text_vocab_size=config.text_vocab_size)
+    path = tmp_path_factory.mktemp("pipelines") / "cm3leon-tiny-random"
+    random_model(config, std=0.05).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_to_image(model_dir):
+    return pipeline("text-to-image", model=str(model_dir))
+
+
+def image_ids_of(pipe, prompt, **kwargs):
+    return pipe(prompt, output_type="ids", progress_bar=False, **kwargs)
+
+
+def test_text_to_image_returns_images_and_matches_generate(text_to_image):
+    pipe = text_to_image
+    out = pipe("a red star at the top left", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+               progress_bar=False)
+    assert len(out) == 2 and all(isinstance(o["image"], Image.Image) and o["image"].size == (64, 64) for o in out)
+    assert all(o["score"] is None for o in out)
+    # The same streams through generate directly: <eos> prompt <break> and <eos> <mask:0> <break>.
+    processor, model = pipe.processor, pipe.model
+    cond = processor("a red star at the top left <break>", return_tensors="pt")
+    uncond = processor.unconditional_prompt(return_tensors="pt")
+    ids = model.generate(**cond, uncond_input_ids=uncond, cfg_scale=3.0, generate_image=True, do_sample=False)
+    via_pipe = image_ids_of(pipe, "a red star at the top left", do_sample=False)[0]["image"]
+    assert via_pipe.tolist() == ids[0, -model.config.image_seq_length :].tolist()
+    assert ((via_pipe >= model.config.image_token_offset) & (via_pipe < model.config.vocab_size)).all()
+    arrays = pipe("a blue circle", output_type="np", generator=torch.Generator().manual_seed(0), progress_bar=False)
+    assert arrays[0]["image"].shape == (64, 64, 3) and arrays[0]["image"].dtype == np.uint8
+
+
+def test_text_to_image_seeds_and_batches(text_to_image):
+    pipe = text_to_image
+
+    def sample(seed):
+        return image_ids_of(pipe, "a green cross", generator=torch.Generator().manual_seed(seed))[0]["image"]
+
+    assert torch.equal(sample(3), sample(3)) and not torch.equal(sample(3), sample(4))
+    prompts = ["a red star", "two shapes on a black background: a small cyan circle and a large green square", "a cross"]
+    batched = pipe(prompts, batch_size=3, output_type="ids", do_sample=False, progress_bar=False)
+    for prompt, result in zip(prompts, batched):
+        assert torch.equal(result[0]["image"], image_ids_of(pipe, prompt, do_sample=False)[0]["image"])
+
+
+def test_negative_prompt_replaces_the_mask_stream(text_to_image):
+    pipe = text_to_image
+    processor, model = pipe.processor, pipe.model
+    cond = processor("a red star <break>", return_tensors="pt")
+    negative = processor("a blue circle <break>", return_tensors="pt")
+    ids = model.generate(**cond, uncond_input_ids=negative["input_ids"], cfg_scale=3.0, generate_image=True,
+                         do_sample=False)
+    via_pipe = image_ids_of(pipe, "a red star", negative_prompt="a blue circle", do_sample=False)[0]["image"]
+    assert via_pipe.tolist() == ids[0, -model.config.image_seq_length :].tolist()
+    plain = image_ids_of(pipe, "a red star", do_sample=False)[0]["image"]
+    assert not torch.equal(plain, via_pipe)
+
+
+def test_clip_reranking_keeps_the_best_candidates(text_to_image):
+    pipe = text_to_image
+    clip = SentenceTransformer(str(CLIP_PATH))
+    prompt = "a small red star at the top left on a white background"
+    out = pipe(prompt, num_candidates=6, num_images_per_prompt=2, reranker=clip,
+               generator=torch.Generator().manual_seed(0), progress_bar=False)
+    candidates = pipe(prompt, num_candidates=6, num_images_per_prompt=6, reranker=clip,
+                      generator=torch.Generator().manual_seed(0), progress_bar=False)
+    scores = [c["score"] for c in candidates]
+    assert scores == sorted(scores, reverse=True)
+    assert [o["score"] for o in out] == pytest.approx(scores[:2])
+    image = np.asarray(out[0]["image"].convert("RGB"))
+    expected = clip.encode([out[0]["image"]], normalize_embeddings=True) @ clip.encode([prompt], normalize_embeddings=True).T
+    assert out[0]["score"] == pytest.approx(float(expected[0, 0]), abs=1e-5) and image.shape == (64, 64, 3)
+
+
+def test_pooled_strategy_splits_candidates_between_top_p_and_cd_k(text_to_image):
+    runs = _sampling_runs("pooled", 5, top_p=0.8, temperature=1.0, cd_kwargs={"contrastive_k": 5})
+    assert [n for n, _ in runs] == [3, 2]
+    assert runs[0][1]["top_p"] == 0.8 and "contrastive_k" not in runs[0][1]
+    assert runs[1][1]["contrastive_k"] == 5 and runs[1][1]["top_p"] == 1.0
+    assert [n for n, _ in _sampling_runs("pooled", 1, 0.8, 1.0, {})] == [1]
+    clip = SentenceTransformer(str(CLIP_PATH))
+    out = text_to_image("a star", decoding="pooled", num_candidates=4, reranker=clip,
+                        generator=torch.Generator().manual_seed(0), progress_bar=False)
+    assert len(out) == 1 and isinstance(out[0]["image"], Image.Image)
+    cd_only = image_ids_of(text_to_image, "a star", decoding="cd-k", generator=torch.Generator().manual_seed(0))
+    assert cd_only[0]["image"].shape == (64,)
+
+
+def test_retrieved_documents_go_in_front_of_both_streams(text_to_image, world, tmp_path):
+    from cm3leon_hf.retrieval import Cm3LeonMemoryBank, Cm3LeonRetriever, build_retrieval_prompt
+
+    pipe = text_to_image
+    encoder = SentenceTransformer(str(CLIP_PATH))
+    bank = Cm3LeonMemoryBank.build(world["train"], encoder, tmp_path / "bank", text_column="caption",
+                                   image_column="images", show_progress_bar=False)
+    retriever = Cm3LeonRetriever(bank, encoder)
+    prompt = world["test"][0]["caption"]
+    docs = retriever.retrieve(texts=[prompt], k=2)[0]
+    text, images = build_retrieval_prompt(docs, prompt)
+    uncond_text, uncond_images = build_retrieval_prompt(docs, unconditional=True)
+    processor, model = pipe.processor, pipe.model
+    cond = processor(text, images=images, return_tensors="pt")
+    uncond = processor(uncond_text, images=uncond_images, return_tensors="pt")
+    assert uncond["input_ids"][0, -2:].tolist() == [processor.mask_token_id, processor.break_token_id]
+    ids = model.generate(**cond, uncond_input_ids=uncond["input_ids"], cfg_scale=3.0, generate_image=True,
+                         do_sample=False)
+    via_pipe = image_ids_of(pipe, prompt, retriever=retriever, num_retrieved_docs=2, do_sample=False)[0]["image"]
+    assert via_pipe.tolist() == ids[0, -model.config.image_seq_length :].tolist()
+    with pytest.raises(ValueError, match="needs a `retriever`"):
+        pipe(prompt, num_retrieved_docs=1)
+
+
+def test_progress_bar_counts_generated_tokens(text_to_image):
+    model, processor = text_to_image.model, text_to_image.processor
+    bar = TokenProgressBar(model.config.image_seq_length, "test", disable=True)
+    model.generate(**processor("a star <break>", return_tensors="pt"), cfg_scale=3.0, generate_image=True,
+                   streamer=bar, do_sample=False)
+    assert bar.steps == model.config.image_seq_length
+
+
+def test_text_to_image_bad_input(text_to_image):
+    with pytest.raises(ValueError, match="non-empty string"):
+        text_to_image("   ")
+    with pytest.raises(ValueError, match="needs a `reranker`"):
+        text_to_image("a star", num_candidates=4)
+    with pytest.raises(ValueError, match="`decoding` must be one of"):
+        text_to_image("a star", decoding="beam")
+    with pytest.raises(ValueError, match="`output_type` must be one of"):
+        text_to_image("a star", output_type="latent", progress_bar=False)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        text_to_image("a star", guidance_scale=-2.0)
+
+
+def test_captioning_runs_in_transformers_image_text_to_text(model_dir, world):
+    """transformers' own pipeline, our model and chat template: the CM3 infill prompt, text only, ends at <eoss>."""
+    pipe = pipeline("image-text-to-text", model=str(model_dir))
+    image = world["test"][0]["images"][0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "Question: what colour is the star? Answer:"}]}]
+    out = pipe(text=messages, max_new_tokens=12, generate_kwargs={"do_sample": False}, return_full_text=False)
+    assert isinstance(out[0]["generated_text"], str)
+    processor, model = pipe.processor, pipe.model
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    assert rendered == "Question: what colour is the star? Answer: <mask:0> <break> <image> <mask:0>"
+    inputs = processor(rendered, images=[image], return_tensors="pt")
+    ids = model.generate(**inputs, do_sample=False, max_new_tokens=12)
+    new = ids[0, inputs["input_ids"].shape[1] :]
+    assert not (new >= model.config.image_token_offset).any()  # after <mask:0> the layout says text
+    expected = " ".join(s for s in processor.decode(new, skip_special_tokens=True) if isinstance(s, str))
+    assert out[0]["generated_text"].strip() == expected
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "red."}]}]
+    assert processor.apply_chat_template(messages + answer, tokenize=False).endswith("<mask:0> red. <eoss>")
+
+
+def test_image_to_image_editing_streams(model_dir, world):
+    pipe = pipeline("image-text-to-image", model=str(model_dir))
+    image = world["test"][1]["images"][0]
+    out = pipe(image, prompt="make the star blue", generator=torch.Generator().manual_seed(0), progress_bar=False)
+    assert isinstance(out[0]["image"], Image.Image)
+    processor, model = pipe.processor, pipe.model
+    template = "Edit the image following the text instruction <break> <image> <break> {} <break>"
+    full = processor(template.format("make the star blue"), images=[image], return_tensors="pt")
+    image_only = processor(template.format("<mask:0>"), images=[image], return_tensors="pt")
+    ids = model.generate(**full, image_cond_input_ids=image_only["input_ids"], cfg_scale=7.5, image_cfg_scale=1.5,
+                         generate_image=True, do_sample=False)
+    via_pipe = pipe(image, prompt="make the star blue", do_sample=False, output_type="ids", progress_bar=False)
+    assert via_pipe[0]["image"].tolist() == ids[0, -model.config.image_seq_length :].tolist()
+    plain = pipe(image, prompt="make the star blue", image_guidance_scale=None, guidance_scale=3.0, do_sample=False,
+                 output_type="ids", progress_bar=False)
+    assert not torch.equal(plain[0]["image"], via_pipe[0]["image"])
+    with pytest.raises(ValueError, match="needs the source image"):
+        pipe(None, prompt="make the star blue")
+    with pytest.raises(ValueError, match="needs an instruction"):
+        pipe(image)
+
+
+def test_processor_for_another_model_is_refused(model_dir):
+    config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-350m")
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    other = Cm3LeonForCausalLM(Cm3LeonConfig(**{**config.to_dict(), "num_hidden_layers": 1, "hidden_size": 64,
+                                                 "num_attention_heads": 2, "intermediate_size": 64}))
+    with pytest.raises(ValueError, match="text_vocab_size"):
+        pipeline("text-to-image", model=other, processor=Cm3LeonProcessor.from_pretrained(model_dir))
+
+
+def test_saved_pipeline_loads_in_a_fresh_process_without_the_package(text_to_image, tmp_path):
+    saved = tmp_path / "saved-pipeline"
+    text_to_image.save_pretrained(saved)
+    expected = image_ids_of(text_to_image, "a red star", generator=torch.Generator().manual_seed(5))[0]["image"]
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import torch
+        from transformers import pipeline
+
+        torch.set_num_threads(1)
+        pipe = pipeline("text-to-image", model={str(saved)!r}, trust_remote_code=True)
+        out = pipe("a red star", output_type="ids", progress_bar=False, generator=torch.Generator().manual_seed(5))
+        assert "cm3leon_hf" not in sys.modules, "the package was imported"
+        print(type(pipe).__name__, " ".join(map(str, out[0]["image"].tolist())))
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, *ids = result.stdout.strip().splitlines()[-1].split()
+    assert name == "Cm3LeonTextToImagePipeline"
+    assert [int(i) for i in ids] == expected.tolist()
