@@ -9,8 +9,12 @@ Commands:
 # The shipped tiny processor (after train_text_tokenizer.py and train_image_tokenizer.py):
 python training/build_processor.py --model-config hub_configs/cm3leon-tiny \
     --text-tokenizer runs/text_tokenizer_tiny --image-tokenizer runs/image_tokenizer_tiny/image_tokenizer \
-    --output-dir src/cm3leon_hf/pretrained/cm3leon-tiny
+    --output-dir src/cm3leon_hf/pretrained/cm3leon-tiny --no-remote-code
 ```
+
+By default the saved directory carries the processor's code and an `auto_map` (`trust_remote_code=True` loading from
+the Hub without our package). `--no-remote-code` leaves them out: the copy shipped inside the package is loaded by the
+package itself, and a second copy of its code there could only go stale.
 """
 
 import argparse
@@ -30,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-tokenizer", type=Path, required=True, help="Output of train_text_tokenizer.py.")
     parser.add_argument("--image-tokenizer", type=Path, required=True, help="A saved Cm3LeonImageTokenizer.")
     parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument(
+        "--remote-code",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Save the processor's code and `auto_map` with it (default), for loading without this package.",
+    )
     return parser
 
 
@@ -43,6 +53,8 @@ def main(argv=None) -> dict:
         image_token_offset=config.image_token_offset,
     )
     processor.validate_model_config(config)
+    if not args.remote_code:
+        processor._auto_class = None  # this instance only: no code copies, no auto_map
     processor.save_pretrained(args.output_dir)
     size = sum(p.stat().st_size for p in args.output_dir.rglob("*") if p.is_file())
     summary = {"output_dir": str(args.output_dir), "bytes": size, "image_seq_length": processor.image_seq_length}

@@ -33,7 +33,7 @@ Example:
 >>> batch = processor(["a red star <break> <image>", "a blue circle"], images=[[Image.new("RGB", (64, 64))], []],
 ...                   padding_side="left", return_tensors="pt")
 >>> batch["input_ids"].shape  # (batch_size, sequence_length): <eos> + caption + <break> + 64 image ids
-torch.Size([2, 70])
+torch.Size([2, 69])
 >>> segments = processor.decode(batch["input_ids"][0])
 >>> segments[0], type(segments[1]).__name__
 ('<eos> a red star <break>', 'Image')

@@ -1,0 +1,59 @@
+"""Quality of the shipped tiny VQ on held-out synthetic images (the `test` split, never seen in training): PSNR of
+reconstructions, the exact evaluator reading the same scene back from them, and codebook usage."""
+
+import numpy as np
+import pytest
+import torch
+
+from cm3leon_hf.pretrained import TINY_PATH
+from cm3leon_hf.processing_cm3leon import Cm3LeonProcessor
+from cm3leon_hf.synthetic import TASKS, Scene, make_row, score
+
+
+@pytest.fixture(scope="module")
+def image_tokenizer():
+    return Cm3LeonProcessor.from_pretrained(TINY_PATH).image_tokenizer
+
+
+@pytest.fixture(scope="module")
+def scenes_and_reconstructions(image_tokenizer):
+    rows = [make_row("text_to_image", "test", i) for i in range(400)]
+    images = [r["images"][0] for r in rows]
+    reconstructions = image_tokenizer.decode(image_tokenizer.encode(images))
+    return rows, images, reconstructions
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / max(mse, 1e-10))
+
+
+def test_reconstruction_psnr_is_at_least_28_db(scenes_and_reconstructions):
+    _, images, reconstructions = scenes_and_reconstructions
+    values = [psnr(a, b) for a, b in zip(images, reconstructions)]
+    assert np.mean(values) >= 28.0, np.mean(values)
+
+
+def test_evaluator_reads_the_same_scene_from_98_percent_of_reconstructions(scenes_and_reconstructions):
+    rows, images, reconstructions = scenes_and_reconstructions
+    assert all(score(im, Scene.from_json(r["scene"]))["scene_correct"] for r, im in zip(rows, images))
+    correct = [score(im, Scene.from_json(r["scene"]))["scene_correct"] for r, im in zip(rows, reconstructions)]
+    assert np.mean(correct) >= 0.98, np.mean(correct)
+
+
+def test_half_of_the_codebook_is_used(image_tokenizer):
+    images = [im for task in TASKS for i in range(60) for im in make_row(task, "test", i)["images"]]
+    codes = image_tokenizer.encode(images)
+    used = torch.unique(codes).numel() / image_tokenizer.codebook_size
+    assert used >= 0.5, used
+
+
+def test_codes_are_local_in_raster_order(image_tokenizer):
+    # A change in the top-left corner only changes codes near the top-left of the 8×8 grid.
+    row = make_row("text_to_image", "test", 0)
+    base = np.asarray(row["images"][0]).copy()
+    changed = base.copy()
+    changed[2:10, 2:10] = (255, 0, 0) if base[0, 0, 0] == 0 else (40, 90, 255)
+    codes = image_tokenizer.encode([base, changed])
+    moved = (codes[0] != codes[1]).nonzero().flatten().tolist()
+    assert moved and all(i // 8 <= 2 and i % 8 <= 2 for i in moved), moved
