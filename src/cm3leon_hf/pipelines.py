@@ -48,22 +48,6 @@ class TokenProgressBar(BaseStreamer):
         self.bar.close()
 
 
-def _attach_processor(pipe: Pipeline) -> None:
-    """Check the processor against the model and let transformers' batching pad on the left with its tokenizer."""
-    if pipe.processor is None:
-        raise ValueError(f"{type(pipe).__name__} needs the model's Cm3LeonProcessor (`processor=`).")
-    pipe.processor.validate_model_config(pipe.model.config)
-    pipe.tokenizer = pipe.processor.tokenizer
-    pipe.tokenizer.padding_side = "left"
-
-
-def _save_pretrained(pipe: Pipeline, save_directory, **kwargs) -> None:
-    """`Pipeline.save_pretrained` writes the model, this code and the tokenizer, but not a processor: add ours (its
-    `processor_config.json` and the VQ in `image_tokenizer/`), so that the directory loads as a pipeline again."""
-    Pipeline.save_pretrained(pipe, save_directory, **kwargs)
-    pipe.processor.save_pretrained(save_directory)
-
-
 def _encode(processor, text: str, images=None) -> dict:
     encoded = processor(text, images=images, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
@@ -116,7 +100,31 @@ def _image_outputs(pipe: Pipeline, image_ids: torch.Tensor, prompt: str, output_
     return outputs
 
 
-class Cm3LeonTextToImagePipeline(Pipeline):
+class _Cm3LeonPipeline(Pipeline):
+    """What both CM3Leon pipelines share: they load the model's `Cm3LeonProcessor` (not a bare tokenizer or image
+    processor), check it against the model, and save it with the model."""
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(f"{type(self).__name__} needs the model's Cm3LeonProcessor (`processor=`).")
+        self.processor.validate_model_config(self.model.config)
+        self.tokenizer = self.processor.tokenizer  # transformers' batching pads with it, on the left
+        self.tokenizer.padding_side = "left"
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """`Pipeline.save_pretrained` writes the model, this code and the tokenizer, but not a processor: add ours
+        (its `processor_config.json` and the VQ in `image_tokenizer/`), so that the directory loads as a pipeline."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+
+
+class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
     r"""
     Text-to-image with CM3Leon (CL §3): the prompt `<eos> [retrieved documents] text <break>` is continued by exactly
     `image_seq_length` image codes, decoded to pixels by the processor's VQ.
@@ -159,17 +167,6 @@ class Cm3LeonTextToImagePipeline(Pipeline):
 
     ```
     """
-
-    _load_processor = True
-    _load_tokenizer = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _attach_processor(self)
-
-    save_pretrained = _save_pretrained
 
     def _sanitize_parameters(
         self,
@@ -286,7 +283,7 @@ class Cm3LeonTextToImagePipeline(Pipeline):
         return _image_outputs(self, image_ids, prompt, output_type, reranker, num_images_per_prompt)
 
 
-class Cm3LeonImageTextToImagePipeline(Pipeline):
+class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
     r"""
     Image + instruction → image with CM3Leon (CL §4.1). With `image_guidance_scale` (editing, the paper: image 1.5,
     text 7.5) three streams are decoded: the full prompt, the prompt without the instruction (`<mask:0>` instead),
@@ -305,17 +302,6 @@ class Cm3LeonImageTextToImagePipeline(Pipeline):
 
     Example: `pipeline("image-text-to-image", model=path)(image, prompt="make the star blue")[0]["image"]`.
     """
-
-    _load_processor = True
-    _load_tokenizer = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _attach_processor(self)
-
-    save_pretrained = _save_pretrained
 
     def __call__(self, images, prompt: str | list[str] | None = None, **kwargs):
         """`images`: one image or a list; `prompt`: the instruction (one, or one per image)."""
