@@ -79,3 +79,22 @@ def test_resume_continues_exactly(dataset_dir, tmp_path):
 def test_missing_image_column_is_named(dataset_dir, tmp_path):
     with pytest.raises(ValueError, match="no column 'image'"):
         train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 1, "--image-column", "image"))
+
+
+def test_init_from_starts_from_the_trained_weights(dataset_dir, tmp_path):
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "base", 3))
+    base = Cm3LeonImageTokenizer.from_pretrained(tmp_path / "base" / "image_tokenizer").vq_model.state_dict()
+    # Zero steps: the weights are exactly the source's, codebook included (same size).
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "same", 0, "--init-from", str(tmp_path / "base" / "image_tokenizer")))
+    same = Cm3LeonImageTokenizer.from_pretrained(tmp_path / "same" / "image_tokenizer").vq_model.state_dict()
+    assert all(torch.equal(base[k], same[k]) for k in base)
+    # More codes: everything but the codebook is copied; the codebook is re-initialised from the data.
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "wider", 0, "--init-from", str(tmp_path / "base" / "image_tokenizer"), "--num-codes", "32"))
+    wider = Cm3LeonImageTokenizer.from_pretrained(tmp_path / "wider" / "image_tokenizer").vq_model.state_dict()
+    assert wider["quantize.embedding.weight"].shape == (32, 4)
+    assert all(torch.equal(base[k], wider[k]) for k in base if k != "quantize.embedding.weight")
+    # Another architecture is refused with the reason.
+    with pytest.raises(ValueError, match="does not have this architecture"):
+        train_image_tokenizer.main(
+            arguments(dataset_dir, tmp_path / "other", 1, "--init-from", str(tmp_path / "base" / "image_tokenizer"), "--latent-channels", "4")
+        )

@@ -10,13 +10,17 @@ outputs of the current batch, drawn in proportion to their squared quantization 
 Commands:
 
 ```bash
-# The shipped tiny VQ (64×64, stride 8, 512 codes: 64 tokens per image), trained alone on 2 CPU cores (~45 min):
+# The shipped tiny VQ (64×64, stride 8, 512 codes: 64 tokens per image), 20,000 steps on one CPU thread (~50 min):
 flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
     --config training/recipes/image_tokenizer_tiny.yaml --output-dir runs/image_tokenizer_tiny
 
 # Resume after an interruption (same command + --resume):
 flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
     --config training/recipes/image_tokenizer_tiny.yaml --output-dir runs/image_tokenizer_tiny --resume
+
+# Fine-tune a trained VQ with another loss or more codes (fresh optimizer and schedule):
+python training/train_image_tokenizer.py --config training/recipes/image_tokenizer_tiny.yaml \
+    --init-from runs/image_tokenizer_tiny/image_tokenizer --disc-weight 0.1 --disc-start 0 --output-dir runs/vq_gan
 
 # Your own data: any image column (`Image` or a list of `Image`s), local (`save_to_disk`) or on the Hub, streamed:
 python training/train_image_tokenizer.py --dataset user/my-images --image-column image --streaming \
@@ -110,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", type=Path, required=True)
     run.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in --output-dir.")
+    run.add_argument(
+        "--init-from",
+        type=Path,
+        help="Start from a trained VQ (a VQModel or Cm3LeonImageTokenizer directory) of the same encoder/decoder "
+        "shape, for a fine-tune with other losses (e.g. --disc-weight) or a fresh schedule. Its codebook is kept "
+        "when --num-codes matches, else re-initialised from the data. Fresh optimizer and step counter.",
+    )
     run.add_argument("--checkpoint-every", type=int, default=500, help="Steps between checkpoints.")
     run.add_argument("--keep-checkpoints", type=int, default=2)
     run.add_argument("--eval-every", type=int, default=500, help="Steps between evals (0: only at the end).")
@@ -296,6 +307,26 @@ def pick_latents(latents: torch.Tensor, errors: torch.Tensor, count: int, genera
     return latents[picks.to(latents.device)]
 
 
+def init_from_pretrained(vq: VQModel, source_dir: Path) -> bool:
+    """Copy a trained VQ's weights into `vq` (`--init-from`). Every tensor but the codebook must match in shape
+    (a `ValueError` lists those that do not); the codebook is copied only if it has the same size. Returns whether
+    it was."""
+    source = VQModel.from_pretrained(source_dir).state_dict()
+    own = vq.state_dict()
+    codebook = "quantize.embedding.weight"
+    mismatched = sorted(
+        k for k in set(own) | set(source) if k != codebook and (k not in source or k not in own or source[k].shape != own[k].shape)
+    )
+    if mismatched:
+        raise ValueError(f"--init-from {source_dir}: its VQ does not have this architecture ({len(mismatched)} tensors "
+                         f"differ, e.g. {mismatched[:3]}); pass the same --block-out-channels, --layers-per-block, ...")
+    keep_codebook = source[codebook].shape == own[codebook].shape
+    if not keep_codebook:
+        source.pop(codebook)
+    vq.load_state_dict(source, strict=keep_codebook)
+    return keep_codebook
+
+
 def restart_dead_codes(vq: VQModel, optimizer: torch.optim.Optimizer, usage: torch.Tensor, latents: torch.Tensor,
                        errors: torch.Tensor, generator: torch.Generator) -> int:
     """Move every code unused since the last restart onto an encoder output of this batch (`pick_latents`); reset
@@ -402,6 +433,9 @@ def main(argv=None) -> dict:
     if args.resume and resume_from is None:
         print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch", file=sys.stderr)
     vq = (VQModel.from_pretrained(resume_from / "vq") if resume_from else build_vq_model(args)).to(device).train()
+    codebook_loaded = resume_from is not None
+    if args.init_from is not None and resume_from is None:
+        codebook_loaded = init_from_pretrained(vq, args.init_from)
     image_tokenizer = Cm3LeonImageTokenizer(vq)
     vq.train()  # the image tokenizer puts its model in eval mode
     optimizer = torch.optim.Adam(vq.parameters(), lr=args.learning_rate, betas=(0.9, 0.99))
@@ -448,7 +482,7 @@ def main(argv=None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         reconstruction, losses, latents, indices, errors = vq_forward(vq, pixels, args)
-        if step == 0 and resume_from is None:  # data-dependent codebook initialisation (k-means++ style)
+        if step == 0 and not codebook_loaded:  # data-dependent codebook initialisation (k-means++ style)
             with torch.no_grad():
                 vq.quantize.embedding.weight.copy_(pick_latents(latents, errors, args.num_codes, generator))
             if args.normalize_codes:
