@@ -98,3 +98,32 @@ def test_init_from_starts_from_the_trained_weights(dataset_dir, tmp_path):
         train_image_tokenizer.main(
             arguments(dataset_dir, tmp_path / "other", 1, "--init-from", str(tmp_path / "base" / "image_tokenizer"), "--latent-channels", "4")
         )
+
+
+def test_edge_map_marks_both_sides_of_an_edge_and_nothing_flat():
+    pixels = torch.full((1, 3, 8, 8), -1.0)
+    pixels[..., 4:] = 1.0  # a vertical step between columns 3 and 4
+    edges = train_image_tokenizer.edge_map(pixels)
+    assert edges.shape == (1, 1, 8, 8)
+    assert torch.equal(edges[0, 0, :, 2:5], torch.ones(8, 3))  # both pixels across the step, and the one before
+    assert edges[0, 0, :, :2].abs().sum() == 0 and edges[0, 0, :, 5:].abs().sum() == 0
+    assert train_image_tokenizer.edge_map(torch.zeros(2, 3, 8, 8)).abs().sum() == 0
+    faint = pixels * 0.05  # a step of 0.1 (a twentieth of the range) is a fifth of an edge
+    assert torch.allclose(train_image_tokenizer.edge_map(faint).amax(), torch.tensor(0.2))
+
+
+def test_edge_weight_moves_the_loss_onto_edges():
+    vq = train_image_tokenizer.build_vq_model(train_image_tokenizer.parse_args(arguments("unused", "unused", 1)))
+    pixels = torch.full((1, 3, 16, 16), -1.0)
+    pixels[..., 4:8, 4:8] = 1.0  # a small square on a flat background
+    plain = train_image_tokenizer.parse_args(arguments("unused", "unused", 1))
+    weighted = train_image_tokenizer.parse_args(arguments("unused", "unused", 1, "--edge-weight", "10"))
+    torch.manual_seed(0)
+    reconstruction, losses, *_ = train_image_tokenizer.vq_forward(vq, pixels, plain)
+    _, weighted_losses, *_ = train_image_tokenizer.vq_forward(vq, pixels, weighted)
+    difference = (reconstruction - pixels).abs()
+    edges = train_image_tokenizer.edge_map(pixels)
+    weights = (1 + 10 * edges) / (1 + 10 * edges).mean()
+    assert torch.allclose(losses["l1"], difference.mean())
+    assert torch.allclose(weighted_losses["l1"], (weights * difference).mean())
+    assert not torch.allclose(weighted_losses["l1"], losses["l1"])
