@@ -291,11 +291,10 @@ def vq_forward(vq: VQModel, pixels: torch.Tensor, args) -> tuple[torch.Tensor, d
         spatial = quantized if vq.config.norm_type == "spatial" else None
         reconstruction = vq.decoder(vq.post_quant_conv(quantized), spatial).float()
     difference = reconstruction - pixels
-    if getattr(args, "edge_weight", 0.0) > 0:
+    weights = 1.0
+    if args.edge_weight > 0:
         weights = 1 + args.edge_weight * edge_map(pixels)  # (batch, 1, res, res)
         weights = weights / weights.mean()  # a weighted mean: loss scales stay those of the plain one
-    else:
-        weights = torch.ones_like(pixels[:, :1])
     losses = {
         "l1": (weights * difference.abs()).mean(),
         "l2": (weights * difference**2).mean(),
