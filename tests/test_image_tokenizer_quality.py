@@ -50,8 +50,8 @@ def mean_of(scores, field: str) -> float:
     strict=True,
     reason="issue 4 target not reached yet: the shipped VQ's reconstructions read back right 95% of the time; the "
     "misses are small stars read as circles, diamonds or crosses, near colours (pink/purple, brown/orange) and "
-    "overlapping objects in three-object scenes (bench/RESULTS.md, Tokenization). Strict: passing means the target is met, and "
-    "this mark must go.",
+    "overlapping objects in three-object scenes (bench/RESULTS.md, Tokenization). Strict: passing means the target "
+    "is met, and this mark must go.",
 )
 def test_evaluator_reads_the_same_scene_from_98_percent_of_reconstructions(evaluator_scores):
     originals, reconstructed = evaluator_scores
