@@ -1,5 +1,6 @@
 """training/train_image_tokenizer.py on a tiny image dataset: checkpoints written atomically, eval metrics, the saved
-image tokenizer, and an interrupted run resumed to exactly the weights of an uninterrupted one."""
+image tokenizer, an interrupted run resumed to exactly the weights of an uninterrupted one, and --init-from (same
+shape, more codes, or widened)."""
 
 import json
 import sys
@@ -98,6 +99,33 @@ def test_init_from_starts_from_the_trained_weights(dataset_dir, tmp_path):
         train_image_tokenizer.main(
             arguments(dataset_dir, tmp_path / "other", 1, "--init-from", str(tmp_path / "base" / "image_tokenizer"), "--latent-channels", "4")
         )
+
+
+def test_init_from_a_narrower_vq_widens_it_without_changing_what_it_computes(dataset_dir, tmp_path):
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "base", 3))
+    source = str(tmp_path / "base" / "image_tokenizer")
+    wide_args = ("--init-from", source, "--block-out-channels", "16", "16", "--norm-num-groups", "8")
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "wide", 0, *wide_args))
+    narrow = Cm3LeonImageTokenizer.from_pretrained(source)
+    wide = Cm3LeonImageTokenizer.from_pretrained(tmp_path / "wide" / "image_tokenizer")
+    assert wide.vq_model.config.block_out_channels == [16, 16]
+    assert sum(p.numel() for p in wide.vq_model.parameters()) > 3 * sum(p.numel() for p in narrow.vq_model.parameters())
+    pixels = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = narrow.vq_model.encode(pixels).latents
+        assert torch.allclose(wide.vq_model.encode(pixels).latents, latents, atol=1e-5)  # encoder, attention included
+        assert torch.allclose(wide.vq_model.decode(latents).sample, narrow.vq_model.decode(latents).sample, atol=1e-5)
+    codes = narrow.encode_pixels(pixels)
+    assert torch.equal(wide.encode_pixels(pixels), codes)
+    # The new channels are live: the zero weights from them into trained channels get gradients, so they can learn.
+    wide.vq_model.train()
+    wide.vq_model.decode(latents).sample.square().mean().backward()
+    into_trained = wide.vq_model.decoder.conv_out.weight.grad[:, 8:]
+    assert torch.equal(wide.vq_model.decoder.conv_out.weight[:, 8:], torch.zeros_like(into_trained))
+    assert into_trained.abs().sum() > 0
+    # Widths and norm groups must grow by one whole factor (else group norm statistics would change).
+    with pytest.raises(ValueError, match="times one factor"):
+        train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "bad", 0, "--init-from", source, "--block-out-channels", "16", "16"))
 
 
 def test_edge_map_marks_both_sides_of_an_edge_and_nothing_flat():

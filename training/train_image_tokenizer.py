@@ -22,6 +22,11 @@ flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
 python training/train_image_tokenizer.py --config training/recipes/image_tokenizer_tiny.yaml \
     --init-from runs/image_tokenizer_tiny/image_tokenizer --disc-weight 0.1 --disc-start 0 --output-dir runs/vq_gan
 
+# Give a trained VQ twice the width, starting from exactly what it computes (widths and norm groups x2), and fine-tune:
+python training/train_image_tokenizer.py --config training/recipes/image_tokenizer_tiny.yaml \
+    --init-from runs/image_tokenizer_tiny/image_tokenizer --block-out-channels 16 32 64 128 --norm-num-groups 8 \
+    --learning-rate 3e-4 --min-learning-rate 1e-6 --output-dir runs/vq_wide
+
 # Your own data: any image column (`Image` or a list of `Image`s), local (`save_to_disk`) or on the Hub, streamed:
 python training/train_image_tokenizer.py --dataset user/my-images --image-column image --streaming \
     --resolution 256 --block-out-channels 128 128 256 512 --num-codes 8192 --output-dir runs/my_vq
@@ -126,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from",
         type=Path,
         help="Start from a trained VQ (a VQModel or Cm3LeonImageTokenizer directory) of the same encoder/decoder "
-        "shape, for a fine-tune with other losses (e.g. --disc-weight) or a fresh schedule. Its codebook is kept "
-        "when --num-codes matches, else re-initialised from the data. Fresh optimizer and step counter.",
+        "shape, for a fine-tune with other losses (e.g. --disc-weight) or a fresh schedule; or of a narrower one\n"
+        "(all --block-out-channels and --norm-num-groups divided by one factor), widened without changing what it\n"
+        "computes, to give a trained VQ more capacity. Its codebook is kept when --num-codes matches, else\n"
+        "re-initialised from the data. Fresh optimizer and step counter.",
     )
     run.add_argument("--checkpoint-every", type=int, default=500, help="Steps between checkpoints.")
     run.add_argument("--keep-checkpoints", type=int, default=2)
@@ -331,23 +338,70 @@ def pick_latents(latents: torch.Tensor, errors: torch.Tensor, count: int, genera
 
 
 def init_from_pretrained(vq: VQModel, source_dir: Path) -> bool:
-    """Copy a trained VQ's weights into `vq` (`--init-from`). Every tensor but the codebook must match in shape
-    (a `ValueError` lists those that do not); the codebook is copied only if it has the same size. Returns whether
-    it was."""
-    source = VQModel.from_pretrained(source_dir).state_dict()
+    """Copy a trained VQ's weights into `vq` (`--init-from`). Every tensor but the codebook must match in shape, or
+    `vq` must be the source widened by a whole factor (`widen_state_dict`); a `ValueError` lists the tensors that do
+    not fit. The codebook is copied only if it has the same size. Returns whether it was."""
+    source_model = VQModel.from_pretrained(source_dir)
+    source = source_model.state_dict()
     own = vq.state_dict()
     codebook = "quantize.embedding.weight"
     mismatched = sorted(
         k for k in set(own) | set(source) if k != codebook and (k not in source or k not in own or source[k].shape != own[k].shape)
     )
     if mismatched:
-        raise ValueError(f"--init-from {source_dir}: its VQ does not have this architecture ({len(mismatched)} tensors "
-                         f"differ, e.g. {mismatched[:3]}); pass the same --block-out-channels, --layers-per-block, ...")
+        factor = widening_factor(source_model.config, vq.config)
+        if factor is None:
+            raise ValueError(f"--init-from {source_dir}: its VQ does not have this architecture ({len(mismatched)} tensors "
+                             f"differ, e.g. {mismatched[:3]}); pass the same --block-out-channels, --layers-per-block, ... "
+                             f"or, to widen it, all of its --block-out-channels and --norm-num-groups times one factor")
+        source = widen_state_dict(source, own, factor)
     keep_codebook = source[codebook].shape == own[codebook].shape
     if not keep_codebook:
         source.pop(codebook)
     vq.load_state_dict(source, strict=keep_codebook)
     return keep_codebook
+
+
+def widening_factor(narrow, wide) -> int | None:
+    """The whole factor k by which config `wide` widens config `narrow` (every block width and the number of norm
+    groups times k, everything else equal, group norm), or None if it does not."""
+    if len(narrow.block_out_channels) != len(wide.block_out_channels) or wide.block_out_channels[0] % narrow.block_out_channels[0]:
+        return None
+    k = wide.block_out_channels[0] // narrow.block_out_channels[0]
+    same = ("layers_per_block", "latent_channels", "vq_embed_dim", "norm_type", "mid_block_add_attention", "in_channels", "out_channels")
+    if (k < 2 or any(w != k * n for n, w in zip(narrow.block_out_channels, wide.block_out_channels))
+            or wide.norm_num_groups != k * narrow.norm_num_groups or narrow.norm_type != "group"
+            or any(getattr(narrow, key) != getattr(wide, key) for key in same)):
+        return None
+    return k
+
+
+def widen_state_dict(narrow: dict, wide: dict, factor: int) -> dict:
+    """Weights for the `factor`-times wider VQ `wide` (its freshly initialised state dict) that compute exactly what
+    `narrow` computes: a function-preserving widening in the spirit of Net2WiderNet (Chen et al., 2016).
+
+    Along every widened axis the trained channels come first and keep their weights; new channels get `wide`'s fresh
+    initialisation on their way in and zeros on their way out into trained channels, so at the start they change
+    nothing, yet they carry activations and receive gradients. Group norm keeps its statistics because the number of
+    groups grows with the width (trained channels fill exactly the first groups). The single-head mid-block attention
+    scales scores by 1/sqrt(width): its trained query rows are multiplied by sqrt(factor) and its new query rows are
+    zero, so the scores are unchanged too. Axes of the same size (latents, codebook, RGB) are copied as they are.
+    Fine-tuning the result gives a trained VQ more capacity without starting over (`--init-from`)."""
+    out = {}
+    for name, target in wide.items():
+        source = narrow[name]
+        if source.dim() != target.dim() or any(t not in (s, factor * s) for s, t in zip(source.shape, target.shape)):
+            raise ValueError(f"cannot widen {name}: {tuple(source.shape)} -> {tuple(target.shape)} is not x1 or x{factor}")
+        tensor = target.clone()
+        old = tuple(slice(0, s) for s in source.shape)
+        tensor[old] = source
+        if target.dim() >= 2 and target.shape[1] != source.shape[1]:  # new inputs must not reach trained outputs
+            tensor[: source.shape[0], source.shape[1] :] = 0
+        if name.endswith(("attentions.0.to_q.weight", "attentions.0.to_q.bias")) and target.shape[0] != source.shape[0]:
+            tensor[: source.shape[0]] *= math.sqrt(factor)
+            tensor[source.shape[0] :] = 0
+        out[name] = tensor
+    return out
 
 
 def restart_dead_codes(vq: VQModel, optimizer: torch.optim.Optimizer, usage: torch.Tensor, latents: torch.Tensor,
