@@ -130,11 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--init-from",
         type=Path,
-        help="Start from a trained VQ (a VQModel or Cm3LeonImageTokenizer directory) of the same encoder/decoder "
-        "shape, for a fine-tune with other losses (e.g. --disc-weight) or a fresh schedule; or of a narrower one\n"
-        "(all --block-out-channels and --norm-num-groups divided by one factor), widened without changing what it\n"
-        "computes, to give a trained VQ more capacity. Its codebook is kept when --num-codes matches, else\n"
-        "re-initialised from the data. Fresh optimizer and step counter.",
+        help="Start from a trained VQ (a VQModel or Cm3LeonImageTokenizer directory) of the same encoder/decoder\n"
+        "shape, for a fine-tune with other losses (e.g. --disc-weight) or a fresh schedule; or of a narrower one (all\n"
+        "--block-out-channels and --norm-num-groups divided by one factor), widened without changing what it computes,\n"
+        "to give a trained VQ more capacity. Its codebook is kept when --num-codes matches, else re-initialised from\n"
+        "the data. Fresh optimizer and step counter.",
     )
     run.add_argument("--checkpoint-every", type=int, default=500, help="Steps between checkpoints.")
     run.add_argument("--keep-checkpoints", type=int, default=2)
