@@ -48,10 +48,10 @@ def mean_of(scores, field: str) -> float:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 4 target not reached yet: the shipped VQ's reconstructions read back right 95% of the time; the "
-    "misses are small stars read as circles, diamonds or crosses, near colours (pink/purple, brown/orange) and "
-    "overlapping objects in three-object scenes (bench/RESULTS.md, Tokenization). Strict: passing means the target "
-    "is met, and this mark must go.",
+    reason="issue 4 target not reached yet: the shipped VQ's reconstructions read back right 96% of the time; the "
+    "misses are small stars read as diamonds, small circles read as diamonds, near colours (pink/purple, "
+    "red/orange) and sizes one class off, mostly in three-object scenes (bench/RESULTS.md, Tokenization). Strict: "
+    "passing means the target is met, and this mark must go.",
 )
 def test_evaluator_reads_the_same_scene_from_98_percent_of_reconstructions(evaluator_scores):
     originals, reconstructed = evaluator_scores
@@ -60,14 +60,15 @@ def test_evaluator_reads_the_same_scene_from_98_percent_of_reconstructions(evalu
 
 
 def test_evaluator_accuracy_on_reconstructions_does_not_regress(evaluator_scores):
-    # The level the shipped VQ reaches on these 400 scenes (scene 95.25%, shape 98.6%, colour 99.1%, position 99.8%),
-    # minus a margin: a retrained or re-exported VQ that reads worse fails here.
+    # The level the shipped VQ reaches on these 400 scenes (scene 96.0%, shape 99.0%, colour 99.4%, size 99.1%,
+    # position 99.9%), minus a margin: a retrained or re-exported VQ that reads worse fails here.
     originals, reconstructed = evaluator_scores
     assert mean_of(originals, "scene_correct") == 1.0
-    assert mean_of(reconstructed, "shape") >= 0.97
+    assert mean_of(reconstructed, "shape") >= 0.975
     assert mean_of(reconstructed, "color") >= 0.98
+    assert mean_of(reconstructed, "size") >= 0.98
     assert mean_of(reconstructed, "position") >= 0.99
-    assert mean_of(reconstructed, "scene_correct") >= 0.93
+    assert mean_of(reconstructed, "scene_correct") >= 0.94
 
 
 def test_half_of_the_codebook_is_used(image_tokenizer):

@@ -39,7 +39,8 @@ def test_shipped_processor_matches_the_tiny_config(processor, tiny_config):
     assert processor.image_token_ids == tiny_config.image_token_ids
     assert processor.sentinel_token_ids == tiny_config.sentinel_token_ids
     size = sum(p.stat().st_size for p in TINY_PATH.rglob("*") if p.is_file())
-    assert size < 4_000_000, size  # small enough to ship inside the package
+    # Small enough to ship inside the package: the widened VQ is 11.5 MB of it (fp32), a wheel file may be 100 MB.
+    assert size < 16_000_000, size
     assert not [p for p in TINY_PATH.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]  # no pickle
 
 
