@@ -123,6 +123,11 @@ def test_init_from_a_narrower_vq_widens_it_without_changing_what_it_computes(dat
     into_trained = wide.vq_model.decoder.conv_out.weight.grad[:, 8:]
     assert torch.equal(wide.vq_model.decoder.conv_out.weight[:, 8:], torch.zeros_like(into_trained))
     assert into_trained.abs().sum() > 0
+    # Widening and a new codebook size together: the codebook is re-initialised from the data, as without widening.
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "wide_more_codes", 0, *wide_args, "--num-codes", "24"))
+    more = Cm3LeonImageTokenizer.from_pretrained(tmp_path / "wide_more_codes" / "image_tokenizer").vq_model.state_dict()
+    assert more["quantize.embedding.weight"].shape == (24, 4)
+    assert torch.equal(more["decoder.conv_out.weight"], wide.vq_model.state_dict()["decoder.conv_out.weight"])
     # Widths and norm groups must grow by one whole factor (else group norm statistics would change).
     with pytest.raises(ValueError, match="times one factor"):
         train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "bad", 0, "--init-from", source, "--block-out-channels", "16", "16"))

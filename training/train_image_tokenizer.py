@@ -385,11 +385,15 @@ def widen_state_dict(narrow: dict, wide: dict, factor: int) -> dict:
     nothing, yet they carry activations and receive gradients. Group norm keeps its statistics because the number of
     groups grows with the width (trained channels fill exactly the first groups). The single-head mid-block attention
     scales scores by 1/sqrt(width): its trained query rows are multiplied by sqrt(factor) and its new query rows are
-    zero, so the scores are unchanged too. Axes of the same size (latents, codebook, RGB) are copied as they are.
+    zero, so the scores are unchanged too. Axes of the same size (latents, RGB) are copied as they are, and so is the
+    codebook (whatever its size).
     Fine-tuning the result gives a trained VQ more capacity without starting over (`--init-from`)."""
     out = {}
     for name, target in wide.items():
         source = narrow[name]
+        if name == "quantize.embedding.weight":  # never widened; `init_from_pretrained` decides whether it is kept
+            out[name] = source
+            continue
         if source.dim() != target.dim() or any(t not in (s, factor * s) for s, t in zip(source.shape, target.shape)):
             raise ValueError(f"cannot widen {name}: {tuple(source.shape)} -> {tuple(target.shape)} is not x1 or x{factor}")
         tensor = target.clone()
