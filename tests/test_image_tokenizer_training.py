@@ -133,6 +133,19 @@ def test_init_from_a_narrower_vq_widens_it_without_changing_what_it_computes(dat
         train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "bad", 0, "--init-from", source, "--block-out-channels", "16", "16"))
 
 
+def test_discriminator_learning_rate_is_its_own(dataset_dir, tmp_path):
+    def discriminator_after(steps, *extra):
+        out = tmp_path / f"{steps}{'-'.join(extra)}"
+        gan = ("--disc-weight", "0.1", "--disc-start", "0", "--checkpoint-every", "1", *extra)
+        train_image_tokenizer.main(arguments(dataset_dir, out, steps, *gan))
+        return load_file(out / f"checkpoint-{steps}" / "discriminator.safetensors")
+
+    frozen = discriminator_after(1, "--disc-learning-rate", "0"), discriminator_after(2, "--disc-learning-rate", "0")
+    assert all(torch.equal(frozen[0][k], frozen[1][k]) for k in frozen[0])  # lr 0: the discriminator never moves
+    trained = discriminator_after(1), discriminator_after(2)  # default: the VQ's learning rate
+    assert not all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
 def test_edge_map_marks_both_sides_of_an_edge_and_nothing_flat():
     pixels = torch.full((1, 3, 8, 8), -1.0)
     pixels[..., 4:] = 1.0  # a vertical step between columns 3 and 4

@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--restart-every", type=int, default=50, help="Dead-code restart period in steps (0: never).")
     train.add_argument("--disc-weight", type=float, default=0.0, help="Weight of the PatchGAN loss (0: no GAN).")
     train.add_argument("--disc-start", type=int, default=1000, help="Step at which the discriminator starts.")
+    train.add_argument(
+        "--disc-learning-rate",
+        type=float,
+        help="Constant learning rate of the discriminator (default: --learning-rate). A fresh discriminator next to a\n"
+        "converged VQ fine-tuned at a small --learning-rate needs a larger one of its own to become informative.",
+    )
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the encoder and decoder (CPU: ~1.3x).")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
@@ -524,7 +530,8 @@ def main(argv=None) -> dict:
     discriminator = None
     if args.disc_weight > 0:
         discriminator = PatchDiscriminator().to(device).train()
-        optimizers["discriminator"] = torch.optim.Adam(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
+        disc_lr = args.learning_rate if args.disc_learning_rate is None else args.disc_learning_rate
+        optimizers["discriminator"] = torch.optim.Adam(discriminator.parameters(), lr=disc_lr, betas=(0.5, 0.9))
     state = {"step": 0, "position": {"rows": 0, "images": 0}, "elapsed_s": 0.0, "usage": [0] * args.num_codes}
     if resume_from:
         state = json.loads((resume_from / "trainer_state.json").read_text())
