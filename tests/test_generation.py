@@ -419,7 +419,7 @@ def test_bad_generation_arguments(model):
         (dict(cfg_scale=-1.0), "guidance_scale"),
         (dict(cfg_scale=float("nan")), "guidance_scale"),
         (dict(contrastive_k=0), "`k`"),
-        (dict(contrastive_k=config.image_vocab_size + 1, generate_image=True), "larger than the 512"),
+        (dict(contrastive_k=config.image_vocab_size + 1, generate_image=True), f"larger than the {config.image_vocab_size}"),
         (dict(contrastive_k=5, contrastive_alpha=0.0), "alpha"),
         (dict(contrastive_k=5, contrastive_alpha=1.01), "alpha"),
         (dict(contrastive_k=5, cfg_scale=3.0), "Choose one"),

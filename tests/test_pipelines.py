@@ -33,7 +33,7 @@ def world():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, world):
     """The tiny config with random weights and a processor of its vocabulary (BPE on the world's captions, a random
-    64x64 -> 8x8 VQ with 512 codes), saved together as a Hub repository would be."""
+    64x64 -> 8x8 VQ with the config's 2,048 codes), saved together as a Hub repository would be."""
     config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
     torch.manual_seed(0)
     vq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,

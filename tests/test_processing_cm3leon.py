@@ -140,16 +140,16 @@ def test_incomplete_image_runs(processor, rows):
 def test_image_token_helpers(processor, rows):
     images = [rows[0]["images"][0], rows[1]["images"][0]]
     ids = processor.get_image_tokens(images)
-    assert ids.shape == (2, L) and ids.min() >= 1024 and ids.max() < 1024 + 512
+    assert ids.shape == (2, L) and ids.min() >= 1024 and ids.max() < 1024 + 2048
     assert torch.equal(ids, processor.image_tokenizer.encode(images) + 1024)
     decoded = processor.decode_image_tokens(ids)
     assert [d.tobytes() for d in decoded] == [d.tobytes() for d in processor.image_tokenizer.decode(ids - 1024)]
-    with pytest.raises(ValueError, match=r"Id 5 is not an image id \[1024, 1536\)"):
+    with pytest.raises(ValueError, match=r"Id 5 is not an image id \[1024, 3072\)"):
         processor.decode_image_tokens(torch.full((L,), 5))
-    with pytest.raises(ValueError, match=r"Id 1536 is not an image id"):
-        processor.decode_image_tokens([1536] * L)
-    with pytest.raises(ValueError, match=r"Id 1600 is neither a text id \[0, 1024\) nor an image id"):
-        processor.decode([1, 2, 1600])
+    with pytest.raises(ValueError, match=r"Id 3072 is not an image id"):
+        processor.decode_image_tokens([3072] * L)
+    with pytest.raises(ValueError, match=r"Id 3100 is neither a text id \[0, 1024\) nor an image id"):
+        processor.decode([1, 2, 3100])
     with pytest.raises(ValueError, match=r"one sequence of integer ids, got shape \(1, 3\)"):
         processor.decode(torch.tensor([[1, 2, 3]]))
 

@@ -10,7 +10,8 @@ outputs of the current batch, drawn in proportion to their squared quantization 
 Commands:
 
 ```bash
-# The shipped tiny VQ (64×64, stride 8, 512 codes: 64 tokens per image), 20,000 steps on one CPU thread (~50 min):
+# The tiny VQ's first stage (64×64, stride 8: 64 tokens per image; the recipe lists the whole chain to the shipped
+# one), 20,000 steps on one CPU thread (~50 min):
 flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
     --config training/recipes/image_tokenizer_tiny.yaml --output-dir runs/image_tokenizer_tiny
 
