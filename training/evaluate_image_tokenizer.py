@@ -5,7 +5,7 @@ makes it a diamond. So tokenizers for this world are chosen on the evaluator's r
 `validation` split (the `test` split is for `tests/test_image_tokenizer_quality.py` only). For each tokenizer this
 prints one JSON line: PSNR, the fraction of scenes read back exactly (`scene_correct`), per attribute and by number of
 objects, and, with `--context`, how often an object of a three-object scene is misread there and when drawn alone
-(the gap is what a region's codes owe to the rest of the image; see `--locality-weight` in train_image_tokenizer.py).
+(the gap is what a region's codes owe to the rest of the image: bench/RESULTS.md, "Where the limit was").
 
 Commands:
 
@@ -68,7 +68,8 @@ def object_read(read: Scene, obj) -> bool:
 
 def evaluate(image_tokenizer: Cm3LeonImageTokenizer, scenes: list[Scene], images: list, args) -> dict:
     reconstructions = reconstruct(image_tokenizer, images, args.batch_size)
-    scores = [compare_scenes(read_scene(r), s) for r, s in zip(reconstructions, scenes)]
+    reads = [read_scene(r) for r in reconstructions]
+    scores = [compare_scenes(read, s) for read, s in zip(reads, scenes)]
     counts = np.array([len(s.objects) for s in scenes])
     correct = np.array([s["scene_correct"] for s in scores])
     result = {
@@ -78,10 +79,10 @@ def evaluate(image_tokenizer: Cm3LeonImageTokenizer, scenes: list[Scene], images
         "by_objects": {int(n): f"{int(correct[counts == n].sum())}/{int((counts == n).sum())}" for n in np.unique(counts)},
     }
     if args.context:
-        busy = [(s, o, r) for s, r in zip(scenes, reconstructions) if len(s.objects) == 3 for o in s.objects]
+        busy = [(s, o, read) for s, read in zip(scenes, reads) if len(s.objects) == 3 for o in s.objects]
         alone_images = [render(Scene(s.background, (o,))) for s, o, _ in busy]
         alone = reconstruct(image_tokenizer, alone_images, args.batch_size)
-        together_ok = np.array([object_read(read_scene(r), o) for _, o, r in busy])
+        together_ok = np.array([object_read(read, o) for _, o, read in busy])
         alone_ok = np.array([object_read(read_scene(r), o) for (_, o, _), r in zip(busy, alone)])
         result["context"] = {
             "objects": len(busy),
