@@ -197,7 +197,7 @@ def bench_bank(args):
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from cm3leon_hf.retrieval import Cm3LeonMemoryBank
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
     from cm3leon_hf.synthetic import build_task
 
     torch.set_num_threads(args.threads)

@@ -131,14 +131,21 @@ def test_pooled_strategy_splits_candidates_between_top_p_and_cd_k(text_to_image)
     assert cd_only[0]["image"].shape == (64,)
 
 
-def test_retrieved_documents_go_in_front_of_both_streams(text_to_image, world, tmp_path):
-    from cm3leon_hf.retrieval import Cm3LeonMemoryBank, Cm3LeonRetriever, build_retrieval_prompt
+@pytest.fixture(scope="module")
+def retriever(world, tmp_path_factory):
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+    from cm3leon_hf.retriever import Cm3LeonRetriever
+
+    encoder = SentenceTransformer(str(CLIP_PATH))
+    bank = Cm3LeonMemoryBank.build(world["train"], encoder, tmp_path_factory.mktemp("pipelines-bank") / "bank",
+                                   text_column="caption", image_column="images", show_progress_bar=False)
+    return Cm3LeonRetriever(bank, encoder)
+
+
+def test_retrieved_documents_go_in_front_of_both_streams(text_to_image, world, retriever):
+    from cm3leon_hf.retriever import build_retrieval_prompt
 
     pipe = text_to_image
-    encoder = SentenceTransformer(str(CLIP_PATH))
-    bank = Cm3LeonMemoryBank.build(world["train"], encoder, tmp_path / "bank", text_column="caption",
-                                   image_column="images", show_progress_bar=False)
-    retriever = Cm3LeonRetriever(bank, encoder)
     prompt = world["test"][0]["caption"]
     docs = retriever.retrieve(texts=[prompt], k=2)[0]
     text, images = build_retrieval_prompt(docs, prompt)
@@ -153,6 +160,71 @@ def test_retrieved_documents_go_in_front_of_both_streams(text_to_image, world, t
     assert via_pipe.tolist() == ids[0, -model.config.image_seq_length :].tolist()
     with pytest.raises(ValueError, match="needs a `retriever`"):
         pipe(prompt, num_retrieved_docs=1)
+
+
+def test_every_prompt_is_the_layouts(text_to_image, model_dir, world, retriever):
+    """The processor, `generate`'s default unconditional stream, both pipelines' preprocess and build_retrieval_prompt
+    (through the processor) all give `Cm3LeonLayout`'s prompts: `<eos> [docs] text <break>` and `<eos> [docs] <mask:0>
+    <break>`."""
+    from cm3leon_hf.layout import Cm3LeonLayout
+    from cm3leon_hf.retriever import build_retrieval_prompt
+
+    pipe = text_to_image
+    processor, model = pipe.processor, pipe.model
+    layout = Cm3LeonLayout.of(model.config)
+    assert processor.layout == layout
+    assert layout.unconditional_prompt() == [1, 4, 2]  # <eos> <mask:0> <break> on the tiny vocabulary
+
+    def words(text):
+        return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def codes(image):
+        return processor.get_image_tokens([image])[0].tolist()
+
+    def ids(encoded, name="input_ids"):  # one prompt's ids without padding
+        return encoded[name][0][encoded[name.replace("input_ids", "attention_mask")][0].bool()].tolist()
+
+    # The processor.
+    assert processor.unconditional_prompt() == layout.unconditional_prompt()
+    # generate's default unconditional stream.
+    cond = processor("a red star <break>", return_tensors="pt")["input_ids"]
+    kwargs, _ = model._prepare_cm3leon_decoding(
+        cond, {}, None, cfg_scale=3.0, image_cfg_scale=None, contrastive_k=None, contrastive_alpha=None,
+        amateur_temperature=None, uncond=(None, None), image_cond=(None, None), generate_image=True,
+        generation_config=None,
+    )
+    plan = kwargs["decoding_plan"]
+    assert plan.input_ids[1][plan.attention_mask[1].bool()].tolist() == layout.unconditional_prompt()
+    # The text-to-image pipeline: no documents, a negative prompt, retrieved documents.
+    prompt = world["test"][0]["caption"]
+    plain = pipe.preprocess(prompt)
+    assert ids(plain) == layout.prompt(words(prompt))
+    assert ids(plain, "uncond_input_ids") == layout.unconditional_prompt()
+    negative = pipe.preprocess(prompt, negative_prompt="a blue circle")
+    assert ids(negative, "uncond_input_ids") == layout.prompt(words("a blue circle"))
+    docs = retriever.retrieve(texts=[prompt], k=2)[0]
+    documents = [layout.document(words(d.text), codes(d.image)) for d in docs]
+    with_docs = pipe.preprocess(prompt, retriever=retriever, num_retrieved_docs=2)
+    assert ids(with_docs) == layout.prompt(words(prompt), documents)
+    assert ids(with_docs, "uncond_input_ids") == layout.unconditional_prompt(documents)
+    # build_retrieval_prompt through the processor, and the processor's own unconditional prompt with documents.
+    text, images = build_retrieval_prompt(docs, prompt)
+    assert processor(text, images=images, padding=False)["input_ids"][0] == layout.prompt(words(prompt), documents)
+    uncond_text, uncond_images = build_retrieval_prompt(docs, unconditional=True)
+    assert processor(uncond_text, images=uncond_images, padding=False)["input_ids"][0] == \
+        layout.unconditional_prompt(documents)
+    documents_only = text[: text.rindex(prompt)]
+    assert processor.unconditional_prompt(documents_only, images=images) == layout.unconditional_prompt(documents)
+    assert processor.unconditional_prompt([i for d in documents for i in (*d, layout.break_token_id)]) == \
+        layout.unconditional_prompt(documents)
+    # The image-text-to-image pipeline: the source image is a document in front of the instruction (or <mask:0>).
+    edit = pipeline("image-text-to-image", model=str(model_dir))
+    image = world["test"][1]["images"][0]
+    streams = edit.preprocess({"image": image, "prompt": "make the star blue"})
+    source = layout.document(words("Edit the image following the text instruction"), codes(image))
+    assert ids(streams) == layout.prompt(words("make the star blue"), [source])
+    assert ids(streams, "image_cond_input_ids") == layout.unconditional_prompt([source])
+    assert ids(streams, "uncond_input_ids") == layout.unconditional_prompt()
 
 
 def test_progress_bar_counts_generated_tokens(text_to_image):

@@ -164,6 +164,9 @@ def test_unconditional_prompt(processor, rows):
     assert processor.unconditional_prompt(doc_ids) == with_docs
     with pytest.raises(ValueError, match="`images` go with a text"):
         processor.unconditional_prompt(doc_ids, images=rows[0]["images"])
+    assert with_docs == processor.layout.unconditional_prompt([doc_ids[:-1]])  # the layout adds the <break> back
+    with pytest.raises(ValueError, match="end with `<break>`"):
+        processor.unconditional_prompt(doc_ids[:-1])
 
 
 def test_save_then_auto_processor_gives_identical_ids(processor, rows, tmp_path):

@@ -21,15 +21,8 @@ from sentence_transformers.base.modules import Transformer
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
 
-from cm3leon_hf.retrieval import (
-    Cm3LeonMemoryBank,
-    Cm3LeonRetriever,
-    RetrievedDocument,
-    build_retrieval_prompt,
-    content_hash,
-    default_index_factory,
-    query_dropout,
-)
+from cm3leon_hf.memory_bank import Cm3LeonMemoryBank, content_hash, default_index_factory
+from cm3leon_hf.retriever import Cm3LeonRetriever, RetrievedDocument, build_retrieval_prompt, query_dropout
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "black": (0, 0, 0)}
 WORDS = ["a", "the", "square", "small", "large", "left", "right", "top", "bottom", *COLOURS]
@@ -451,12 +444,12 @@ def test_build_memory_bank_script(tmp_path, dataset, encoder_dir, bank):
     assert rebuilt.manifest["index_factory"] == "HNSW16" and rebuilt.manifest["search_parameters"] == "efSearch=64"
 
 
-def test_docstring_examples():
+@pytest.mark.parametrize("module", ["memory_bank", "retriever"])
+def test_docstring_examples(module):
     import doctest
+    import importlib
 
-    import cm3leon_hf.retrieval
-
-    failures, attempted = doctest.testmod(cm3leon_hf.retrieval, optionflags=doctest.ELLIPSIS)
+    failures, attempted = doctest.testmod(importlib.import_module(f"cm3leon_hf.{module}"), optionflags=doctest.ELLIPSIS)
     assert failures == 0 and attempted >= 8
 
 
@@ -501,8 +494,9 @@ def processor():
 
 
 def test_prompt_through_the_processor(bank, encoder, processor):
-    """build_retrieval_prompt + Cm3LeonProcessor give PAPER.md §1's ids: <eos> (t <break> image <break>)* q <break>;
-    the unconditional prompt equals the processor's own `unconditional_prompt` with the same documents."""
+    """build_retrieval_prompt + Cm3LeonProcessor give PAPER.md §1's ids, `Cm3LeonLayout`'s prompts: <eos> (t <break>
+    image <break>)* q <break>, and <eos> (t <break> image <break>)* <mask:0> <break> for the unconditional stream.
+    (tests/test_pipelines.py checks that every other place builds these same prompts.)"""
     docs = Cm3LeonRetriever(bank, encoder).retrieve(texts=["a red square left"], k=2)[0]
     text, images = build_retrieval_prompt(docs, "a green square")
     ids = processor(text, images=images, padding=False)["input_ids"][0]
@@ -517,10 +511,12 @@ def test_prompt_through_the_processor(bank, encoder, processor):
         expected += [*words(doc.text), brk, *image_ids, brk]
     expected += [*words("a green square"), brk]
     assert ids == expected and len(codes[0]) == processor.image_seq_length == 16
+    layout = processor.layout
+    documents = [layout.document(words(doc.text), image_ids) for doc, image_ids in zip(docs, codes)]
+    assert ids == layout.prompt(words("a green square"), documents)
     uncond_text, uncond_images = build_retrieval_prompt(docs, unconditional=True)
     uncond = processor(uncond_text, images=uncond_images, padding=False)["input_ids"][0]
     assert uncond == expected[: -len(words("a green square")) - 1] + [mask, brk]
-    documents_only = text[: text.index("a green square")]
-    assert uncond == processor.unconditional_prompt(retrieved=documents_only, images=images)
+    assert uncond == layout.unconditional_prompt(documents)
     assert processor(build_retrieval_prompt([], unconditional=True)[0], padding=False)["input_ids"][0] == \
-        processor.unconditional_prompt()
+        layout.unconditional_prompt() == [eos, mask, brk]

@@ -15,8 +15,9 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
+from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
 from cm3leon_hf.pretrained import CLIP_PATH
-from cm3leon_hf.retrieval import Cm3LeonMemoryBank, Cm3LeonRetriever
+from cm3leon_hf.retriever import Cm3LeonRetriever
 from cm3leon_hf.synthetic import Scene, build_task
 
 NUM_BANK, NUM_QUERIES = 2000, 200

@@ -19,8 +19,8 @@ HF_HUB_OFFLINE=1 PYTHONPATH=src python training/build_memory_bank.py \
 ```
 
 The bank is `output_dir/rows` (Arrow, `load_from_disk`), `output_dir/index.faiss` and `output_dir/manifest.json`;
-open it with `cm3leon_hf.retrieval.Cm3LeonMemoryBank.load(output_dir)`. The default index depends on the bank size
-(`cm3leon_hf.retrieval.default_index_factory`).
+open it with `cm3leon_hf.memory_bank.Cm3LeonMemoryBank.load(output_dir)`. The default index depends on the bank size
+(`cm3leon_hf.memory_bank.default_index_factory`).
 """
 
 import argparse
@@ -32,7 +32,7 @@ import faiss
 import torch
 from sentence_transformers import SentenceTransformer
 
-from cm3leon_hf.retrieval import Cm3LeonMemoryBank
+from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
 
 
 def parse_args(argv=None):

@@ -37,7 +37,12 @@ Cm3LeonModel.register_for_auto_class("AutoModel")
 Cm3LeonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 Cm3LeonProcessor.register_for_auto_class("AutoProcessor")
 
-_LAZY = {name: "retrieval" for name in ("Cm3LeonMemoryBank", "Cm3LeonRetriever", "RetrievedDocument", "build_retrieval_prompt")}
+_LAZY = {
+    "Cm3LeonMemoryBank": "memory_bank",
+    "Cm3LeonRetriever": "retriever",
+    "RetrievedDocument": "retriever",
+    "build_retrieval_prompt": "retriever",
+}
 
 
 def __getattr__(name: str):

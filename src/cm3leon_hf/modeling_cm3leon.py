@@ -32,6 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_cm3leon import Cm3LeonConfig
+from .layout import Cm3LeonLayout
 from .logits_process import (
     IMAGE,
     STREAM_PROCESSORS,
@@ -602,8 +603,8 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
         streams = [(input_ids, kwargs.pop("attention_mask", None))]
         if guided:
             uncond_ids, uncond_mask = uncond
-            if uncond_ids is None:
-                default = [config.eos_token_id, config.mask_token_id, config.break_token_id]
+            if uncond_ids is None:  # <eos> <mask:0> <break>
+                default = Cm3LeonLayout.of(config).unconditional_prompt()
                 uncond_ids = torch.tensor([default], device=input_ids.device).expand(batch_size, -1)
             streams.append((uncond_ids, uncond_mask))
             if image_cfg_scale is not None:

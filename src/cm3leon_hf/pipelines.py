@@ -25,6 +25,8 @@ from transformers import AutoModelForCausalLM, Pipeline
 from transformers.generation.streamers import BaseStreamer
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .layout import MASK_TOKEN, prompt_text
+
 DECODING_STRATEGIES = ("top-p", "temperature", "cd-k", "pooled")
 OUTPUT_TYPES = ("pil", "np", "ids")
 EDIT_TEMPLATE = "Edit the image following the text instruction <break> <image> <break> {prompt} <break>"
@@ -211,18 +213,18 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
             raise ValueError(f"`num_retrieved_docs` must be >= 0, got {num_retrieved_docs}.")
         if num_retrieved_docs and retriever is None:
             raise ValueError("`num_retrieved_docs` > 0 needs a `retriever` (a Cm3LeonRetriever).")
-        uncond_query = negative_prompt if negative_prompt is not None else "<mask:0>"
+        unconditional = negative_prompt is None  # the paper's stream: the text replaced by <mask:0>
         if num_retrieved_docs:
             try:  # in a try block: transformers does not require `cm3leon_hf` to load this file as remote code
-                from cm3leon_hf.retrieval import build_retrieval_prompt
+                from cm3leon_hf.retriever import build_retrieval_prompt
             except ImportError as error:
                 raise ImportError("Retrieval needs `pip install cm3leon-hf[retrieval]`.") from error
             documents = retriever.retrieve(texts=[prompt], k=num_retrieved_docs)[0]
             text, images = build_retrieval_prompt(documents, prompt)
-            uncond_text, uncond_images = build_retrieval_prompt(documents, uncond_query)
+            uncond_text, uncond_images = build_retrieval_prompt(documents, negative_prompt, unconditional=unconditional)
         else:
-            text, images = f"{prompt} <break>", None
-            uncond_text, uncond_images = f"{uncond_query} <break>", None
+            text, images = prompt_text(prompt), None
+            uncond_text, uncond_images = prompt_text(negative_prompt, unconditional=unconditional), None
         cond, uncond = _encode(self.processor, text, images), _encode(self.processor, uncond_text, uncond_images)
         return {**cond, "uncond_input_ids": uncond["input_ids"], "uncond_attention_mask": uncond["attention_mask"],
                 "prompt": prompt}
@@ -337,8 +339,8 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
             raise ValueError("`template` needs exactly one `<image>` and a `{prompt}` field.")
         image = [inputs["image"]]
         full = _encode(self.processor, template.format(prompt=inputs["prompt"]), image)
-        image_only = _encode(self.processor, template.format(prompt="<mask:0>"), image)
-        uncond = _encode(self.processor, "<mask:0> <break>")
+        image_only = _encode(self.processor, template.format(prompt=MASK_TOKEN), image)
+        uncond = _encode(self.processor, prompt_text(None, unconditional=True))
         return {
             **full,
             "image_cond_input_ids": image_only["input_ids"],

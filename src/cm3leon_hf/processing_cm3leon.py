@@ -56,6 +56,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils.hub import hf_api
 
 from .image_tokenizer import Cm3LeonImageTokenizer
+from .layout import Cm3LeonLayout
 from .tokenization_cm3leon import (
     BREAK_TOKEN,
     EOSS_TOKEN,
@@ -289,6 +290,11 @@ class Cm3LeonProcessor(ProcessorMixin):
             raise ValueError(f"Documents have different lengths {lengths}: pad them to return {return_tensors!r} tensors.")
         return BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
 
+    @property
+    def layout(self) -> Cm3LeonLayout:
+        """The document layout of this processor's vocabulary (`layout.py`): prompts, training samples, CM3 infill."""
+        return Cm3LeonLayout.of(self)
+
     def get_image_tokens(self, images) -> torch.LongTensor:
         """Images → ids of the joint vocabulary, `(batch_size, image_seq_length)`: `image_token_offset + code`."""
         return self.image_tokenizer.encode(images) + self.image_token_offset
@@ -302,7 +308,8 @@ class Cm3LeonProcessor(ProcessorMixin):
 
         Args:
             retrieved: the retrieved documents, either as text in the document format (e.g.
-                `"a red star <break> <image> <break>"`, with their `images`) or as ids (without a leading `<eos>`).
+                `"a red star <break> <image> <break>"`, with their `images`) or as ids (without a leading `<eos>`);
+                either way one run `doc1 <break> … docN <break>`, each document followed by `<break>`.
             images: the images of `retrieved`'s `<image>` placeholders.
             return_tensors: `None` for a list of ids, `"pt"` for a `(1, sequence_length)` tensor.
 
@@ -318,7 +325,10 @@ class Cm3LeonProcessor(ProcessorMixin):
             if images is not None:
                 raise ValueError("`images` go with a text `retrieved`, not with ids.")
             documents = [int(i) for i in retrieved]
-        ids = [self.eos_token_id, *documents, self.mask_token_id, self.break_token_id]
+        if documents and documents[-1] != self.break_token_id:
+            raise ValueError("The retrieved documents end with `<break>` (`text <break> <image> <break>` each).")
+        # One flat run of laid-out documents `doc1 <break> … docN <break>`: the layout adds the last `<break>` back.
+        ids = self.layout.unconditional_prompt([documents[:-1]] if documents else [])
         return ids if return_tensors is None else BatchFeature({"input_ids": [ids]}, tensor_type=return_tensors)["input_ids"]
 
     # -------------------------------------------------------------------------------------------- decoding

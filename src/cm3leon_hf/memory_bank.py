@@ -1,10 +1,10 @@
-"""Retrieval for CM3Leon: a CLIP-space memory bank in Arrow + faiss, and the paper's retrieval strategy.
+"""The memory bank of CM3Leon's retrieval: mixed-modal documents in Arrow with CLIP embeddings, and a faiss index.
 
 CM3Leon (CL §2.1, PAPER.md §3) prepends documents retrieved from a memory bank of image-text pairs to every training
 example and, optionally, to inference prompts (FID 10.82 → 5.78 → 4.88 with 0 / 1 / 2 documents, CL Table 1). The
-retriever is a frozen CLIP bi-encoder: a document is encoded as the normalised mean of its normalised text and image
-embeddings; a query is a text or an image; relevance is the inner product (cosine) of unit vectors, searched with
-faiss (maximum inner product search).
+retriever (`retriever.py`) is a frozen CLIP bi-encoder: a document is encoded as the normalised mean of its
+normalised text and image embeddings; a query is a text or an image; relevance is the inner product (cosine) of unit
+vectors, searched with faiss (maximum inner product search). This module stores the documents and searches them.
 
 ```
  datasets.Dataset (text, image | image ids, any extra columns)
@@ -17,9 +17,8 @@ faiss (maximum inner product search).
    manifest.json    encoder identity, dimension, metric, index factory, search parameters, counts, consistency hashes
    (shards/         only while building: finished shards of rows+embeddings, so that a re-run resumes)
    │
-   ▼  Cm3LeonRetriever(bank, encoder).retrieve(texts=[...], k=2) → list[list[RetrievedDocument]]
- build_retrieval_prompt(documents, query_text)  →  ("t1 <break> <image> <break> … query <break>", [images])
- Cm3LeonProcessor(text, images)                  →  <eos> t1 <break> [image codes] <break> … query <break>
+   ▼  Cm3LeonMemoryBank.load(directory).search(unit query embeddings, k) → (scores, rows)
+ Cm3LeonRetriever(bank, encoder)      retriever.py: the paper's retrieval strategy, retrieval-augmented prompts
 ```
 
 Choices the paper leaves open, made here (each one is tested in `tests/test_retrieval*.py`):
@@ -37,28 +36,6 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
   probe image; querying with an encoder of another dimension, or whose probe embeddings differ (cosine < 0.999), is an
   error.
 - **Default index** by bank size (`default_index_factory`, justified by `bench/retrieval.py`, see `bench/RESULTS.md`).
-- **Strategy** (CL §2.1): relevance order; candidates scoring above `max_score=0.9` are skipped ("too similar to the
-  query"); duplicates are skipped — the same row, the same content (text and image bytes) as an already chosen
-  document, the query pair itself (by content, and by `exclude` source indices); candidates are over-fetched
-  (`k * overfetch`) and the search widened (x4 each round) when filtering leaves fewer than `k`. The threshold is an
-  absolute cosine, so its effect depends on the encoder: with the synthetic world's small CLIP, near-identical scenes
-  score above 0.9 and are skipped, as the paper intends (`max_score` is an argument).
-- **k.** `k` larger than the bank is an error; fewer than `k` documents surviving the filters (after widening to the whole
-  bank) returns fewer with a warning.
-- **Query dropout** (CL §2.1: "drops some tokens of the query … 20%"): each whitespace-separated word of a text query is
-  dropped independently with probability 0.2 (at least one word is kept), only when `training=True`. Words, not the
-  encoder's BPE tokens: the rule then does not depend on which CLIP is plugged in, and a dropped word never leaves a
-  half word behind. Images are never dropped out.
-- **Training retrieval** (PAPER.md §8 item 4, our reading of "we retrieve two documents each, based on image and text …
-  randomly select three"): `retrieve_for_training` retrieves 2 documents with the (dropped-out) caption and 2 with the
-  image, merges them without duplicates (topping up from the next-ranked candidates when the two lists overlap), and
-  samples 3 in random order with a seeded generator. `add_retrieved_documents` does it once for a whole training set
-  with `datasets.map`, storing bank rows for the collator.
-- **Prompt layout** (PAPER.md §1): conditional `<eos> t1 <break> <image> <break> t2 <break> <image> <break> query
-  <break>`; unconditional (CFG) keeps the documents and replaces the query text by `<mask:0>`: `<eos> t1 <break>
-  <image> <break> … <mask:0> <break>`, which is exactly the no-retrieval unconditional prompt `<eos> <mask:0> <break>`
-  with the documents in front, so both streams end with `<break>` and continue with image tokens. The leading
-  `<eos>` is left to `Cm3LeonProcessor` (which starts every document with it) unless `prepend_eos=True`.
 """
 
 import contextlib
@@ -68,10 +45,7 @@ import math
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +55,6 @@ from datasets import Dataset, List, Value, concatenate_datasets, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from PIL import Image
 from tqdm.auto import tqdm
-
-from .tokenization_cm3leon import BREAK_TOKEN, EOS_TOKEN, IMAGE_TOKEN, sentinel_token
 
 BANK_FORMAT_VERSION = 1
 ROWS_DIR = "rows"
@@ -95,8 +67,6 @@ EMBEDDING_COLUMN = "embedding"
 SOURCE_INDEX_COLUMN = "source_index"
 CONTENT_HASH_COLUMN = "content_hash"
 RESERVED_COLUMNS = (EMBEDDING_COLUMN, SOURCE_INDEX_COLUMN, CONTENT_HASH_COLUMN)
-
-MASK_TOKEN = sentinel_token(0)
 
 PROBE_TEXT = "a red circle above a blue square on a white background"
 FINGERPRINT_MIN_COSINE = 0.999
@@ -130,26 +100,6 @@ def content_hash(text: str, image: Any) -> str:
     else:
         digest.update(np.asarray(image, dtype=np.int64).tobytes())
     return digest.hexdigest()
-
-
-def query_dropout(text: str, p: float, generator: np.random.Generator) -> str:
-    """Drop each whitespace-separated word of `text` independently with probability `p`; at least one word stays.
-
-    CL §2.1's query dropout (20% of the query's tokens), applied to words (see the module docstring).
-
-    >>> import numpy as np
-    >>> query_dropout("a small red circle at the top left", 0.2, np.random.default_rng(0))
-    'a small at the top left'
-    >>> query_dropout("a small red circle", 0.0, np.random.default_rng(0))
-    'a small red circle'
-    """
-    words = text.split()
-    if p == 0 or not words:
-        return text
-    keep = generator.random(len(words)) >= p
-    if not keep.any():
-        keep[generator.integers(len(words))] = True
-    return " ".join(word for word, kept in zip(words, keep) if kept)
 
 
 def default_index_factory(num_rows: int, dim: int) -> tuple[str, str]:
@@ -235,35 +185,6 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-@dataclass
-class RetrievedDocument:
-    """One retrieved memory-bank document, ready for the collator (ids) and for prompts (text + image).
-
-    Attributes:
-        row (`int`): row of the bank (= faiss id).
-        score (`float`): relevance, the exact inner product of the unit query and document embeddings (CLIP cosine).
-        text (`str`): the document's text.
-        image (`PIL.Image.Image` or `None`): the document's image, when the bank has an image column.
-        image_ids (`list[int]` or `None`): pre-tokenized VQ codes of the image, when the bank has an `image_ids` column.
-        input_ids (`list[int]` or `None`): the pre-tokenized document, when the bank has an `input_ids` column.
-        source_index (`int`): the row of the dataset the bank was built from.
-        content_hash (`str`): `content_hash(text, image)`.
-        query_modality (`str`): `"text"` or `"image"`, the kind of query that found the document.
-        extra (`dict`): every other column of the bank row, carried through unchanged.
-    """
-
-    row: int
-    score: float
-    text: str
-    image: Image.Image | None
-    image_ids: list[int] | None
-    input_ids: list[int] | None
-    source_index: int
-    content_hash: str
-    query_modality: str
-    extra: dict = field(default_factory=dict)
-
-
 @contextlib.contextmanager
 def _datasets_progress_bars_off():
     """Silence `datasets`' own bars (flattening, saving shards) while `build` shows one bar for the whole bank."""
@@ -290,7 +211,7 @@ class Cm3LeonMemoryBank:
     >>> import tempfile
     >>> from sentence_transformers import SentenceTransformer
     >>> from cm3leon_hf.pretrained import CLIP_PATH
-    >>> from cm3leon_hf.retrieval import Cm3LeonMemoryBank
+    >>> from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
     >>> from cm3leon_hf.synthetic import build_task
     >>> encoder = SentenceTransformer(str(CLIP_PATH))  # the synthetic world's CLIP, shipped with the package
     >>> pairs = build_task("text_to_image", num_train=200, num_validation=0, num_test=0, num_heldout=0)["train"]
@@ -686,297 +607,3 @@ def _rows_hash(rows: Dataset) -> str:
     digest.update(np.asarray(view[EMBEDDING_COLUMN], dtype=np.float32).tobytes())
     digest.update("".join(rows.select(sample)[CONTENT_HASH_COLUMN]).encode())
     return digest.hexdigest()
-
-
-class Cm3LeonRetriever:
-    """CM3Leon's retriever (CL §2.1): CLIP relevance over a memory bank, with the paper's filters and query dropout.
-
-    Args:
-        bank (`Cm3LeonMemoryBank`): the memory bank.
-        encoder (`sentence_transformers.SentenceTransformer`): the encoder that built the bank (checked).
-        k (`int`, defaults to 2): documents per query (CL Table 1's best setting, `num_retrieved_doc=2` in the code).
-        max_score (`float`, defaults to 0.9): candidates scoring above it are skipped (CL §2.1 "≤ 0.9").
-        query_dropout (`float`, defaults to 0.2): fraction of the words of a text query dropped in training.
-        overfetch (`int`, defaults to 4): candidates fetched per wanted document before filtering.
-        seed (`int`, defaults to 0): seed of the retriever's own `numpy` generator (query dropout, training selection);
-            every method also takes a `generator`.
-        batch_size (`int`, defaults to 64): encoder batch size.
-
-    Example (shapes: `len(results) == len(texts)`, `len(results[i]) == k`):
-
-    ```python
-    >>> import tempfile
-    >>> from sentence_transformers import SentenceTransformer
-    >>> from cm3leon_hf.pretrained import CLIP_PATH
-    >>> from cm3leon_hf.synthetic import build_task
-    >>> encoder = SentenceTransformer(str(CLIP_PATH))
-    >>> pairs = build_task("text_to_image", num_train=500, num_validation=0, num_test=0, num_heldout=0)["train"]
-    >>> bank = Cm3LeonMemoryBank.build(pairs, encoder, tempfile.mkdtemp() + "/bank", text_column="caption",
-    ...                                image_column="images", show_progress_bar=False)
-    >>> retriever = Cm3LeonRetriever(bank, encoder)
-    >>> docs = retriever.retrieve(texts=["a red circle at the top left"], k=2)[0]
-    >>> len(docs), all(d.score <= 0.9 for d in docs), type(docs[0].image).__name__
-    (2, True, 'PngImageFile')
-    >>> prompt, images = build_retrieval_prompt(docs, "a red circle at the top left")
-    >>> prompt.count("<image>"), len(images), prompt.endswith("<break> a red circle at the top left <break>")
-    (2, 2, True)
-
-    ```
-    """
-
-    def __init__(self, bank: Cm3LeonMemoryBank, encoder, *, k: int = 2, max_score: float = 0.9,
-                 query_dropout: float = 0.2, overfetch: int = 4, seed: int = 0, batch_size: int = 64):
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}.")
-        if not 0 <= query_dropout < 1:
-            raise ValueError(f"query_dropout must be in [0, 1), got {query_dropout}.")
-        if overfetch < 1:
-            raise ValueError(f"overfetch must be at least 1, got {overfetch}.")
-        if len(bank) == 0:
-            raise ValueError("The memory bank is empty.")
-        bank.check_encoder(encoder)
-        self.bank = bank
-        self.encoder = encoder
-        self.k = k
-        self.max_score = max_score
-        self.query_dropout = query_dropout
-        self.overfetch = overfetch
-        self.batch_size = batch_size
-        self.generator = np.random.default_rng(seed)
-        columns = set(bank.dataset.column_names)
-        self._text_column = bank.manifest["text_column"]
-        self._image_column = bank.manifest["image_column"]
-        self._image_ids_column = "image_ids" if "image_ids" in columns and self._image_column != "image_ids" else None
-        self._input_ids_column = "input_ids" if "input_ids" in columns else None
-
-    def encode_queries(self, texts: Sequence[str] | None = None, images: Sequence[Image.Image] | None = None, *,
-                       training: bool = False, generator: np.random.Generator | None = None) -> np.ndarray:
-        """Unit query embeddings, float32 of shape `(num_queries, dim)`, for texts or images (exactly one of them).
-
-        With `training=True`, text queries first go through `query_dropout` (never at inference)."""
-        if (texts is None) == (images is None):
-            raise ValueError("Pass exactly one of `texts` or `images`.")
-        if texts is not None:
-            if isinstance(texts, str):
-                raise ValueError("`texts` must be a list of strings, not a string.")
-            if training and self.query_dropout > 0:
-                generator = generator or self.generator
-                texts = [query_dropout(t, self.query_dropout, generator) for t in texts]
-            inputs = list(texts)
-        else:
-            inputs = list(images)
-        if not inputs:
-            raise ValueError("No queries given.")
-        embeddings = self.encoder.encode(inputs, batch_size=self.batch_size, normalize_embeddings=True,
-                                         convert_to_numpy=True, show_progress_bar=False)
-        return np.ascontiguousarray(embeddings, dtype=np.float32)
-
-    def retrieve(self, texts: Sequence[str] | None = None, images: Sequence[Image.Image] | None = None, *,
-                 k: int | None = None, training: bool = False, exclude: Sequence[Sequence[int]] | None = None,
-                 exclude_content: Sequence[str | None] | None = None,
-                 generator: np.random.Generator | None = None) -> list[list[RetrievedDocument]]:
-        """Retrieve `k` documents for each text query or each image query (exactly one of `texts`/`images`).
-
-        Args:
-            k (`int`, *optional*): documents per query, defaults to the retriever's `k`. More than the bank holds is an
-                error; fewer surviving the filters returns fewer with a warning.
-            training (`bool`): apply query dropout to text queries.
-            exclude (`list[list[int]]`, *optional*): per query, `source_index` values never to return (e.g. the query
-                pair's own row when the bank is the training set).
-            exclude_content (`list[str | None]`, *optional*): per query, a `content_hash` never to return (the query
-                pair's content; `retrieve_for_training` passes it).
-
-        Returns:
-            `list[list[RetrievedDocument]]`: per query, documents in decreasing relevance, each scoring `<= max_score`,
-            no two with the same row or content.
-        """
-        modality = "text" if texts is not None else "image"
-        queries = self.encode_queries(texts, images, training=training, generator=generator)
-        return self._retrieve_embeddings(queries, self.k if k is None else k, modality, exclude, exclude_content)
-
-    def retrieve_for_training(self, texts: Sequence[str], images: Sequence[Image.Image], *, num_docs: int = 3,
-                              docs_per_modality: int = 2, exclude: Sequence[Sequence[int]] | None = None,
-                              generator: np.random.Generator | None = None) -> list[list[RetrievedDocument]]:
-        """Documents for training pairs `(texts[i], images[i])`: our reading of CL §2.1 (PAPER.md §8 item 4).
-
-        Retrieves `docs_per_modality` documents with the caption (query dropout on) and as many with the image,
-        merges the two lists without duplicates (same row or content; text-side first), and samples `num_docs` of them
-        without replacement, in random order. When the two lists overlap so much that fewer than `num_docs` distinct
-        documents remain, the next-ranked candidates of both lists (alternating, text first) fill the gap. The pair
-        itself (same content, or a `source_index` in `exclude[i]`) is never returned. Deterministic given the
-        retriever's seed or `generator`.
-        """
-        if len(texts) != len(images):
-            raise ValueError(f"texts and images must pair up, got {len(texts)} texts and {len(images)} images.")
-        generator = generator or self.generator
-        pair_hashes = [content_hash(t, im) for t, im in zip(texts, images)]
-        depth = max(docs_per_modality, num_docs)
-        by_text = self.retrieve(texts=texts, k=depth, training=True, exclude=exclude, exclude_content=pair_hashes,
-                                generator=generator)
-        by_image = self.retrieve(images=images, k=depth, exclude=exclude, exclude_content=pair_hashes)
-        selected = []
-        for from_text, from_image in zip(by_text, by_image):
-            first = from_text[:docs_per_modality] + from_image[:docs_per_modality]
-            reserve = [d for pair in zip_longest(from_text[docs_per_modality:], from_image[docs_per_modality:])
-                       for d in pair if d is not None]
-            merged = _distinct(first, limit=None)
-            merged += _distinct(reserve, limit=num_docs - len(merged), seen=merged)
-            order = generator.permutation(len(merged))[:num_docs]
-            selected.append([merged[j] for j in order])
-        return selected
-
-    def add_retrieved_documents(self, dataset: Dataset, *, text_column: str = "text", image_column: str = "image",
-                                num_docs: int = 3, docs_per_modality: int = 2, exclude_self: bool = True,
-                                batch_size: int = 256, seed: int = 0, **map_kwargs) -> Dataset:
-        """Retrieve training documents for every pair of `dataset` once, ahead of training, with `datasets.map`.
-
-        Adds `retrieved_rows` (bank rows, `list[int64]`, up to `num_docs`; empty for a row lacking its text or image,
-        which is no caption-image pair) and `retrieved_scores` (`list[float32]`); the collator reads the documents
-        with `bank.documents(rows)`. `exclude_self=True` treats row `i` of `dataset`
-        as the bank's `source_index` `i` (the bank was built from this dataset) and never returns it. Batch `j` uses
-        `numpy.random.default_rng([seed, j])`, so the result does not depend on caching or resuming. Extra keyword
-        arguments go to `dataset.map` (`cache_file_name`, …; keep `num_proc` unset: the encoder is in this process).
-        """
-
-        def retrieve(batch, indices):
-            texts, images = batch[text_column], [_single_image(im, None) for im in batch[image_column]]
-            valid = [j for j, (t, im) in enumerate(zip(texts, images)) if isinstance(t, str) and t.strip()
-                     and im is not None]
-            rows, scores = [[] for _ in indices], [[] for _ in indices]
-            if valid:
-                docs = self.retrieve_for_training(
-                    [texts[j] for j in valid], [images[j] for j in valid], num_docs=num_docs,
-                    docs_per_modality=docs_per_modality,
-                    exclude=[[indices[j]] for j in valid] if exclude_self else None,
-                    generator=np.random.default_rng([seed, indices[0] // batch_size]))
-                for j, found in zip(valid, docs):
-                    rows[j], scores[j] = [d.row for d in found], [d.score for d in found]
-            return {"retrieved_rows": rows, "retrieved_scores": scores}
-
-        features = dataset.features.copy()
-        features["retrieved_rows"] = List(Value("int64"))
-        features["retrieved_scores"] = List(Value("float32"))
-        return dataset.map(retrieve, batched=True, batch_size=batch_size, with_indices=True, features=features,
-                           **map_kwargs)
-
-    def _retrieve_embeddings(self, queries, k, modality, exclude, exclude_content):
-        num_rows = len(self.bank)
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}.")
-        if k > num_rows:
-            raise ValueError(f"k={k} is larger than the memory bank ({num_rows} documents).")
-        exclude = [set(e) for e in exclude] if exclude is not None else [set() for _ in queries]
-        exclude_content = list(exclude_content) if exclude_content is not None else [None] * len(queries)
-        if len(exclude) != len(queries) or len(exclude_content) != len(queries):
-            raise ValueError(f"exclude/exclude_content must have one entry per query ({len(queries)}).")
-        chosen = [[] for _ in queries]
-        pending = list(range(len(queries)))
-        fetch = min(num_rows, k * self.overfetch)
-        while pending:
-            _, rows = self.bank.search(queries[pending], fetch)
-            unique = np.unique(rows[rows >= 0])
-            stored = self.bank.embeddings(unique)
-            position = {int(r): j for j, r in enumerate(unique)}
-            sources, hashes = self.bank.row_keys(unique)
-            source_of = dict(zip(unique.tolist(), sources))
-            hash_of = dict(zip(unique.tolist(), hashes))
-            still = []
-            for q, candidates in zip(pending, rows):
-                candidates = [int(r) for r in candidates if r >= 0]
-                exact = stored[[position[r] for r in candidates]] @ queries[q] if candidates else np.zeros(0)
-                picked, seen = [], {exclude_content[q]}
-                for j in np.argsort(-exact, kind="stable"):
-                    row, score = candidates[j], float(exact[j])
-                    if score > self.max_score or source_of[row] in exclude[q] or hash_of[row] in seen:
-                        continue
-                    picked.append((row, score))
-                    seen.add(hash_of[row])
-                    if len(picked) == k:
-                        break
-                chosen[q] = picked
-                if len(picked) < k and fetch < num_rows:
-                    still.append(q)
-            pending = still
-            fetch = min(num_rows, fetch * 4)
-        short = sum(len(c) < k for c in chosen)
-        if short:
-            warnings.warn(f"{short} of {len(queries)} queries got fewer than k={k} documents after the filters "
-                          f"(score <= {self.max_score}, no duplicates, exclusions).", stacklevel=3)
-        return [self._to_documents(c, modality) for c in chosen]
-
-    def _to_documents(self, picked, modality):
-        rows = [row for row, _ in picked]
-        documents = []
-        for (row, score), values in zip(picked, self.bank.documents(rows)):
-            text = values.pop(self._text_column)
-            image = values.pop(self._image_column)
-            if isinstance(image, list) and len(image) == 1 and isinstance(image[0], (Image.Image, list)):
-                image = image[0]
-            image_ids = values.pop(self._image_ids_column) if self._image_ids_column else None
-            if image_ids is None and not isinstance(image, Image.Image):
-                image_ids = image
-            input_ids = values.pop(self._input_ids_column) if self._input_ids_column else None
-            documents.append(RetrievedDocument(
-                row=row, score=score, text=text, image=image if isinstance(image, Image.Image) else None,
-                image_ids=image_ids, input_ids=input_ids, source_index=int(values.pop(SOURCE_INDEX_COLUMN)),
-                content_hash=values.pop(CONTENT_HASH_COLUMN), query_modality=modality, extra=values,
-            ))
-        return documents
-
-
-def _distinct(documents, limit, seen=()):
-    """`documents` without repeats of a row or a content hash (also none of `seen`'s), at most `limit` of them."""
-    keys = {k for d in seen for k in (d.row, d.content_hash)}
-    out = []
-    for doc in documents:
-        if limit is not None and len(out) >= limit:
-            break
-        if doc.row not in keys and doc.content_hash not in keys:
-            out.append(doc)
-            keys.update((doc.row, doc.content_hash))
-    return out
-
-
-def build_retrieval_prompt(documents: Sequence[RetrievedDocument], query_text: str | None = None, *,
-                           unconditional: bool = False, image_field: str = "image",
-                           prepend_eos: bool = False) -> tuple[str, list]:
-    """The marker text and images of a retrieval-augmented prompt, for `Cm3LeonProcessor`.
-
-    PAPER.md §1's prompt is `[<eos>] + Σ(text <break> image <break>) + query_text <break>`. The `<eos>` is the
-    processor's to add (it starts every document with `<eos>` by default), so the text starts with the first document:
-
-    - conditional: `"{t1} <break> <image> <break> {t2} <break> <image> <break> {query_text} <break>"`;
-    - unconditional (the CFG stream, CL §3.1: documents kept, query text dropped): the query text becomes `<mask:0>`,
-      `"{t1} <break> <image> <break> … <mask:0> <break>"`; with no documents this is `"<mask:0> <break>"`, the
-      no-retrieval unconditional prompt `<eos> <mask:0> <break>` once the processor adds `<eos>`.
-
-    Args:
-        documents: retrieved documents, in prompt order.
-        query_text: the query's text (required for the conditional prompt, ignored by the unconditional one).
-        image_field: `"image"` (PIL images, for the processor) or `"image_ids"` (VQ codes): which document attribute
-            fills the `<image>` markers.
-        prepend_eos: start the text with a literal `"<eos> "` (for a processor called with `prepend_eos=False`).
-
-    Returns:
-        `(text, images)`: `text` with one `<image>` marker per document, `images` the matching images in order.
-
-    >>> doc = RetrievedDocument(row=0, score=0.8, text="a red circle", image=None, image_ids=[7, 8], input_ids=None,
-    ...                         source_index=0, content_hash="", query_modality="text")
-    >>> build_retrieval_prompt([doc], "a red square", image_field="image_ids")
-    ('a red circle <break> <image> <break> a red square <break>', [[7, 8]])
-    >>> build_retrieval_prompt([doc], unconditional=True, image_field="image_ids", prepend_eos=True)[0]
-    '<eos> a red circle <break> <image> <break> <mask:0> <break>'
-    """
-    if image_field not in ("image", "image_ids"):
-        raise ValueError(f"image_field must be 'image' or 'image_ids', got {image_field!r}.")
-    if not unconditional and query_text is None:
-        raise ValueError("The conditional prompt needs a query_text.")
-    parts, images = [EOS_TOKEN] if prepend_eos else [], []
-    for doc in documents:
-        image = getattr(doc, image_field)
-        if image is None:
-            raise ValueError(f"Document at bank row {doc.row} has no {image_field!r}.")
-        parts += [doc.text, BREAK_TOKEN, IMAGE_TOKEN, BREAK_TOKEN]
-        images.append(image)
-    parts += [MASK_TOKEN if unconditional else query_text, BREAK_TOKEN]
-    return " ".join(parts), images
