@@ -281,3 +281,14 @@ def test_two_processes_match_one(tmp_path, train_dir):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
+def test_command_line(tmp_path, capsys):
+    pretokenize.main(["--synthetic-task", "text_to_image", "--synthetic-split", "validation", "--synthetic-rows", "20",
+                      "--output-dir", str(tmp_path / "out"), "--max-length", "80", "--no-progress"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_rows"] == 20 and summary["num_examples"] + summary["num_skipped"]["too_long"] == 20
+    expected = build_task("text_to_image", num_train=0, num_validation=20, num_test=0, num_heldout=0)["validation"]
+    examples, _, manifest = pretokenize.load_pretokenized(tmp_path / "out")
+    assert manifest["dataset_fingerprint"] == expected._fingerprint and manifest["max_length"] == 80
+    assert all(len(ids) + 2 <= 80 for ids in examples["input_ids"])

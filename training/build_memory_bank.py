@@ -1,12 +1,12 @@
-"""Build a CM3Leon memory bank: CLIP document embeddings in Arrow + a faiss inner-product index (DESIGN.md §6).
+"""Build a CM3Leon memory bank: CLIP document embeddings in Arrow + a faiss inner-product index.
 
 Commands:
 
 ```bash
-# The synthetic world's caption-image pairs (text-to-image train split) with the world's CLIP
+# The synthetic world's caption-image pairs (text-to-image train split) with the world's CLIP (shipped in the package,
+# cm3leon_hf.pretrained.CLIP_PATH, the default --encoder)
 HF_HUB_OFFLINE=1 PYTHONPATH=src python training/build_memory_bank.py \
-    --synthetic-task text_to_image --synthetic-rows 20000 \
-    --encoder outputs/clip-synthetic --output-dir outputs/memory-bank
+    --synthetic-task text_to_image --synthetic-rows 20000 --output-dir outputs/memory-bank
 
 # Any dataset saved with `save_to_disk` (or a `datasets` name), columns "text" and "image"
 HF_HUB_OFFLINE=1 PYTHONPATH=src python training/build_memory_bank.py \
@@ -25,28 +25,25 @@ open it with `cm3leon_hf.memory_bank.Cm3LeonMemoryBank.load(output_dir)`. The de
 
 import argparse
 import json
-import os
+import sys
+from pathlib import Path
 
-import datasets
 import faiss
 import torch
 from sentence_transformers import SentenceTransformer
 
 from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+from cm3leon_hf.pretrained import CLIP_PATH
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretokenize import add_source_arguments, load_source  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="a directory saved with save_to_disk, or a name for datasets.load_dataset")
-    source.add_argument("--synthetic-task", help="a synthetic-world task (its `caption` and `images` columns)")
-    parser.add_argument("--dataset-config", default=None, help="load_dataset configuration name")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--synthetic-rows", type=int, default=10_000, help="rows of the synthetic train split")
-    parser.add_argument("--synthetic-seed", type=int, default=0)
-    parser.add_argument("--text-column", default=None, help="default: text (caption for --synthetic-task)")
-    parser.add_argument("--image-column", default=None, help="default: image (images for --synthetic-task)")
-    parser.add_argument("--encoder", required=True, help="a sentence-transformers CLIP folder or name")
+    add_source_arguments(parser)
+    parser.add_argument("--encoder", default=None,
+                        help="a sentence-transformers CLIP folder or name (default: the shipped synthetic-world CLIP)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--index-factory", default=None, help="faiss factory string (default: by bank size)")
     parser.add_argument("--search-parameters", default=None, help='e.g. "nprobe=32" or "efSearch=128"')
@@ -61,28 +58,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_source(args) -> tuple[datasets.Dataset, str, str]:
-    if args.synthetic_task:
-        from cm3leon_hf.synthetic import build_task
-
-        splits = build_task(args.synthetic_task, num_train=args.synthetic_rows, num_validation=0, num_test=0,
-                            num_heldout=0, seed=args.synthetic_seed)
-        return splits["train"], args.text_column or "caption", args.image_column or "images"
-    if os.path.isdir(args.dataset):
-        dataset = datasets.load_from_disk(args.dataset)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[args.split]
-    else:
-        dataset = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
-    return dataset, args.text_column or "text", args.image_column or "image"
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     dataset, text_column, image_column = load_source(args)
-    encoder = SentenceTransformer(args.encoder)
+    encoder = SentenceTransformer(str(args.encoder or CLIP_PATH))
     bank = Cm3LeonMemoryBank.build(
         dataset, encoder, args.output_dir, text_column=text_column, image_column=image_column,
         index_factory=args.index_factory, search_parameters=args.search_parameters, train_size=args.train_size,

@@ -42,9 +42,7 @@ Choices:
 """
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -52,16 +50,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from datasets import Dataset, List, Value, concatenate_datasets, load_from_disk
-from tqdm.auto import tqdm
+from datasets import Dataset, List, Value, load_from_disk
 
 from cm3leon_hf.layout import document_text
+from cm3leon_hf.sharded import atomic_write_json, build_in_shards, save_dataset_atomically
 
 FORMAT_VERSION = 1
 DATA_DIR = "data"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
-BUILD_FILE = "build.json"
 VOCABULARY_FIELDS = (
     "text_vocab_size", "image_vocab_size", "image_token_offset", "image_seq_length", "pad_token_id", "eos_token_id",
     "break_token_id", "eoss_token_id",
@@ -85,24 +82,6 @@ def check_vocabulary(manifest: dict, config) -> None:
                 f"has {getattr(config, field, None)!r}: its ids mean other things to this model. Pre-tokenize again "
                 f"with the model's processor."
             )
-
-
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _datasets_progress_bars_off():
-    """`datasets`' own bars (saving shards) off while the command shows one bar for the whole run."""
-    was_enabled = datasets.utils.are_progress_bars_disabled() is False
-    datasets.utils.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.utils.enable_progress_bars()
 
 
 def _image_of(value):
@@ -228,60 +207,26 @@ def pretokenize(dataset: Dataset, processor, output_dir: str | os.PathLike, *, t
         "vocabulary": processor_vocabulary(processor), "max_length": max_length, "batch_size": batch_size,
         "shard_size": shard_size, "retrieval": retrieval,
     }
+
+    def encode(part, start, progress):
+        return _tokenize_shard(part, start, processor, text_column, image_column, retriever, num_retrieved_docs,
+                               docs_per_modality, max_length, batch_size, seed, progress)
+
     shards_dir = output_dir / SHARDS_DIR
-    build_file = shards_dir / BUILD_FILE
-    if build_file.exists():
-        if json.loads(build_file.read_text()) != json.loads(json.dumps(settings)):
-            raise ValueError(
-                f"{output_dir} holds an unfinished pre-tokenization with other settings (dataset, columns, processor, "
-                f"sizes or retrieval); pass overwrite=True to start over."
-            )
-    else:
-        shards_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(build_file, settings)
-
-    num_shards = math.ceil(len(dataset) / shard_size)
-    paths = [shards_dir / f"shard-{i:05d}" for i in range(num_shards)]
-    done = sum(min(shard_size, len(dataset) - i * shard_size) for i, p in enumerate(paths) if p.exists())
-    progress = tqdm(total=len(dataset), initial=done, desc="pre-tokenizing", unit="pair", disable=not show_progress_bar)
-    for i, path in enumerate(paths):
-        if path.exists():
-            continue
-        start = i * shard_size
-        part = dataset.select(range(start, min(len(dataset), start + shard_size)))
-        shard, skipped = _tokenize_shard(part, start, processor, text_column, image_column, retriever,
-                                         num_retrieved_docs, docs_per_modality, max_length, batch_size, seed, progress)
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        with _datasets_progress_bars_off():
-            shard.save_to_disk(str(tmp))
-        _atomic_write_json(tmp / "skipped.json", skipped)
-        os.replace(tmp, path)
-    progress.close()
-
-    skipped = {"no_text": 0, "no_image": 0, "too_long": 0}
-    for path in paths:
-        for reason, count in json.loads((path / "skipped.json").read_text()).items():
-            skipped[reason] += count
-    data = concatenate_datasets([load_from_disk(str(p)) for p in paths])
-    tmp = output_dir / (DATA_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    with _datasets_progress_bars_off():
-        data.save_to_disk(str(tmp))
-    if (output_dir / DATA_DIR).exists():
-        shutil.rmtree(output_dir / DATA_DIR)
-    os.replace(tmp, output_dir / DATA_DIR)
-    lengths = [len(x) for x in load_from_disk(str(output_dir / DATA_DIR))["input_ids"]] if len(data) else []
+    data, infos = build_in_shards(dataset, shards_dir, settings, encode, shard_size=shard_size,
+                                  what="pre-tokenization", desc="pre-tokenizing", unit="pair",
+                                  show_progress_bar=show_progress_bar)
+    skipped = {reason: sum(info[reason] for info in infos) for reason in ("no_text", "no_image", "too_long")}
+    data = save_dataset_atomically(data, output_dir / DATA_DIR)
+    lengths = [len(x) for x in data["input_ids"]]
     manifest = {
         **{k: v for k, v in settings.items() if k not in ("batch_size", "shard_size")},
         "num_rows": len(data), "num_examples": int(sum(1 for n in lengths if n)), "num_skipped": skipped,
         "num_tokens": int(sum(lengths)),
     }
-    _atomic_write_json(output_dir / MANIFEST_FILE, manifest)  # the commit point
+    atomic_write_json(output_dir / MANIFEST_FILE, manifest)  # the commit point
     shutil.rmtree(shards_dir)
-    return load_from_disk(str(output_dir / DATA_DIR))
+    return data
 
 
 def load_pretokenized(directory: str | os.PathLike) -> tuple[Dataset, Dataset, dict]:
@@ -304,8 +249,8 @@ def load_pretokenized(directory: str | os.PathLike) -> tuple[Dataset, Dataset, d
     return documents.select(keep), documents, manifest
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose an image-text dataset (shared with build_memory_bank.py, so both read the same rows)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="a directory saved with save_to_disk, or a name for datasets.load_dataset")
     source.add_argument("--synthetic-task", help="a synthetic-world task (its `caption` and `images` columns)")
@@ -316,6 +261,11 @@ def parse_args(argv=None):
     parser.add_argument("--synthetic-seed", type=int, default=0)
     parser.add_argument("--text-column", default=None, help="default: text (caption for --synthetic-task)")
     parser.add_argument("--image-column", default=None, help="default: image (images for --synthetic-task)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_source_arguments(parser)
     parser.add_argument("--processor", default=None, help="a Cm3LeonProcessor directory (default: the shipped tiny one)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--memory-bank", default=None, help="a memory bank built from the same dataset: retrieve")

@@ -38,7 +38,6 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
 - **Default index** by bank size (`default_index_factory`, justified by `bench/retrieval.py`, see `bench/RESULTS.md`).
 """
 
-import contextlib
 import hashlib
 import json
 import math
@@ -51,17 +50,17 @@ from typing import Any
 
 import faiss
 import numpy as np
-from datasets import Dataset, List, Value, concatenate_datasets, load_from_disk
-from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from datasets import Dataset, List, Value, load_from_disk
 from PIL import Image
 from tqdm.auto import tqdm
+
+from .sharded import atomic_write_json, build_in_shards, datasets_progress_bars_off, save_dataset_atomically
 
 BANK_FORMAT_VERSION = 1
 ROWS_DIR = "rows"
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
-BUILD_FILE = "build.json"
 
 EMBEDDING_COLUMN = "embedding"
 SOURCE_INDEX_COLUMN = "source_index"
@@ -174,27 +173,9 @@ def _same_encoder(identity: dict, other: dict) -> bool:
     return True
 
 
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
-
-
-@contextlib.contextmanager
-def _datasets_progress_bars_off():
-    """Silence `datasets`' own bars (flattening, saving shards) while `build` shows one bar for the whole bank."""
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
 
 
 class Cm3LeonMemoryBank:
@@ -297,7 +278,7 @@ class Cm3LeonMemoryBank:
 
     # ------------------------------------------------------------------------------------------------------- build
     @classmethod
-    @_datasets_progress_bars_off()
+    @datasets_progress_bars_off()
     def build(
         cls,
         dataset: Dataset,
@@ -365,52 +346,24 @@ class Cm3LeonMemoryBank:
             "shard_size": shard_size,
             "encoder": identity,
         }
-        build_file = shards_dir / BUILD_FILE
-        if build_file.exists():
-            previous = json.loads(build_file.read_text())
-            if not _same_encoder(previous.pop("encoder", {}), identity) or previous != {
-                k: v for k, v in settings.items() if k != "encoder"
-            }:
-                raise ValueError(
-                    f"{save_directory} holds an unfinished build with other settings (dataset, columns, shard size or "
-                    "encoder); pass overwrite=True to start over."
-                )
-        else:
-            shards_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write_json(build_file, settings)
+        def same_settings(previous: dict, current: dict) -> bool:
+            previous, current = dict(previous), dict(current)
+            return _same_encoder(previous.pop("encoder", {}), current.pop("encoder")) and previous == current
 
-        num_shards = math.ceil(len(dataset) / shard_size)
-        shard_paths = [shards_dir / f"shard-{i:05d}" for i in range(num_shards)]
-        done = sum(min(shard_size, len(dataset) - i * shard_size) for i, p in enumerate(shard_paths) if p.exists())
-        progress = tqdm(total=len(dataset), initial=done, desc="memory bank", unit="doc", disable=not show_progress_bar)
-        for i, path in enumerate(shard_paths):
-            if path.exists():
-                continue
-            start = i * shard_size
-            part = dataset.select(range(start, min(len(dataset), start + shard_size)))
-            shard = cls._encode_shard(part, start, encoder, text_column, image_column, image_decoder, batch_size,
-                                      dim, progress)
-            tmp = path.with_name(path.name + ".tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            shard.save_to_disk(str(tmp), num_shards=1 if len(shard) == 0 else None)
-            os.replace(tmp, path)
-        progress.close()
+        def encode(part, start, progress):
+            return cls._encode_shard(part, start, encoder, text_column, image_column, image_decoder, batch_size, dim,
+                                     progress)
 
-        rows = concatenate_datasets([load_from_disk(str(p)) for p in shard_paths])
+        rows, _ = build_in_shards(
+            dataset, shards_dir, settings, encode, shard_size=shard_size, what="build", desc="memory bank", unit="doc", show_progress_bar=show_progress_bar,
+            same_settings=same_settings,
+        )
         if len(rows) == 0:
             raise ValueError(
                 f"No mixed-modal rows: every row of the dataset lacks a text ({text_column!r}) or an image "
                 f"({image_column!r})."
             )
-        rows_tmp = save_directory / (ROWS_DIR + ".tmp")
-        if rows_tmp.exists():
-            shutil.rmtree(rows_tmp)
-        rows.save_to_disk(str(rows_tmp))
-        if (save_directory / ROWS_DIR).exists():
-            shutil.rmtree(save_directory / ROWS_DIR)
-        os.replace(rows_tmp, save_directory / ROWS_DIR)
-        rows = load_from_disk(str(save_directory / ROWS_DIR))
+        rows = save_dataset_atomically(rows, save_directory / ROWS_DIR)
 
         manifest = {
             "format_version": BANK_FORMAT_VERSION,
@@ -426,7 +379,7 @@ class Cm3LeonMemoryBank:
         }
         manifest.update(_write_index(rows, save_directory / INDEX_FILE, dim, index_factory, search_parameters,
                                      train_size, seed, show_progress_bar))
-        _atomic_write_json(save_directory / MANIFEST_FILE, manifest)
+        atomic_write_json(save_directory / MANIFEST_FILE, manifest)
         shutil.rmtree(shards_dir)
         return cls.load(save_directory)
 
@@ -445,7 +398,7 @@ class Cm3LeonMemoryBank:
         manifest = dict(self.manifest)
         manifest.update(_write_index(self.dataset, new_file, self.dim, index_factory, search_parameters, train_size,
                                      seed, show_progress_bar))
-        _atomic_write_json(self.directory / MANIFEST_FILE, manifest)  # the commit point: the old index until here
+        atomic_write_json(self.directory / MANIFEST_FILE, manifest)  # the commit point: the old index until here
         old_file.unlink()
         return type(self).load(self.directory)
 
