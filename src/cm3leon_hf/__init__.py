@@ -5,7 +5,8 @@ Importing the package registers the model and processor with transformers' Auto 
 `"image-text-to-image"`; captioning runs in transformers' own `"image-text-to-text"`) with `PIPELINE_REGISTRY`, and marks the classes for `register_for_auto_class`, so that a saved directory carries its
 code and `auto_map` and loads elsewhere with `trust_remote_code=True`.
 
-The retrieval classes need the `retrieval` extra (faiss, sentence-transformers) and are imported on first use.
+The retrieval classes need the `retrieval` extra (faiss, sentence-transformers) and are imported on first use, as is
+the training collator (`Cm3LeonDataCollator`).
 """
 
 import importlib
@@ -14,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .configuration_cm3leon import Cm3LeonConfig
 from .image_tokenizer import Cm3LeonImageTokenizer
+from .layout import Cm3LeonLayout
 from .logits_process import (
     BatchedClassifierFreeGuidanceLogitsProcessor,
     ContrastiveDecodingLogitsProcessor,
@@ -38,6 +40,8 @@ Cm3LeonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 Cm3LeonProcessor.register_for_auto_class("AutoProcessor")
 
 _LAZY = {
+    "Cm3LeonCollatorEpochCallback": "data_collator",
+    "Cm3LeonDataCollator": "data_collator",
     "Cm3LeonMemoryBank": "memory_bank",
     "Cm3LeonRetriever": "retriever",
     "RetrievedDocument": "retriever",
@@ -53,10 +57,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "BatchedClassifierFreeGuidanceLogitsProcessor",
+    "Cm3LeonCollatorEpochCallback",
     "Cm3LeonConfig",
+    "Cm3LeonDataCollator",
     "Cm3LeonForCausalLM",
     "Cm3LeonImageTextToImagePipeline",
     "Cm3LeonImageTokenizer",
+    "Cm3LeonLayout",
     "Cm3LeonMemoryBank",
     "Cm3LeonModel",
     "Cm3LeonPreTrainedModel",

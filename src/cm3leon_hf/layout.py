@@ -58,10 +58,28 @@ True
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .tokenization_cm3leon import BREAK_TOKEN, EOS_TOKEN, IMAGE_TOKEN, sentinel_token
+from .tokenization_cm3leon import BREAK_TOKEN, EOS_TOKEN, EOSS_TOKEN, IMAGE_TOKEN, sentinel_token
 
 MASK_TOKEN = sentinel_token(0)
 """`<mask:0>`: the paper's `<mask>` (CFG's unconditional stream) and the first CM3 sentinel."""
+
+
+INFILL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] if message['content'] is not string "
+    "else [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- set text = content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set images = content | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- if message['role'] == 'user' -%}"
+    f"{{{{ text }}}} {MASK_TOKEN} {BREAK_TOKEN}{{% for _ in range(images) %}} {IMAGE_TOKEN}{{% endfor %}} {MASK_TOKEN}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    f"{{{{ ' ' ~ text }}}} {EOSS_TOKEN}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+"""The CM3 infill form as a chat template (the processor's default): a user turn `"{text} <mask:0> <break> <image>…
+<mask:0>"` asks for the masked span (CL §2.2: "Image of <mask>: [image] <infill>"), an assistant turn is the span,
+`"{text} <eoss>"`: how captioning and VQA run through transformers' `image-text-to-text` pipeline (PAPER.md §8.9)."""
 
 
 # -------------------------------------------------------------------------------------------- marker text

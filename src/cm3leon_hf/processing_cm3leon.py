@@ -56,6 +56,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils.hub import hf_api
 
 from .image_tokenizer import Cm3LeonImageTokenizer
+from .layout import INFILL_CHAT_TEMPLATE
 from .layout import Cm3LeonLayout
 from .tokenization_cm3leon import (
     BREAK_TOKEN,
@@ -68,19 +69,6 @@ from .tokenization_cm3leon import (
 )
 
 IMAGE_TOKENIZER_SUBFOLDER = "image_tokenizer"
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- set content = message['content'] if message['content'] is not string "
-    "else [{'type': 'text', 'text': message['content']}] -%}"
-    "{%- set text = content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
-    "{%- set images = content | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ text }} <mask:0> <break>{% for _ in range(images) %} <image>{% endfor %} <mask:0>"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ ' ' ~ text }} <eoss>"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
 
 
 class Cm3LeonProcessor(ProcessorMixin):
@@ -101,7 +89,7 @@ class Cm3LeonProcessor(ProcessorMixin):
             Start every document with `<eos>` (PAPER.md §1). Can be overridden per call.
         chat_template (`str`, *optional*):
             Jinja template that `apply_chat_template` (and transformers' `image-text-to-text` pipeline) renders
-            messages with. Defaults to `CHAT_TEMPLATE`: a user turn becomes the CM3 infill prompt
+            messages with. Defaults to `layout.INFILL_CHAT_TEMPLATE`: a user turn becomes the CM3 infill prompt
             `"{text} <mask:0> <break> <image>… <mask:0>"` (CL §2.2: "Image of <mask>: [image] <infill>") and an assistant
             turn the infilled span `"{text} <eoss>"`, our answer to PAPER.md §8.9.
 
@@ -125,7 +113,7 @@ class Cm3LeonProcessor(ProcessorMixin):
             raise ValueError(
                 f"`image_tokenizer` must be a `Cm3LeonImageTokenizer`, got {type(image_tokenizer).__name__}."
             )
-        super().__init__(tokenizer, chat_template=CHAT_TEMPLATE if chat_template is None else chat_template)
+        super().__init__(tokenizer, chat_template=INFILL_CHAT_TEMPLATE if chat_template is None else chat_template)
         self.image_tokenizer = image_tokenizer
         self.text_vocab_size = len(tokenizer) if text_vocab_size is None else int(text_vocab_size)
         self.image_token_offset = self.text_vocab_size if image_token_offset is None else int(image_token_offset)
