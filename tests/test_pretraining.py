@@ -168,12 +168,13 @@ def test_data_of_another_vocabulary_is_refused(train_dir, tiny_config):
 def training_args(output_dir, **overrides) -> TrainingArguments:
     values = dict(
         output_dir=str(output_dir), use_cpu=True, seed=0, max_steps=6, per_device_train_batch_size=8,
-        learning_rate=2e-3, adam_beta2=0.98, weight_decay=0.1, lr_scheduler_type="polynomial", warmup_steps=2,
-        logging_steps=1, save_strategy="steps", save_steps=3, save_total_limit=2, report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0,
+        learning_rate=2e-3, warmup_steps=2, logging_steps=1, save_strategy="steps", save_steps=3, save_total_limit=2,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
     values.update(overrides)
-    return TrainingArguments(**values)
+    args = pretrain.Cm3LeonPretrainingConfig(**values)
+    assert (args.adam_beta2, args.weight_decay, args.lr_scheduler_type) == (0.98, 0.1, "polynomial")
+    return args
 
 
 def script_args(train_dir, eval_dir=None, **overrides):

@@ -34,10 +34,10 @@ backends are `Trainer`'s and accelerate's. This script adds:
 - atomic checkpoints: `Trainer` writes `checkpoint-N` in place, so a kill while saving leaves a partial directory
   that `get_last_checkpoint` would pick; here every checkpoint is written to `.staging/` and renamed when complete.
 
-The paper's optimiser, scaled (PAPER.md §2, §4, §8.2: CL states only peak LR and warmup; CM3's recipe fills in the
-rest): AdamW β = (0.9, 0.98), ε = 1e-8, weight decay 0.1, gradient clipping 1.0, linear warmup then polynomial
-(linear) decay; the peak LR of Table 3 for the paper sizes (6e-4 / 5e-4 / 1.2e-4) and, for the tiny config, the one
-the recipe records.
+The paper's optimiser is the default (`Cm3LeonPretrainingConfig`; CL states only the peak LR and warmup, CM3's recipe
+fills in the rest): AdamW β = (0.9, 0.98), ε = 1e-8, weight decay 0.1, gradient clipping 1.0, linear warmup then
+polynomial (linear) decay; the peak LR of Table 3 for the paper sizes (6e-4 / 5e-4 / 1.2e-4) and, for the tiny config,
+the one its recipe records.
 """
 
 import json
@@ -87,6 +87,24 @@ class PretrainArguments:
     eval_cfg_scale: float = field(default=3.0, metadata={"help": "CFG scale of the evaluation images"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (1 is fastest for tiny on 2 cores)"})
     no_resume: bool = field(default=False, metadata={"help": "do not resume from the last checkpoint"})
+
+
+@dataclass
+class Cm3LeonPretrainingConfig(TrainingArguments):
+    """`TrainingArguments` whose defaults are the paper's optimiser for pretraining (as TRL's `SFTConfig` sets its
+    own): AdamW β = (0.9, 0.98) and clipping 1.0 (CM3), weight decay 0.1 (OPT), the 350M model's peak LR 6e-4 and 1,500
+    warmup steps (CL Table 3), polynomial decay (CM3; power 1, i.e. linear, to 1e-7), and the columns the collator
+    reads kept. Recipes scale the LR and warmup to the config and the run."""
+
+    learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate (CL Table 3: 350M 6e-4)."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "Adam β2 (CM3: 0.98)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (OPT: 0.1)."})
+    lr_scheduler_type: str = field(default="polynomial", metadata={"help": "Decay after warmup (CM3: polynomial)."})
+    warmup_steps: float = field(default=1500, metadata={"help": "Linear warmup steps, or a ratio in [0, 1)."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the columns the collator reads (retrieved_indices, source_index)."}
+    )
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -213,6 +231,8 @@ def resolve(path: str) -> str:
 
 
 def build_trainer(script_args: PretrainArguments, training_args: TrainingArguments) -> Cm3LeonTrainer:
+    """The model (initialised with `training_args.seed`, or loaded), the data and collators, the metrics, the trainer.
+    `training_args` may be any `TrainingArguments`; `Cm3LeonPretrainingConfig` carries the paper's defaults."""
     from cm3leon_hf import Cm3LeonProcessor
     from cm3leon_hf.pretrained import TINY_PATH
 
@@ -283,7 +303,7 @@ def main(script_args: PretrainArguments, training_args: TrainingArguments):
 def make_parser():
     from trl import TrlParser
 
-    return TrlParser((PretrainArguments, TrainingArguments))
+    return TrlParser((PretrainArguments, Cm3LeonPretrainingConfig))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ class Cm3LeonDataCollator:
     - **Randomness** is a pure function of `(seed, epoch, source_index)` when examples carry `source_index` (as
       pre-tokenized data does): the same sample whatever the batch size, the number of processes or data-loader
       workers, and after resuming (`Cm3LeonCollatorEpochCallback` sets `epoch` so that each epoch masks anew).
-      Without `source_index` a generator seeded with `seed` is used in call order.
+      Without `source_index` a generator seeded with `seed` is used in call order (each data-loader worker gets a
+      copy of it, so give examples a `source_index` when using workers).
 
     Args:
         layout (`Cm3LeonLayout`, `Cm3LeonConfig` or `Cm3LeonProcessor`): the vocabulary's special ids and image range.
