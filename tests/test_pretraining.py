@@ -138,6 +138,10 @@ def test_retrieved_documents_come_from_the_datasets_own_bank(tmp_path, pairs, pr
             assert bank.dataset[bank_rows[row]]["caption"] == train[row]["caption"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["retrieval"]["num_docs"] == 3 and manifest["retrieval"]["query_dropout"] == 0.2
+    again = pretokenize.pretokenize(train, processor, tmp_path / "again", text_column="caption", image_column="images",
+                                    retriever=Cm3LeonRetriever(bank, encoder, seed=5), shard_size=64,
+                                    show_progress_bar=False)
+    assert again["retrieved_indices"] == indices  # seeded per batch: not by the retriever's state or the sharding
 
     # a bank built from other rows, or queried with another encoder, is refused
     with pytest.raises(ValueError, match="built from 160 rows, the dataset has 64"):

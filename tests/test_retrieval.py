@@ -453,26 +453,6 @@ def test_docstring_examples(module):
     assert failures == 0 and attempted >= 8
 
 
-def test_add_retrieved_documents(bank, encoder, dataset):
-    """Offline retrieval for a whole training set with datasets.map: 3 documents, never the row itself, seeded."""
-    pairs = dataset.select(range(40))
-    retriever = Cm3LeonRetriever(bank, encoder)
-    with_docs = retriever.add_retrieved_documents(pairs, batch_size=16, seed=1)
-    assert with_docs.features["retrieved_rows"] == List(Value("int64"))
-    sources = bank.row_keys(range(len(bank)))[0]
-    for i, (rows, scores) in enumerate(zip(with_docs["retrieved_rows"], with_docs["retrieved_scores"])):
-        if i in (3, 4):  # no text / no image: not a caption-image pair, no documents
-            assert rows == [] and scores == []
-            continue
-        assert len(rows) == 3 and len(set(rows)) == 3 and max(scores) <= 0.9
-        assert i not in {sources[r] for r in rows}
-    again = retriever.add_retrieved_documents(with_docs.remove_columns(["retrieved_rows", "retrieved_scores"]),
-                                              batch_size=16, seed=1)
-    assert again["retrieved_rows"] == with_docs["retrieved_rows"]
-    documents = bank.documents(with_docs[0]["retrieved_rows"])
-    assert [d["source_index"] for d in documents] == [sources[r] for r in with_docs[0]["retrieved_rows"]]
-
-
 @pytest.fixture(scope="module")
 def processor():
     """A tiny Cm3LeonProcessor: a BPE trained here and a random 8x8 -> 4x4-code diffusers VQModel."""
@@ -494,7 +474,7 @@ def processor():
 
 
 def test_prompt_through_the_processor(bank, encoder, processor):
-    """build_retrieval_prompt + Cm3LeonProcessor give PAPER.md §1's ids, `Cm3LeonLayout`'s prompts: <eos> (t <break>
+    """build_retrieval_prompt + Cm3LeonProcessor give metaseq's prompt ids, `Cm3LeonLayout`'s prompts: <eos> (t <break>
     image <break>)* q <break>, and <eos> (t <break> image <break>)* <mask:0> <break> for the unconditional stream.
     (tests/test_pipelines.py checks that every other place builds these same prompts.)"""
     docs = Cm3LeonRetriever(bank, encoder).retrieve(texts=["a red square left"], k=2)[0]

@@ -24,17 +24,17 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
   dropped independently with probability 0.2 (at least one word is kept), only when `training=True`. Words, not the
   encoder's BPE tokens: the rule then does not depend on which CLIP is plugged in, and a dropped word never leaves a
   half word behind. Images are never dropped out.
-- **Training retrieval** (PAPER.md §8 item 4, our reading of "we retrieve two documents each, based on image and text …
+- **Training retrieval** (our reading of "we retrieve two documents each, based on image and text …
   randomly select three"): `retrieve_for_training` retrieves 2 documents with the (dropped-out) caption and 2 with the
   image, merges them without duplicates (topping up from the next-ranked candidates when the two lists overlap), and
-  samples 3 in random order with a seeded generator. `add_retrieved_documents` does it once for a whole training set
-  with `datasets.map`, storing bank rows for the collator.
-- **Prompt layout** (PAPER.md §1), written once in `layout.py` (`prompt_text`): conditional `<eos> t1 <break> <image>
-  <break> t2 <break> <image> <break> query <break>`; unconditional (CFG) keeps the documents and replaces the query
-  text by `<mask:0>`: `<eos> t1 <break> <image> <break> … <mask:0> <break>`, which is exactly the no-retrieval
-  unconditional prompt `<eos> <mask:0> <break>` with the documents in front, so both streams end with `<break>` and
-  continue with image tokens. The leading `<eos>` is left to `Cm3LeonProcessor` (which starts every document with it)
-  unless `prepend_eos=True`.
+  samples 3 in random order with a seeded generator. `training/pretokenize.py` does it once for a whole training set
+  (resumably, storing the documents' rows for `Cm3LeonDataCollator`).
+- **Prompt layout** (metaseq's CM3Leon prompt builder), written once in `layout.py` (`prompt_text`): conditional
+  `<eos> t1 <break> <image> <break> t2 <break> <image> <break> query <break>`; unconditional (CFG) keeps the documents
+  and replaces the query text by `<mask:0>`: `<eos> t1 <break> <image> <break> … <mask:0> <break>`, which is exactly
+  the no-retrieval unconditional prompt `<eos> <mask:0> <break>` with the documents in front, so both streams end with
+  `<break>` and continue with image tokens. The leading `<eos>` is left to `Cm3LeonProcessor` (which starts every
+  document with it) unless `prepend_eos=True`.
 """
 
 import warnings
@@ -43,11 +43,10 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 
 import numpy as np
-from datasets import Dataset, List, Value
 from PIL import Image
 
 from .layout import prompt_text
-from .memory_bank import CONTENT_HASH_COLUMN, SOURCE_INDEX_COLUMN, Cm3LeonMemoryBank, _single_image, content_hash
+from .memory_bank import CONTENT_HASH_COLUMN, SOURCE_INDEX_COLUMN, Cm3LeonMemoryBank, content_hash
 
 
 def query_dropout(text: str, p: float, generator: np.random.Generator) -> str:
@@ -208,7 +207,7 @@ class Cm3LeonRetriever:
     def retrieve_for_training(self, texts: Sequence[str], images: Sequence[Image.Image], *, num_docs: int = 3,
                               docs_per_modality: int = 2, exclude: Sequence[Sequence[int]] | None = None,
                               generator: np.random.Generator | None = None) -> list[list[RetrievedDocument]]:
-        """Documents for training pairs `(texts[i], images[i])`: our reading of CL §2.1 (PAPER.md §8 item 4).
+        """Documents for training pairs `(texts[i], images[i])`: our reading of CL §2.1.
 
         Retrieves `docs_per_modality` documents with the caption (query dropout on) and as many with the image,
         merges the two lists without duplicates (same row or content; text-side first), and samples `num_docs` of them
@@ -235,40 +234,6 @@ class Cm3LeonRetriever:
             order = generator.permutation(len(merged))[:num_docs]
             selected.append([merged[j] for j in order])
         return selected
-
-    def add_retrieved_documents(self, dataset: Dataset, *, text_column: str = "text", image_column: str = "image",
-                                num_docs: int = 3, docs_per_modality: int = 2, exclude_self: bool = True,
-                                batch_size: int = 256, seed: int = 0, **map_kwargs) -> Dataset:
-        """Retrieve training documents for every pair of `dataset` once, ahead of training, with `datasets.map`.
-
-        Adds `retrieved_rows` (bank rows, `list[int64]`, up to `num_docs`; empty for a row lacking its text or image,
-        which is no caption-image pair) and `retrieved_scores` (`list[float32]`); the collator reads the documents
-        with `bank.documents(rows)`. `exclude_self=True` treats row `i` of `dataset`
-        as the bank's `source_index` `i` (the bank was built from this dataset) and never returns it. Batch `j` uses
-        `numpy.random.default_rng([seed, j])`, so the result does not depend on caching or resuming. Extra keyword
-        arguments go to `dataset.map` (`cache_file_name`, …; keep `num_proc` unset: the encoder is in this process).
-        """
-
-        def retrieve(batch, indices):
-            texts, images = batch[text_column], [_single_image(im, None) for im in batch[image_column]]
-            valid = [j for j, (t, im) in enumerate(zip(texts, images)) if isinstance(t, str) and t.strip()
-                     and im is not None]
-            rows, scores = [[] for _ in indices], [[] for _ in indices]
-            if valid:
-                docs = self.retrieve_for_training(
-                    [texts[j] for j in valid], [images[j] for j in valid], num_docs=num_docs,
-                    docs_per_modality=docs_per_modality,
-                    exclude=[[indices[j]] for j in valid] if exclude_self else None,
-                    generator=np.random.default_rng([seed, indices[0] // batch_size]))
-                for j, found in zip(valid, docs):
-                    rows[j], scores[j] = [d.row for d in found], [d.score for d in found]
-            return {"retrieved_rows": rows, "retrieved_scores": scores}
-
-        features = dataset.features.copy()
-        features["retrieved_rows"] = List(Value("int64"))
-        features["retrieved_scores"] = List(Value("float32"))
-        return dataset.map(retrieve, batched=True, batch_size=batch_size, with_indices=True, features=features,
-                           **map_kwargs)
 
     def _retrieve_embeddings(self, queries, k, modality, exclude, exclude_content):
         num_rows = len(self.bank)
@@ -353,7 +318,7 @@ def build_retrieval_prompt(documents: Sequence[RetrievedDocument], query_text: s
                            prepend_eos: bool = False) -> tuple[str, list]:
     """The marker text and images of a retrieval-augmented prompt, for `Cm3LeonProcessor` (`layout.prompt_text`).
 
-    PAPER.md §1's prompt is `[<eos>] + Σ(text <break> image <break>) + query_text <break>`. The `<eos>` is the
+    metaseq's CM3Leon prompt is `[<eos>] + Σ(text <break> image <break>) + query_text <break>`. The `<eos>` is the
     processor's to add (it starts every document with `<eos>` by default), so the text starts with the first document:
 
     - conditional: `"{t1} <break> <image> <break> {t2} <break> <image> <break> {query_text} <break>"`;
