@@ -31,9 +31,9 @@ point to.
 
 Choices:
 
-- **The memory bank is the training set** (PAPER.md §8.4; RA-CM3 retrieved from its own training pairs): a bank row's
-  `source_index` is a row of the same dataset, so retrieved documents are stored as row numbers (no copies: 4×
-  the tokens would otherwise be stored, CL §2.1) and the pair itself is excluded. A bank built from other rows is
+- **The memory bank is the training set** (the paper does not say; RA-CM3 retrieved from its own training pairs): a
+  bank row's `source_index` is a row of the same dataset, so retrieved documents are stored as row numbers (no copies:
+  4× the tokens would otherwise be stored, CL §2.1) and the pair itself is excluded. A bank built from other rows is
   refused (its row count and a sample of its content hashes must match the dataset).
 - **Skips, counted** in the manifest: a row without a caption or without an image (not a caption-image pair), and,
   with `--max-length`, a document that cannot fit the context even alone (`len + 2` for its `<eos>` tokens).

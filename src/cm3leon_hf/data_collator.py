@@ -47,7 +47,7 @@ class Cm3LeonDataCollator:
        --max-length` skips such examples ahead of training, with a count).
     7. **Padding** on the right to the longest sample (or a multiple of `pad_to_multiple_of`), with `attention_mask`.
 
-    Choices the paper leaves open (PAPER.md §8.3, §8.5), made here:
+    Choices the paper leaves open, made here:
 
     - **Span count** follows metaseq, the code CM3Leon was trained with: Poisson(1) clamped at 0, so `e⁻¹ ≈ 37%` of the
       samples are causal; CM3's paper clamps at 1. Both are available (`causal_fraction`).

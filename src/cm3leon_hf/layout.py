@@ -5,7 +5,7 @@ The processor, the data collator, the pipelines, the retriever and `generate` al
 
 ```
 document (a caption-image pair)   text <break> image                         CL Fig. 8
-retrieved document                text <break> image <break>                 PAPER.md §1 (metaseq's prompt builder)
+retrieved document                text <break> image <break>                 metaseq's CM3Leon prompt builder
 training sample                   <eos> doc1 … docN query <eos>              CL Fig. 9: retrieved documents in front
 text-to-image prompt              <eos> doc1 … docN text <break>             CL §2.2: "continuation from <eos> text <break>"
 unconditional (CFG) prompt        <eos> doc1 … docN <mask:0> <break>         CL §3.1: the text replaced by <mask>
@@ -79,7 +79,8 @@ INFILL_CHAT_TEMPLATE = (
 )
 """The CM3 infill form as a chat template (the processor's default): a user turn `"{text} <mask:0> <break> <image>…
 <mask:0>"` asks for the masked span (CL §2.2: "Image of <mask>: [image] <infill>"), an assistant turn is the span,
-`"{text} <eoss>"`: how captioning and VQA run through transformers' `image-text-to-text` pipeline (PAPER.md §8.9)."""
+`"{text} <eoss>"`: how captioning and VQA run through transformers' `image-text-to-text` pipeline (the paper leaves the
+inference format of these tasks open)."""
 
 
 # -------------------------------------------------------------------------------------------- marker text

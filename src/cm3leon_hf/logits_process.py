@@ -71,7 +71,7 @@ def next_token_modality(
 
 
 class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
-    r"""Modality-constrained decoding (PAPER.md §0 #22): an image is exactly `image_seq_length` image codes, then
+    r"""Modality-constrained decoding (metaseq's CM3Leon demo): an image is exactly `image_seq_length` image codes, then
     `<break>` or `<eos>`; text never contains image codes.
 
     With `generate_image=True` the continuation must be an image (text-to-image, editing); with `False` it is text
@@ -242,7 +242,7 @@ class ContrastiveDecodingLogitsProcessor(LogitsProcessor):
     k-th largest probability widens it. Sampling then draws from `softmax(score)`. This is not transformers'
     "contrastive search" (`penalty_alpha`), which penalises similarity of hidden states.
 
-    The paper does not report alpha, k or the amateur temperature (PAPER.md §8.6): the defaults alpha = 0.5 and amateur
+    The paper does not report alpha, k or the amateur temperature: the defaults alpha = 0.5 and amateur
     temperature 0.5 are those of CM3Leon's evaluation script; k = 5 is ours (measured in `bench/RESULTS.md`). Ties at
     the k-th value are all kept (the set is defined by `>=`).
 

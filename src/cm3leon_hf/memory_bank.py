@@ -1,6 +1,6 @@
 """The memory bank of CM3Leon's retrieval: mixed-modal documents in Arrow with CLIP embeddings, and a faiss index.
 
-CM3Leon (CL §2.1, PAPER.md §3) prepends documents retrieved from a memory bank of image-text pairs to every training
+CM3Leon (CL §2.1) prepends documents retrieved from a memory bank of image-text pairs to every training
 example and, optionally, to inference prompts (FID 10.82 → 5.78 → 4.88 with 0 / 1 / 2 documents, CL Table 1). The
 retriever (`retriever.py`) is a frozen CLIP bi-encoder: a document is encoded as the normalised mean of its
 normalised text and image embeddings; a query is a text or an image; relevance is the inner product (cosine) of unit

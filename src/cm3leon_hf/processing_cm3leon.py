@@ -9,7 +9,7 @@ marker) and the special tokens `<break>`, `<mask:i>`, `<eos>`, `<eoss>`, `<pad>`
 
 - Whitespace next to a marker is not encoded, nor at either end of a document: `"a<break><image>"` and
   `" a <break> <image> "` give the same ids. The text between two markers is encoded on its own.
-- `<eos>` is prepended to every document by default (CM3Leon starts each document with `<eos>`, PAPER.md §1);
+- `<eos>` is prepended to every document by default (CM3Leon starts each document with `<eos>`, CL Fig. 9);
   `prepend_eos=False` turns it off. No other token is ever inserted: the modality switch `<break>` is written in the
   document (the paper's templates contain it), never added implicitly.
 - An image becomes `image_seq_length` ids `image_token_offset + code` (raster order).
@@ -86,12 +86,12 @@ class Cm3LeonProcessor(ProcessorMixin):
         image_token_offset (`int`, *optional*):
             Id of VQ code 0 (`Cm3LeonConfig.image_token_offset`); defaults to `text_vocab_size`.
         prepend_eos (`bool`, defaults to `True`):
-            Start every document with `<eos>` (PAPER.md §1). Can be overridden per call.
+            Start every document with `<eos>` (CL Fig. 9). Can be overridden per call.
         chat_template (`str`, *optional*):
             Jinja template that `apply_chat_template` (and transformers' `image-text-to-text` pipeline) renders
             messages with. Defaults to `layout.INFILL_CHAT_TEMPLATE`: a user turn becomes the CM3 infill prompt
             `"{text} <mask:0> <break> <image>… <mask:0>"` (CL §2.2: "Image of <mask>: [image] <infill>") and an assistant
-            turn the infilled span `"{text} <eoss>"`, our answer to PAPER.md §8.9.
+            turn the infilled span `"{text} <eoss>"`, our choice for the inference format that the paper leaves open.
 
     The processor's attributes `pad_token_id`, `eos_token_id`, `break_token_id`, `eoss_token_id`, `mask_token_id`,
     `sentinel_token_ids`, `image_seq_length`, `image_vocab_size` and `image_token_ids` describe its vocabulary;
@@ -288,10 +288,10 @@ class Cm3LeonProcessor(ProcessorMixin):
         return self.image_tokenizer.encode(images) + self.image_token_offset
 
     def unconditional_prompt(self, retrieved=None, images=None, return_tensors: str | None = None):
-        """The prompt of CFG's unconditional stream: `<eos> <mask:0> <break>` (PAPER.md §5, metaseq's demo).
+        """The prompt of CFG's unconditional stream: `<eos> <mask:0> <break>` (CL §3.1, metaseq's demo).
 
         With retrieval, the retrieved documents stay in front and only the query text is replaced by `<mask:0>`
-        (DESIGN.md §5): `<eos> docs <mask:0> <break>`. (The CM3Leon demo drops the `<mask:0> <break>` tail in that case;
+        `<eos> docs <mask:0> <break>`. (The CM3Leon demo drops the `<mask:0> <break>` tail in that case;
         we keep it, so that the unconditional stream always ends where image generation starts.)
 
         Args:

@@ -20,7 +20,7 @@ Choices (the paper is silent):
   (`split_markers`), so the BPE never sees a space before or after a marker, and the decoders write markers with one
   space on each side (`"<eos> a red star <break>"`).
 - **Digits** are split one by one before the BPE (as in LLaMA; a space before a digit stays with it), so that box
-  coordinates such as `(50, 50) -> (100, 100)` (PAPER.md §6) are written with digit tokens that every number shares.
+  coordinates such as `(50, 50) -> (100, 100)` (CL §4.1) are written with digit tokens that every number shares.
 - **Bytes.** The 256 byte tokens are always in the vocabulary, so every string encodes (no unknown token) and
   `decode(encode(text)) == text` for any text without markers and without leading/trailing whitespace.
 

@@ -1,4 +1,4 @@
-"""The synthetic world (DESIGN.md §8): scenes of coloured shapes, every task of the paper in miniature, an exact
+"""The synthetic world: scenes of coloured shapes, every task of the paper in miniature, an exact
 evaluator, and helpers for the small CLIP trained on it.
 
 - `scene`: vocabulary (`SHAPES`, `COLORS`, `BACKGROUNDS`, `SIZES`, `POSITIONS`), `Scene`/`SceneObject`,

@@ -1,7 +1,7 @@
 """The world's small CLIP: tokenizer, model config, sentence-transformers packaging, and the metrics built on it.
 
 This CLIP is the retriever's encoder, the re-ranker, and the feature space of the metrics for the synthetic
-world (DESIGN.md §6, §8). `training/train_clip.py` trains it; this module holds what both training and users
+world. `training/train_clip.py` trains it; this module holds what both training and users
 need:
 
 - `build_tokenizer()`: a word-level `PreTrainedTokenizerFast` over `captions.vocabulary()` (plus digits and

@@ -1,7 +1,7 @@
 """Every task of the paper in miniature, as `datasets.DatasetDict`s with one schema.
 
 Tasks (`TASKS`) and their documents (`text`; `<image>` marks where an image goes, in the order of `images`;
-`<break>` separates modalities), after PAPER.md §6, Table 5 and the figures' prefixes:
+`<break>` separates modalities), after CL §4, Table 5 and the figures' prefixes:
 
 - `text_to_image`: "{caption} <break> <image>" (Table 5's COCO template; wording varies in the caption).
 - `caption`: "Describe the given picture. {caption} <break> <image>", or a long caption after
