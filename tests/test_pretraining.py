@@ -297,3 +297,37 @@ def test_command_line(tmp_path, capsys):
     examples, _, manifest = pretokenize.load_pretokenized(tmp_path / "out")
     assert manifest["dataset_fingerprint"] == expected._fingerprint and manifest["max_length"] == 80
     assert all(len(ids) + 2 <= 80 for ids in examples["input_ids"])
+
+
+def test_evaluation_metrics_split_the_loss_by_modality(train_dir, tiny_config, processor):
+    """`next_token_nll` + `PretrainingMetrics` give the model's own loss, split exactly into image and text tokens."""
+    from transformers import EvalPrediction
+
+    torch.manual_seed(0)
+    model = pretrain.Cm3LeonForCausalLM(tiny_config).eval()
+    examples, documents, _ = pretokenize.load_pretokenized(train_dir)
+    collator = pretrain.Cm3LeonDataCollator(tiny_config, documents=documents, causal_fraction=1.0)
+    batch = collator([examples[i] for i in range(4)])
+    with torch.no_grad():
+        output = model(**batch)
+    nll = pretrain.next_token_nll(output.logits, batch["labels"])
+    labels = batch["labels"].numpy()
+    metrics = pretrain.PretrainingMetrics(model, tiny_config)(EvalPrediction(predictions=nll.numpy(), label_ids=labels))
+    is_image = (labels >= tiny_config.image_token_offset) & (labels != -100)
+    is_image[:, 0] = False
+    assert metrics["image_tokens"] == 4 * tiny_config.image_seq_length == is_image.sum()
+    total = metrics["image_tokens"] + metrics["text_tokens"]
+    assert total == int((labels[:, 1:] != -100).sum())
+    mean = (metrics["image_loss"] * metrics["image_tokens"] + metrics["text_loss"] * metrics["text_tokens"]) / total
+    assert mean == pytest.approx(output.loss.item(), rel=1e-5)
+    # independently: the image codes' loss is -log p(code at t | ids before t), read from the logits at t - 1
+    log_probs = output.logits.float().log_softmax(-1)[:, :-1]
+    targets = batch["labels"][:, 1:]
+    picked = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    assert metrics["image_loss"] == pytest.approx(picked[torch.from_numpy(is_image[:, 1:])].mean().item(), rel=1e-5)
+
+    captions = pretrain.captions_of(examples, processor, 3)
+    assert len(captions) == 3 and "<break>" not in captions[0]
+    scene = pretrain.PretrainingMetrics(model, tiny_config, processor, captions, seed=0).scene_metrics()
+    assert set(scene) == {"scene_accuracy", "scene_shape", "scene_color", "scene_size", "scene_position"}
+    assert all(0 <= v <= 1 for v in scene.values())
