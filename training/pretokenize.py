@@ -49,6 +49,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, List, Value, load_from_disk
 
@@ -242,8 +243,12 @@ def load_pretokenized(directory: str | os.PathLike) -> tuple[Dataset, Dataset, d
     documents = load_from_disk(str(directory / DATA_DIR))
     if len(documents) != manifest["num_rows"]:
         raise ValueError(f"{directory}: {len(documents)} rows, the manifest says {manifest['num_rows']}. Redo it.")
-    lengths = documents.with_format("arrow")["input_ids"].combine_chunks() if len(documents) else None
-    keep = np.flatnonzero(np.diff(lengths.offsets.to_numpy()) > 0) if lengths is not None else np.zeros(0, int)
+    if manifest["num_examples"] == len(documents):  # nothing skipped: the examples are the rows
+        return documents, documents, manifest
+    # list lengths from the memory-mapped offsets, chunk by chunk (the token values are never read)
+    lengths = pc.list_value_length(documents.data.column("input_ids"))
+    keep = np.concatenate([np.flatnonzero(chunk.to_numpy(zero_copy_only=False) > 0) + offset for chunk, offset in
+                           zip(lengths.chunks, np.cumsum([0, *(len(c) for c in lengths.chunks[:-1])]))])
     if len(keep) != manifest["num_examples"]:
         raise ValueError(f"{directory}: {len(keep)} examples, the manifest says {manifest['num_examples']}. Redo it.")
     return documents.select(keep), documents, manifest
