@@ -199,14 +199,16 @@ def weights(directory):
     return load_file(os.path.join(directory, "model.safetensors"))
 
 
-def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, train_dir):
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, train_dir, caplog):
     whole = pretrain.main(script_args(train_dir), training_args(tmp_path / "whole"))
     stopped = pretrain.build_trainer(script_args(train_dir), training_args(tmp_path / "stopped"))
     stopped.add_callback(StopAt(3))
     stopped.train()
     assert sorted(os.listdir(tmp_path / "stopped")) == ["checkpoint-3"]
+    caplog.clear()
     resumed = pretrain.main(script_args(train_dir), training_args(tmp_path / "stopped"))  # finds checkpoint-3
     assert resumed.state.global_step == 6
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]  # the tied LM head is not missing
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "stopped")
     assert a.keys() == b.keys()
     for name in a:

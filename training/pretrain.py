@@ -201,6 +201,12 @@ class Cm3LeonTrainer(Trainer):
         finally:
             self.data_collator = train_collator
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # safetensors checkpoints leave out the LM head tied to the embeddings; Trainer would warn it is missing
+        tied = set(self.model._tied_weights_keys or {}) if self.model.config.tie_word_embeddings else set()
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result)
+
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint under `.staging/` (every process writes its part there), then rename it into place."""
         run_dir = self._get_output_dir(trial=trial)
