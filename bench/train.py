@@ -18,6 +18,7 @@ import argparse
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def contenders(data: str, steps: int, batch_size: int, output_dir: Path):
 def collator_rate(data: str, batch_size: int, repeats: int) -> float:
     examples, documents, _ = load_pretokenized(data)
     trainer = pretrain.build_trainer(pretrain.PretrainArguments(train_data=data, eval_num_images=0),
-                                     pretrain.TrainingArguments(output_dir="/tmp/unused", use_cpu=True,
+                                     pretrain.TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True,
                                                                 report_to="none"))
     collator = trainer.data_collator
     rates = []
@@ -114,7 +115,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output-dir", default="/tmp/bench-train")
+    parser.add_argument("--output-dir", default=None, help="scratch directory of the runs (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
@@ -125,7 +126,7 @@ def main():
     for name, data in (("no retrieval", args.data), ("3 retrieved docs", args.rag_data)):
         if data is None:
             continue
-        runs, tokens = contenders(data, args.steps, args.batch_size, Path(args.output_dir))
+        runs, tokens = contenders(data, args.steps, args.batch_size, Path(args.output_dir or tempfile.mkdtemp()))
         times = {k: [] for k in runs}
         for _ in range(args.repeats):
             for key, make in runs.items():
