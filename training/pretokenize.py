@@ -60,18 +60,6 @@ FORMAT_VERSION = 1
 DATA_DIR = "data"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
-VOCABULARY_FIELDS = (
-    "text_vocab_size", "image_vocab_size", "image_token_offset", "image_seq_length", "pad_token_id", "eos_token_id",
-    "break_token_id", "eoss_token_id",
-)
-
-
-def processor_vocabulary(processor) -> dict:
-    """What the ids of a pre-tokenized dataset mean: the processor's layout (compared with the model config)."""
-    vocabulary = {name: getattr(processor, name) for name in VOCABULARY_FIELDS}
-    vocabulary["sentinel_token_start_id"] = processor.mask_token_id
-    vocabulary["num_sentinel_tokens"] = len(processor.sentinel_token_ids)
-    return vocabulary
 
 
 def check_vocabulary(manifest: dict, config) -> None:
@@ -205,7 +193,7 @@ def pretokenize(dataset: Dataset, processor, output_dir: str | os.PathLike, *, t
     settings = {
         "format_version": FORMAT_VERSION, "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "num_source_rows": len(dataset), "text_column": text_column, "image_column": image_column,
-        "vocabulary": processor_vocabulary(processor), "max_length": max_length, "batch_size": batch_size,
+        "vocabulary": processor.model_config_fields(), "max_length": max_length, "batch_size": batch_size,
         "shard_size": shard_size, "retrieval": retrieval,
     }
 

@@ -426,11 +426,11 @@ class Cm3LeonProcessor(ProcessorMixin):
 
     # -------------------------------------------------------------------------------------------- model config
 
-    def validate_model_config(self, config) -> None:
-        """Raise a `ValueError` naming the field if `config` (a `Cm3LeonConfig`) does not describe this processor's
-        vocabulary: `text_vocab_size`, `image_vocab_size`, `image_token_offset`, `image_seq_length`, the special ids
-        and `num_sentinel_tokens`."""
-        expected = {
+    def model_config_fields(self) -> dict:
+        """The `Cm3LeonConfig` fields this processor's ids fix: `text_vocab_size`, `image_vocab_size`,
+        `image_token_offset`, `image_seq_length`, the special ids and `num_sentinel_tokens` (what data tokenized with
+        it records, and what `validate_model_config` compares)."""
+        return {
             "text_vocab_size": self.text_vocab_size,
             "image_vocab_size": self.image_vocab_size,
             "image_token_offset": self.image_token_offset,
@@ -442,6 +442,11 @@ class Cm3LeonProcessor(ProcessorMixin):
             "sentinel_token_start_id": self.mask_token_id,
             "num_sentinel_tokens": len(self.sentinel_token_ids),
         }
+
+    def validate_model_config(self, config) -> None:
+        """Raise a `ValueError` naming the field if `config` (a `Cm3LeonConfig`) does not describe this processor's
+        vocabulary (`model_config_fields`)."""
+        expected = self.model_config_fields()
         for field, value in expected.items():
             if getattr(config, field, None) != value:
                 raise ValueError(
