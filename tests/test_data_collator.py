@@ -79,10 +79,7 @@ def test_samples_undo_to_the_layout_and_spans_stay_in_one_modality(layout, corpu
             for span in spans.values():
                 assert span and not set(span) & layout.structural_token_ids
                 kinds = {layout.is_image_token(t) for t in span}
-                assert len(kinds) == 1  # one modality: never across <break>
-                # a contiguous piece of one segment of the original
-                text = ",".join(map(str, original))
-                assert ",".join(map(str, span)) in text
+                assert len(kinds) == 1  # one modality: never across <break> (undo_infill above proves the placement)
     assert 0.4 < masked_samples / 64 < 0.85  # P(n > 0) = 1 - e^-1 = 0.63
 
 
