@@ -172,3 +172,33 @@ def test_edge_weight_moves_the_loss_onto_edges():
     assert torch.allclose(losses["l1"], difference.mean())
     assert torch.allclose(weighted_losses["l1"], (weights * difference).mean())
     assert not torch.allclose(weighted_losses["l1"], losses["l1"])
+
+
+def test_freeform_fraction_puts_the_same_drawings_first_in_every_run(dataset_dir, tmp_path):
+    args = train_image_tokenizer.parse_args(arguments(dataset_dir, tmp_path, 1, "--freeform-fraction", "0.5"))
+    world = [Image.new("RGB", (16, 16), "white")] * 4
+    first, again = train_image_tokenizer.with_freeform(world, 7, args), train_image_tokenizer.with_freeform(world, 7, args)
+    assert [np.asarray(a).tobytes() for a in first] == [np.asarray(a).tobytes() for a in again]  # resumable
+    assert first[2:] == world[2:] and all(a.size == (16, 16) for a in first[:2])
+    assert np.asarray(first[0]).tobytes() != np.asarray(train_image_tokenizer.with_freeform(world, 8, args)[0]).tobytes()
+    final = train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 3, "--freeform-fraction", "0.5"))
+    assert 0 < final["eval"]["freeform_psnr"] < 60
+    with pytest.raises(SystemExit):
+        train_image_tokenizer.parse_args(arguments(dataset_dir, tmp_path, 1, "--freeform-fraction", "1.5"))
+
+
+def test_freeze_encoder_keeps_every_code_and_trains_the_decoder(dataset_dir, tmp_path):
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "base", 3))
+    source = tmp_path / "base" / "image_tokenizer"
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path / "frozen", 4, "--init-from", str(source), "--freeze-encoder",
+                                         "--freeform-fraction", "0.5"))
+    base = Cm3LeonImageTokenizer.from_pretrained(source)
+    tuned = Cm3LeonImageTokenizer.from_pretrained(tmp_path / "frozen" / "image_tokenizer")
+    a, b = base.vq_model.state_dict(), tuned.vq_model.state_dict()
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv.", "quantize."))]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)  # codebook too: no dead-code restarts
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8)) for i in range(3)]
+    assert torch.equal(base.encode(images), tuned.encode(images))
+    with pytest.raises(SystemExit):  # nothing to keep without a trained VQ
+        train_image_tokenizer.parse_args(arguments(dataset_dir, tmp_path / "x", 1, "--freeze-encoder"))

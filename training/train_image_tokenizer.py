@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--shuffle-buffer", type=int, default=10_000, help="Shuffle buffer when streaming.")
     data.add_argument("--synthetic-rows", type=int, default=20_000, help="Synthetic world: train rows per task.")
     data.add_argument("--synthetic-cache", type=Path, help="Synthetic world: `datasets` cache directory.")
+    data.add_argument(
+        "--freeform-fraction",
+        type=float,
+        default=0.0,
+        help="Fraction of each batch replaced by free-form drawings in the world's palette (any shape, size and place:\n"
+        "cm3leon_hf.synthetic.freeform), so the VQ serves what users draw, not only the world's renders. Drawing j of\n"
+        "step s is `drawing_image(s * batch + j, seed=--seed)`: the same images after --resume. Evals then also report\n"
+        "`freeform_psnr` on --eval-images drawings of another seed.",
+    )
     model = parser.add_argument_group("model (a diffusers VQModel)")
     model.add_argument("--resolution", type=int, default=64)
     model.add_argument("--block-out-channels", type=int, nargs="+", default=[32, 64, 128, 128])
@@ -86,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vq-embed-dim", type=int, default=16)
     model.add_argument("--num-codes", type=int, default=512)
     model.add_argument("--norm-num-groups", type=int, default=16)
+    model.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="Train only the decoder (with post_quant_conv); the encoder, quant_conv and codebook stay as --init-from\n"
+        "has them, so every image keeps its codes and a language model trained on them stays valid. No code restarts.",
+    )
     model.add_argument("--mid-block-attention", action=argparse.BooleanOptionalAction, default=True)
     model.add_argument(
         "--norm-type",
@@ -162,7 +177,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown keys in {args.config}: {unknown}")
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in recipe.items()})
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.freeform_fraction <= 1.0:
+        parser.error(f"--freeform-fraction must be in [0, 1], got {args.freeform_fraction}")
+    if args.freeze_encoder and args.init_from is None and not args.resume:
+        parser.error("--freeze-encoder needs --init-from: it keeps a trained VQ's encoder and codebook")
+    if args.freeze_encoder:
+        args.restart_every = 0
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -240,6 +262,21 @@ def train_batches(stream, batch_size: int):
         if len(batch) == batch_size:
             yield batch, position
             batch = []
+
+
+FREEFORM_EVAL_SEED = 1_000_003  # drawings for evals: a stream the training batches (seed --seed) never draw from
+
+
+def with_freeform(images: list, step: int, args) -> list:
+    """`images` with its first `round(--freeform-fraction * len)` entries replaced by step `step`'s drawings."""
+    count = round(args.freeform_fraction * len(images))
+    if count == 0:
+        return images
+    from cm3leon_hf.synthetic.freeform import drawing_image
+
+    base = step * len(images)
+    drawn = [drawing_image(base + j, args.resolution, seed=args.seed) for j in range(count)]
+    return drawn + list(images[count:])
 
 
 def eval_images(dataset, args) -> list:
@@ -526,7 +563,11 @@ def main(argv=None) -> dict:
         codebook_loaded = init_from_pretrained(vq, args.init_from)
     image_tokenizer = Cm3LeonImageTokenizer(vq)
     vq.train()  # the image tokenizer puts its model in eval mode
-    optimizer = torch.optim.Adam(vq.parameters(), lr=args.learning_rate, betas=(0.9, 0.99))
+    if args.freeze_encoder:
+        for module in (vq.encoder, vq.quant_conv, vq.quantize):
+            module.requires_grad_(False)
+    trainable = [p for p in vq.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, betas=(0.9, 0.99))
     optimizers = {"vq": optimizer}
     discriminator = None
     if args.disc_weight > 0:
@@ -545,6 +586,17 @@ def main(argv=None) -> dict:
 
     train, evaluation = load_splits(args)
     held_out = eval_images(evaluation, args)
+    freeform_held_out = []
+    if args.freeform_fraction > 0:
+        from cm3leon_hf.synthetic.freeform import drawing_image
+
+        freeform_held_out = [drawing_image(i, args.resolution, seed=FREEFORM_EVAL_SEED) for i in range(args.eval_images)]
+
+    def run_eval() -> dict:
+        metrics = evaluate(image_tokenizer, held_out)
+        if freeform_held_out:
+            metrics["freeform_psnr"] = evaluate(image_tokenizer, freeform_held_out)["psnr"]
+        return metrics
     log_file = (args.output_dir / "log.jsonl").open("a")
 
     def log(record: dict) -> None:
@@ -567,6 +619,7 @@ def main(argv=None) -> dict:
         step = state["step"]
         generator.manual_seed(args.seed + step)  # restarts and initialisation: the same draws after --resume
         images, position = next(batches)
+        images = with_freeform(images, step, args)
         pixels = image_tokenizer.preprocess(images)  # (batch, 3, res, res) in [-1, 1]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
@@ -615,7 +668,7 @@ def main(argv=None) -> dict:
             progress.set_postfix(l1=f"{losses['l1'].item():.4f}", refresh=False)
             log(record)
         if args.eval_every and state["step"] % args.eval_every == 0:
-            metrics = evaluate(image_tokenizer, held_out)
+            metrics = run_eval()
             progress.set_postfix(psnr=f"{metrics['psnr']:.2f}", usage=f"{metrics['codebook_usage']:.2f}")
             log({"step": state["step"], "eval": metrics})
             vq.train()
@@ -623,7 +676,7 @@ def main(argv=None) -> dict:
             checkpoint()
     progress.close()
     checkpoint()
-    metrics = evaluate(image_tokenizer, held_out)
+    metrics = run_eval()
     final = {"step": state["step"], "stop": stop_reason, "elapsed_s": round(state["elapsed_s"], 1), "eval": metrics}
     log(final)
     log_file.close()
