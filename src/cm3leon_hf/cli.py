@@ -1,10 +1,22 @@
 """The `cm3leon-hf` command line.
 
-    cm3leon-hf info hub_configs/cm3leon-7b        # vocabulary layout, sizes and exact parameter count
+    cm3leon-hf generate "a red circle at the top left" -o out.png   # images from the bundled tiny model
+    cm3leon-hf demo -o demo.png                                      # a captioned grid for a handful of prompts
+    cm3leon-hf info hub_configs/cm3leon-7b                           # vocabulary layout, sizes, parameter count
 """
 
 import argparse
 import sys
+from pathlib import Path
+
+# In the world's caption style; none holds a held-out (shape, colour) pair.
+DEMO_PROMPTS = (
+    "a large red circle at the top left on a white background",
+    "a medium blue square in the center on a black background",
+    "a small green star at the bottom right on a white background",
+    "a large pink triangle at the top edge on a black background",
+    "a medium cyan cross on the left and a large orange diamond on the right on a white background",
+)
 
 
 def info(args: argparse.Namespace) -> None:
@@ -30,9 +42,154 @@ def info(args: argparse.Namespace) -> None:
           f"{config.sentinel_token_start_id}..{config.sentinel_token_ids[-1]}")
 
 
+def known_words(tokenizer, text: str) -> list[str]:
+    """The words of `text` that are whole tokens of the text BPE (alone or after a space). The BPE is byte-level, so
+    any text encodes; a word it has never seen falls apart into pieces, and a prompt made only of such words is
+    nothing the model was trained on."""
+    vocabulary = tokenizer.get_vocab()
+    words = text.lower().split()
+    return [w for w in words if w in vocabulary or "\u0120" + w in vocabulary]
+
+
+def check_prompt(tokenizer, prompt: str) -> None:
+    if not prompt.strip():
+        raise SystemExit("error: the prompt is empty.")
+    if not known_words(tokenizer, prompt):
+        raise SystemExit(
+            f"error: none of the words of {prompt!r} is in the model's vocabulary, so it cannot draw it. The bundled "
+            f"tiny model knows the synthetic world's words, e.g. {DEMO_PROMPTS[0]!r}."
+        )
+
+
+def caption_grid(rows: list[tuple[str, list]], cell: int = 128):
+    """One captioned row of images per prompt: `rows` is `[(prompt, [PIL images]), ...]`; images are scaled to `cell`
+    pixels with nearest-neighbour resampling, so that the model's pixels stay sharp."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    band, pad = 22, 4
+    columns = max(len(images) for _, images in rows)
+    text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(prompt, font=font)) for prompt, _ in rows)
+    width = max(columns * (cell + pad) + pad, text_width + 2 * pad)
+    grid = Image.new("RGB", (width, len(rows) * (band + cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    y = pad
+    for prompt, images in rows:
+        draw.text((pad, y + 2), prompt, fill="black", font=font)
+        y += band
+        for i, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (pad + i * (cell + pad), y))
+        y += cell + pad
+    return grid
+
+
+def _generation_kwargs(args: argparse.Namespace, seed_offset: int) -> dict:
+    import torch
+
+    kwargs = dict(
+        guidance_scale=args.guidance_scale, decoding=args.decoding, top_p=args.top_p, temperature=args.temperature,
+        num_images_per_prompt=args.num_images, progress_bar=not args.quiet,
+        generator=torch.Generator().manual_seed(args.seed + seed_offset),
+    )
+    candidates = args.num_candidates or args.num_images
+    if candidates > args.num_images or args.rerank:
+        from sentence_transformers import SentenceTransformer
+
+        from .pretrained import CLIP_PATH
+
+        kwargs.update(num_candidates=max(candidates, args.num_images), reranker=SentenceTransformer(str(CLIP_PATH)))
+    if args.retrieve:
+        kwargs.update(num_retrieved_docs=args.retrieve, retriever=_retriever(args))
+    return kwargs
+
+
+def _retriever(args: argparse.Namespace):
+    from sentence_transformers import SentenceTransformer
+
+    from .memory_bank import Cm3LeonMemoryBank
+    from .pretrained import CLIP_PATH
+    from .retriever import Cm3LeonRetriever
+
+    bank_dir = Path(args.memory_bank or Path(args.model) / "memory_bank")
+    if not (bank_dir / "manifest.json").exists():
+        raise SystemExit(f"error: --retrieve needs a memory bank; none at {bank_dir} (pass --memory-bank).")
+    return Cm3LeonRetriever(Cm3LeonMemoryBank.load(bank_dir), SentenceTransformer(str(CLIP_PATH)), query_dropout=0.0)
+
+
+def _pipeline(args: argparse.Namespace):
+    import torch
+    from transformers import pipeline
+
+    from . import pipelines  # noqa: F401  (registers "text-to-image")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (Path(args.model) / "config.json").exists():
+        raise SystemExit(f"error: {args.model} holds no model (config.json); pass --model a saved CM3Leon directory.")
+    return pipeline("text-to-image", model=str(args.model))
+
+
+def _write(grid, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(output)
+    print(f"wrote {output.resolve()}")
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Images for one prompt, in one captioned row."""
+    pipe = _pipeline(args)
+    check_prompt(pipe.processor.tokenizer, args.prompt)
+    results = pipe(args.prompt, **_generation_kwargs(args, 0))
+    _write(caption_grid([(args.prompt, [r["image"] for r in results])]), args.output)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """A captioned grid: one row per prompt (`DEMO_PROMPTS`, or `--prompts`)."""
+    pipe = _pipeline(args)
+    prompts = args.prompts or list(DEMO_PROMPTS)
+    for prompt in prompts:
+        check_prompt(pipe.processor.tokenizer, prompt)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if not args.quiet:
+            print(f"[{i + 1}/{len(prompts)}] {prompt}", file=sys.stderr)
+        rows.append((prompt, [r["image"] for r in pipe(prompt, **_generation_kwargs(args, i))]))
+    _write(caption_grid(rows), args.output)
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser, num_images: int) -> None:
+    from .pretrained import TINY_PATH
+
+    parser.add_argument("--model", default=str(TINY_PATH), help="a saved CM3Leon directory (default: the bundled tiny)")
+    parser.add_argument("-n", "--num-images", type=int, default=num_images, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (1: the conditional stream only)")
+    parser.add_argument("--decoding", default="top-p", choices=["top-p", "temperature", "cd-k", "pooled"])
+    parser.add_argument("--top-p", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--num-candidates", type=int, default=None,
+                        help="generate this many per prompt and keep the best by the world's CLIP (the paper: 8)")
+    parser.add_argument("--rerank", action="store_true", help="order the images by CLIP score")
+    parser.add_argument("--retrieve", type=int, default=0, metavar="K",
+                        help="put K documents retrieved from the model's memory bank in front of the prompt")
+    parser.add_argument("--memory-bank", default=None, help="a memory bank directory (default: <model>/memory_bank)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny model)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cm3leon-hf", description="CM3Leon for the Hugging Face ecosystem.")
     commands = parser.add_subparsers(dest="command", required=True)
+    generate_parser = commands.add_parser("generate", help="generate images for a prompt, written as one PNG")
+    generate_parser.add_argument("prompt")
+    generate_parser.add_argument("-o", "--output", type=Path, default=Path("cm3leon.png"))
+    _add_generation_arguments(generate_parser, num_images=4)
+    generate_parser.set_defaults(func=generate)
+    demo_parser = commands.add_parser("demo", help="a captioned PNG grid of images for a handful of prompts")
+    demo_parser.add_argument("-o", "--output", type=Path, default=Path("cm3leon-demo.png"))
+    demo_parser.add_argument("--prompts", nargs="+", help="instead of the built-in prompts")
+    _add_generation_arguments(demo_parser, num_images=4)
+    demo_parser.set_defaults(func=demo)
     info_parser = commands.add_parser("info", help="describe a config or saved model directory")
     info_parser.add_argument("path", help="directory with a config.json (e.g. hub_configs/cm3leon-350m)")
     info_parser.set_defaults(func=info)
