@@ -1,0 +1,109 @@
+"""The bundled tiny model, end to end: synthetic world → memory bank → pre-tokenized data with retrieved documents →
+retrieval-augmented CM3 pretraining. One command; every stage resumes after a stop.
+
+Commands:
+
+```bash
+# Reproduce the bundled model (hours on one CPU thread; on a GPU, append `-- --use_cpu false`)
+HF_HUB_OFFLINE=1 PYTHONPATH=src python training/train_tiny_model.py --config training/recipes/tiny_model.yaml
+
+# Stopped? Run the same command again. The same recipe without retrieved documents, for the retrieval ablation
+# (same data and steps, its own output directory):
+... --config training/recipes/tiny_model.yaml --no-retrieval
+```
+
+Stages (each a script of `training/`, run as a subprocess with this interpreter; a stage whose output is complete is
+skipped, an unfinished one resumes):
+
+1. `build_memory_bank.py`: the world's CLIP embeddings of `train_rows` text-to-image pairs, faiss index.
+2. `pretokenize.py`: the same pairs as ids (`text <break> image`), each with `num_retrieved_docs` documents retrieved
+   from that bank; and `validation_rows` validation pairs without.
+3. `pretrain.py --config <pretrain_config>` with `pretrain_overrides` and the data above; resumes from its last
+   complete checkpoint.
+
+Outputs under `output_root`: `bank/`, `pretokenized/{train-rag,validation}/`, `pretrain/` (or `pretrain-no-retrieval/`,
+whose samples hold no retrieved documents).
+"""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="the recipe (training/recipes/tiny_model.yaml)")
+    parser.add_argument("--no-retrieval", action="store_true", help="train without retrieved documents (the ablation)")
+    parser.add_argument("--stop-after", choices=["bank", "pretokenize", "pretrain"], help="run the stages up to this one")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("pretrain_args", nargs="*", help="more pretrain.py flags, after `--` (e.g. -- --max_steps 100)")
+    return parser.parse_args(argv)
+
+
+def load_recipe(path: Path) -> dict:
+    recipe = yaml.safe_load(path.read_text()) or {}
+    required = ("output_root", "train_rows", "validation_rows", "num_retrieved_docs", "pretrain_config")
+    missing = [key for key in required if key not in recipe]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}")
+    for key in ("train_rows", "validation_rows"):
+        if not isinstance(recipe[key], int) or recipe[key] < 1:
+            raise ValueError(f"{path}: {key} must be a positive integer, got {recipe[key]!r}")
+    return recipe
+
+
+def run(script: str, *args: str) -> None:
+    command = [sys.executable, str(HERE / script), *args]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / "manifest.json").exists()
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    recipe = load_recipe(args.config)
+    root = Path(recipe["output_root"])
+    if not root.is_absolute():
+        root = REPO / root
+    quiet = ["--no-progress"] if args.no_progress else []
+    source = ["--synthetic-task", "text_to_image", "--synthetic-rows", str(recipe["train_rows"])]
+
+    bank = root / "bank"
+    if not is_complete(bank):
+        run("build_memory_bank.py", *source, "--output-dir", str(bank), *quiet)
+    if args.stop_after == "bank":
+        return bank
+
+    train = root / "pretokenized" / "train-rag"
+    if not is_complete(train):
+        run("pretokenize.py", *source, "--memory-bank", str(bank), "--num-retrieved-docs",
+            str(recipe["num_retrieved_docs"]), "--output-dir", str(train), *quiet)
+    validation = root / "pretokenized" / "validation"
+    if not is_complete(validation):
+        run("pretokenize.py", "--synthetic-task", "text_to_image", "--synthetic-split", "validation",
+            "--synthetic-rows", str(recipe["validation_rows"]), "--output-dir", str(validation), *quiet)
+    if args.stop_after == "pretokenize":
+        return train
+
+    output = root / ("pretrain-no-retrieval" if args.no_retrieval else "pretrain")
+    overrides = []
+    for key, value in (recipe.get("pretrain_overrides") or {}).items():
+        overrides += [f"--{key}", str(value)]
+    docs = 0 if args.no_retrieval else recipe["num_retrieved_docs"]
+    run("pretrain.py", "--config", str(REPO / recipe["pretrain_config"]), "--train_data", str(train),
+        "--eval_data", str(validation), "--output_dir", str(output), "--num_retrieved_docs", str(docs),
+        *overrides, *args.pretrain_args)
+    return output
+
+
+if __name__ == "__main__":
+    main()
