@@ -21,3 +21,24 @@ def tiny_config():
     from cm3leon_hf import Cm3LeonConfig
 
     return Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
+
+
+def transformers_environments() -> list[tuple[str, dict]]:
+    """`(version, environment variables)` to run a fresh Python with each end of the supported transformers range:
+    the installed one (`make test` installs the newest) and, when it differs, the lowest of setup.cfg's range, which
+    `make test` installs without dependencies into `.compat/transformers-<lowest>` and which goes first on
+    PYTHONPATH."""
+    import re
+
+    import transformers
+    from packaging.version import Version
+
+    lowest = re.search(r"transformers>=([0-9.]+)", (REPO / "setup.cfg").read_text()).group(1)
+    environments = [(transformers.__version__, {})]
+    if Version(transformers.__version__) != Version(lowest):
+        target = REPO / ".compat" / f"transformers-{lowest}"
+        if not (target / "transformers").is_dir():
+            pytest.fail(f"transformers {lowest} (the lowest supported) is not in {target}; `make test` installs it, or: "
+                        f"pip install --no-deps --target {target} transformers=={lowest}")
+        environments.append((lowest, {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}))
+    return environments

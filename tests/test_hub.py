@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM, Cm3LeonModel
-from conftest import HUB_CONFIGS, REPO
+from conftest import HUB_CONFIGS, REPO, transformers_environments
 
 
 @pytest.fixture
@@ -59,6 +59,7 @@ def test_save_and_auto_load_round_trip(saved):
 
 
 def test_fresh_process_loads_saved_directory_with_remote_code_only(saved, tmp_path):
+    """With the newest and the lowest supported transformers (`transformers_environments`)."""
     model, path = saved
     ids = torch.tensor([[1, 300, 301, 302, 2, 1100, 1200]])
     with torch.no_grad():
@@ -68,6 +69,7 @@ def test_fresh_process_loads_saved_directory_with_remote_code_only(saved, tmp_pa
         f"""
         import sys
         import torch
+        import transformers
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
@@ -78,15 +80,16 @@ def test_fresh_process_loads_saved_directory_with_remote_code_only(saved, tmp_pa
             logits = model(ref["ids"]).logits
         assert "cm3leon_hf" not in sys.modules, "the package was imported"
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-        print(type(model).__name__, (logits - ref["logits"]).abs().max().item())
+        print(transformers.__version__, type(model).__name__, (logits - ref["logits"]).abs().max().item())
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    name, diff = result.stdout.split()[-2:]
-    assert name == "Cm3LeonForCausalLM"
-    assert float(diff) == 0.0
+    for version, variables in transformers_environments():
+        env = {**os.environ, **variables, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / f"modules-{version}")}
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert result.returncode == 0, f"transformers {version}: {result.stderr[-3000:]}"
+        loaded_version, name, diff = result.stdout.split()[-3:]
+        assert (loaded_version, name) == (version, "Cm3LeonForCausalLM")
+        assert float(diff) == 0.0
 
 
 def test_from_pretrained_resolves_hub_cache_snapshot_offline(saved, tmp_path):

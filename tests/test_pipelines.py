@@ -21,7 +21,7 @@ from cm3leon_hf.pipelines import TokenProgressBar, _sampling_runs
 from cm3leon_hf.pretrained import CLIP_PATH
 from cm3leon_hf.synthetic import build_task
 from cm3leon_hf.tokenization_cm3leon import train_text_tokenizer
-from conftest import HUB_CONFIGS
+from conftest import HUB_CONFIGS, transformers_environments
 from test_modeling_cm3leon import random_model
 
 
@@ -302,6 +302,8 @@ def test_processor_for_another_model_is_refused(model_dir):
 
 
 def test_saved_pipeline_loads_in_a_fresh_process_without_the_package(text_to_image, tmp_path):
+    """With the newest and the lowest supported transformers (`transformers_environments`): the processor, the model
+    and the pipeline all load from the saved code, and give the ids this process gives."""
     saved = tmp_path / "saved-pipeline"
     text_to_image.save_pretrained(saved)
     expected = image_ids_of(text_to_image, "a red star", generator=torch.Generator().manual_seed(5))[0]["image"]
@@ -309,18 +311,23 @@ def test_saved_pipeline_loads_in_a_fresh_process_without_the_package(text_to_ima
         f"""
         import sys
         import torch
-        from transformers import pipeline
+        import transformers
+        from transformers import AutoProcessor, pipeline
 
         torch.set_num_threads(1)
+        processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == "Cm3LeonProcessor" and processor.image_seq_length == 64
         pipe = pipeline("text-to-image", model={str(saved)!r}, trust_remote_code=True)
         out = pipe("a red star", output_type="ids", progress_bar=False, generator=torch.Generator().manual_seed(5))
         assert "cm3leon_hf" not in sys.modules, "the package was imported"
-        print(type(pipe).__name__, " ".join(map(str, out[0]["image"].tolist())))
+        print(transformers.__version__, type(pipe).__name__, " ".join(map(str, out[0]["image"].tolist())))
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    name, *ids = result.stdout.strip().splitlines()[-1].split()
-    assert name == "Cm3LeonTextToImagePipeline"
-    assert [int(i) for i in ids] == expected.tolist()
+    for version, variables in transformers_environments():
+        env = {**os.environ, **variables, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / f"modules-{version}")}
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert result.returncode == 0, f"transformers {version}: {result.stderr[-3000:]}"
+        assert "Do you wish to run the custom code" not in result.stdout  # trust_remote_code reached every loader
+        loaded_version, name, *ids = result.stdout.strip().splitlines()[-1].split()
+        assert (loaded_version, name) == (version, "Cm3LeonTextToImagePipeline")
+        assert [int(i) for i in ids] == expected.tolist()

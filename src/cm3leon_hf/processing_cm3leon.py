@@ -43,6 +43,7 @@ torch.Size([2, 69])
 ```
 """
 
+import inspect
 import os
 import posixpath
 import re
@@ -50,7 +51,7 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils.hub import hf_api
@@ -124,7 +125,7 @@ class Cm3LeonProcessor(ProcessorMixin):
     def get_attributes(cls) -> list[str]:
         # `ProcessorMixin` treats every `__init__` argument whose name contains "tokenizer" as a *text* tokenizer
         # (saved and loaded with `AutoTokenizer`). The image tokenizer is a VQ model that we save and load ourselves
-        # (`save_pretrained`, `_get_arguments_from_pretrained`), so only `tokenizer` is a sub-processor.
+        # (`save_pretrained`, `from_pretrained`), so only `tokenizer` is a sub-processor.
         return ["tokenizer"]
 
     def _read_vocabulary(self) -> None:
@@ -489,26 +490,48 @@ class Cm3LeonProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, model_config=None, **kwargs) -> "Cm3LeonProcessor":
-        """Load a processor saved by `save_pretrained` (a directory or a Hub repository). With `model_config` (a
-        `Cm3LeonConfig`), check that it matches the processor's vocabulary (`validate_model_config`)."""
-        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        """Load a processor saved by `save_pretrained` (a directory or a Hub repository): the text tokenizer with
+        `AutoTokenizer`, `processor_config.json` (and the chat template) with `ProcessorMixin.get_processor_dict`, and
+        the VQ from `image_tokenizer/`. Keyword arguments named like `__init__`'s (`tokenizer=`, `image_tokenizer=`,
+        `prepend_eos=`, `chat_template=`, ...) replace what is loaded; the Hub arguments (`revision=`, `token=`,
+        `cache_dir=`, `subfolder=`, ...) apply to every file. With `model_config` (a `Cm3LeonConfig`), check that it
+        matches the processor's vocabulary (`validate_model_config`).
+
+        Loading is ours rather than `ProcessorMixin.from_pretrained`'s because the image tokenizer is no transformers
+        sub-processor, and the private hooks that load sub-processors changed between transformers 5.24 and 5.25: a
+        saved processor must load, as remote code, with every transformers version the package supports."""
+        if args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes keyword arguments only, got {len(args)} positional.")
+        hub = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        hub = {key: value for key, value in hub.items() if value is not None}
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        init_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        # As `ProcessorMixin.from_args_and_dict`: arguments that are not the processor's (a pipeline passes the
+        # model's `dtype`, Auto classes `trust_remote_code`) are left out, and returned with `return_unused_kwargs`.
+        unused = {key: value for key, value in kwargs.items() if key not in init_names}
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub)
+        init = {key: processor_dict[key] for key in init_names if key in processor_dict}
+        init.update({key: value for key, value in kwargs.items() if key in init_names})
+        if init.get("tokenizer") is None:
+            # AutoTokenizer reads config.json, whose auto_map names this package's code: pass the caller's consent on
+            trust = {"trust_remote_code": kwargs["trust_remote_code"]} if "trust_remote_code" in kwargs else {}
+            init["tokenizer"] = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub, **trust)
+        if init.get("image_tokenizer") is None:
+            subfolder = posixpath.join(hub.get("subfolder") or "", IMAGE_TOKENIZER_SUBFOLDER)
+            init["image_tokenizer"] = Cm3LeonImageTokenizer.from_pretrained(
+                pretrained_model_name_or_path, **{**hub, "subfolder": subfolder}
+            )
+        processor = cls(**init)
         if model_config is not None:
             processor.validate_model_config(model_config)
-        return processor
+        return (processor, unused) if return_unused_kwargs else processor
 
     def __repr__(self) -> str:
         return f"{super().__repr__()}\n- image_tokenizer: {self.image_tokenizer!r}"
 
-    @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        (tokenizer,) = super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
-        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies")
-        image_tokenizer = Cm3LeonImageTokenizer.from_pretrained(
-            pretrained_model_name_or_path,
-            subfolder=posixpath.join(kwargs.get("subfolder") or "", IMAGE_TOKENIZER_SUBFOLDER),
-            **{key: kwargs[key] for key in hub_keys if kwargs.get(key) is not None},
-        )
-        return [tokenizer, image_tokenizer]
+
+# Arguments of `from_pretrained` that say where files come from; passed to every file's loader.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
 
 
 __all__ = ["Cm3LeonProcessor"]
