@@ -188,10 +188,11 @@ def test_every_prompt_is_the_layouts(text_to_image, model_dir, world, retriever)
     assert processor.unconditional_prompt() == layout.unconditional_prompt()
     # generate's default unconditional stream.
     cond = processor("a red star <break>", return_tensors="pt")["input_ids"]
+    settings = model._decoding_settings(None, cond, cfg_scale=3.0, image_cfg_scale=None, contrastive_k=None,
+                                        contrastive_alpha=None, amateur_temperature=None, generate_image=True,
+                                        image_token_constraint=None)
     kwargs, _ = model._prepare_cm3leon_decoding(
-        cond, {}, None, cfg_scale=3.0, image_cfg_scale=None, contrastive_k=None, contrastive_alpha=None,
-        amateur_temperature=None, uncond=(None, None), image_cond=(None, None), generate_image=True,
-        generation_config=None,
+        cond, {}, None, settings, uncond=(None, None), image_cond=(None, None), generation_config=None
     )
     plan = kwargs["decoding_plan"]
     assert plan.input_ids[1][plan.attention_mask[1].bool()].tolist() == layout.unconditional_prompt()

@@ -13,35 +13,24 @@ embed position 0 instead of OPT's spare row.
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_cm3leon import Cm3LeonConfig
-from .layout import Cm3LeonLayout
-from .logits_process import (
-    IMAGE,
-    STREAM_PROCESSORS,
-    BatchedClassifierFreeGuidanceLogitsProcessor,
-    ContrastiveDecodingLogitsProcessor,
-    ImageTokenConstraintLogitsProcessor,
-    InstructClassifierFreeGuidanceLogitsProcessor,
-    next_token_modality,
-)
+from .generation_cm3leon import Cm3LeonDecodingPlan, Cm3LeonGenerationMixin
 
 
 class Cm3LeonLearnedPositionalEmbedding(nn.Embedding):
@@ -97,6 +86,7 @@ class Cm3LeonAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.out_proj = Cm3LeonResidualProjection(config.hidden_size, config.hidden_size)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' old name, as in Llama
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -142,6 +132,7 @@ class Cm3LeonDecoderLayer(GradientCheckpointingLayer):
         self.fc2 = Cm3LeonResidualProjection(config.intermediate_size, config.hidden_size)
         self.activation_fn = ACT2FN[config.hidden_act]
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' old name, as in Llama
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -222,6 +213,7 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
                 f"another model?"
             )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -302,26 +294,7 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
-@dataclass
-class Cm3LeonDecodingPlan:
-    """State of one guided/constrained `generate` call, carried in its model kwargs.
-
-    Attributes:
-        input_ids (`torch.LongTensor` of shape `(num_streams * batch_size, prompt_length)`): the prompts of all streams,
-            stream-major (conditional, unconditional, image-conditional), left-padded; `None` with one stream.
-        attention_mask (`torch.LongTensor` of shape `(num_streams * batch_size, prompt_length + steps)`): grows by one
-            column of ones per decoding step.
-        num_streams (`int`): 1, 2 (CFG, CD-K) or 3 (instruct-CFG).
-        generate_image (`bool`, *optional*): the modality constraint's mode (`None`: the layout decides).
-    """
-
-    input_ids: torch.LongTensor | None
-    attention_mask: torch.LongTensor | None
-    num_streams: int
-    generate_image: bool | None
-
-
-class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
+class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, Cm3LeonGenerationMixin):
     r"""
     CM3Leon with its LM head (tied to the token embeddings): next-token logits over text, special tokens and image
     codes.
@@ -357,10 +330,15 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
         # CM3Leon samples (temperature or top-p, CL §3.1; p = 0.8 in its demo), never with transformers' global
         # default of top-k 50, and a generated span ends at <eos> or, when infilling (CM3), at <eoss>.
         # A checkpoint's generation_config.json replaces these.
+        end_of_generation = [t for t in (config.eos_token_id, config.eoss_token_id) if t is not None]
         self.generation_config.update(
-            do_sample=True, top_p=0.8, top_k=0, temperature=1.0, eos_token_id=[config.eos_token_id, config.eoss_token_id]
+            do_sample=True, top_p=0.8, top_k=0, temperature=1.0, eos_token_id=end_of_generation or None
         )
+        # Ours, not the model config's: its decoding settings (`cfg_scale`, ... see `generation_cm3leon.py`) must load
+        # back from generation_config.json, which transformers skips for a config marked as derived from the model's.
+        self.generation_config._from_model_config = False
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -421,292 +399,6 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
-    def generate(
-        self,
-        inputs: torch.LongTensor | None = None,
-        generation_config=None,
-        logits_processor: LogitsProcessorList | None = None,
-        *,
-        cfg_scale: float | None = None,
-        image_cfg_scale: float | None = None,
-        contrastive_k: int | None = None,
-        contrastive_alpha: float = 0.5,
-        amateur_temperature: float = 0.5,
-        uncond_input_ids: torch.LongTensor | None = None,
-        uncond_attention_mask: torch.LongTensor | None = None,
-        image_cond_input_ids: torch.LongTensor | None = None,
-        image_cond_attention_mask: torch.LongTensor | None = None,
-        generate_image: bool | None = None,
-        generator: torch.Generator | None = None,
-        **kwargs,
-    ):
-        r"""
-        `GenerationMixin.generate` with CM3Leon's decoding (CL §3.1, §4.1). Guided decoding runs every stream of a
-        prompt as rows of ONE forward pass per token (one KV cache, left padding, positions from the masks) and feeds
-        every stream the sampled token; a logits processor combines the rows before temperature/top-p.
-
-        Generation runs in the model's dtype. We keep float32 as the CPU default (as transformers and diffusers do):
-        on a CPU with AVX512-BF16 or AMX, loading with `dtype=torch.bfloat16` makes guided decoding 1.45x faster at
-        125M dims, because bf16 matmuls cost the same for the 2 rows of the streams as for 1 while fp32 ones cost
-        twice as much (`bench/RESULTS.md`); at the tiny size a step is overhead-bound and the dtype does not matter.
-
-        Args:
-            inputs (`torch.LongTensor` of shape `(batch_size, prompt_length)`):
-                The conditional prompts (`input_ids=` works too), left-padded with `attention_mask`.
-            cfg_scale (`float`, *optional*):
-                Classifier-free guidance `uncond + cfg_scale * (cond - uncond)` (the paper's α_c). Named so on purpose:
-                transformers' `guidance_scale` adds its own two-forward processor.
-            image_cfg_scale (`float`, *optional*):
-                Instruct-CFG for editing: image scale s_I, with `cfg_scale` as the text scale s_T; needs
-                `image_cond_input_ids`.
-            contrastive_k (`int`, *optional*):
-                CD-K contrastive decoding with this k (see [`ContrastiveDecodingLogitsProcessor`]), instead of CFG.
-            contrastive_alpha (`float`, defaults to 0.5), amateur_temperature (`float`, defaults to 0.5):
-                CD-K's plausibility threshold and the unconditional stream's temperature.
-            uncond_input_ids (`torch.LongTensor` of shape `(batch_size, uncond_length)`, *optional*):
-                The unconditional stream (text replaced by `<mask>`, retrieved documents kept). Defaults to
-                `<eos> <mask:0> <break>` for every prompt.
-            uncond_attention_mask (`torch.LongTensor`, *optional*): its padding mask.
-            image_cond_input_ids (`torch.LongTensor` of shape `(batch_size, length)`, *optional*):
-                For editing: the prompt with the source image but without the instruction. Its mask:
-                `image_cond_attention_mask`.
-            generate_image (`bool`, *optional*):
-                The modality constraint, always on: an image is exactly `image_seq_length` image codes followed by
-                `<break>`/`<eos>`, and text contains no image code. `True`: the continuation is an image, and
-                `max_new_tokens` defaults to `image_seq_length`. `False`: the continuation is text. `None` (default):
-                the document layout decides — a `<break>` after text starts an image, anything else continues text
-                (see [`next_token_modality`]). While every row must write image codes the LM head computes only
-                their columns.
-            generator (`torch.Generator`, *optional*):
-                Makes sampling reproducible without touching the global RNG: a seed drawn from it seeds a forked RNG
-                for this call (the generator advances, so successive calls differ, as in diffusers).
-            kwargs:
-                Everything `GenerationMixin.generate` takes (`attention_mask`, `max_new_tokens`, `do_sample`,
-                `temperature`, `top_p`, `num_return_sequences`, ...).
-
-        Returns:
-            What `GenerationMixin.generate` returns; `sequences` are the conditional stream's.
-
-        Example:
-
-        ```python
-        >>> import torch
-        >>> from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
-        >>> config = Cm3LeonConfig.from_pretrained("hub_configs/cm3leon-tiny")
-        >>> model = Cm3LeonForCausalLM(config).eval()
-        >>> prompt = torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>
-        >>> out = model.generate(prompt, cfg_scale=3.0, generate_image=True, do_sample=True, top_p=0.8,
-        ...                      generator=torch.Generator().manual_seed(0))
-        >>> image = out[0, prompt.shape[1]:]
-        >>> len(image) == config.image_seq_length, bool((image >= config.image_token_offset).all())
-        (True, True)
-
-        ```
-        """
-        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        guided = cfg_scale is not None or image_cfg_scale is not None or contrastive_k is not None
-        extra_prompts = (uncond_input_ids, uncond_attention_mask, image_cond_input_ids, image_cond_attention_mask)
-        if not guided and any(x is not None for x in extra_prompts):
-            raise ValueError("Unconditional or image-conditional prompts need `cfg_scale` or `contrastive_k`.")
-        if input_ids is None:
-            if guided or generate_image is not None:
-                raise ValueError("Guided or image-constrained generation needs the prompt `input_ids`.")
-        else:
-            kwargs, logits_processor = self._prepare_cm3leon_decoding(
-                input_ids,
-                kwargs,
-                logits_processor,
-                cfg_scale=cfg_scale,
-                image_cfg_scale=image_cfg_scale,
-                contrastive_k=contrastive_k,
-                contrastive_alpha=contrastive_alpha,
-                amateur_temperature=amateur_temperature,
-                uncond=(uncond_input_ids, uncond_attention_mask),
-                image_cond=(image_cond_input_ids, image_cond_attention_mask),
-                generate_image=generate_image,
-                generation_config=generation_config,
-            )
-            input_ids = kwargs.pop("input_ids")
-        if generator is None:
-            return super().generate(input_ids, generation_config, logits_processor, **kwargs)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            return super().generate(input_ids, generation_config, logits_processor, **kwargs)
-
-    def _prepare_cm3leon_decoding(
-        self,
-        input_ids,
-        kwargs,
-        logits_processor,
-        *,
-        cfg_scale,
-        image_cfg_scale,
-        contrastive_k,
-        contrastive_alpha,
-        amateur_temperature,
-        uncond,
-        image_cond,
-        generate_image,
-        generation_config,
-    ) -> tuple[dict, LogitsProcessorList]:
-        """Validate the decoding arguments, build the modality constraint and the guidance processor, and stack the
-        streams of guided decoding."""
-        config = self.config
-        guided = cfg_scale is not None or image_cfg_scale is not None or contrastive_k is not None
-        if contrastive_k is not None and (cfg_scale is not None or image_cfg_scale is not None):
-            raise ValueError("Choose one of CD-K (`contrastive_k`) and CFG (`cfg_scale`/`image_cfg_scale`).")
-        if image_cfg_scale is not None and cfg_scale is None:
-            raise ValueError("Instruct-CFG needs both `image_cfg_scale` and `cfg_scale` (the text scale).")
-        if image_cfg_scale is not None and image_cond[0] is None:
-            raise ValueError(
-                "An editing call (`image_cfg_scale`) needs `image_cond_input_ids`: the prompt with the source image "
-                "and without the instruction."
-            )
-        if image_cfg_scale is None and image_cond[0] is not None:
-            raise ValueError("`image_cond_input_ids` is only used by instruct-CFG (`image_cfg_scale`).")
-        if guided:
-            for name in ("guidance_scale", "assistant_model", "negative_prompt_ids"):
-                if kwargs.get(name) is not None:
-                    raise ValueError(f"`{name}` cannot be combined with CM3Leon's guided decoding.")
-            num_beams = kwargs.get("num_beams", getattr(generation_config, "num_beams", 1))
-            if num_beams not in (None, 1):
-                raise ValueError("Guided decoding samples or decodes greedily; beam search is not supported.")
-
-        processors = [
-            ImageTokenConstraintLogitsProcessor(
-                image_token_offset=config.image_token_offset,
-                image_vocab_size=config.image_vocab_size,
-                image_seq_length=config.image_seq_length,
-                end_of_image_token_ids=[config.break_token_id, config.eos_token_id],
-                vocab_size=config.vocab_size,
-                generate_image=generate_image,
-            )
-        ]
-        if contrastive_k is not None:
-            candidates = config.image_vocab_size if generate_image else config.vocab_size
-            processors.append(
-                ContrastiveDecodingLogitsProcessor(contrastive_alpha, contrastive_k, amateur_temperature, candidates)
-            )
-        elif image_cfg_scale is not None:
-            processors.append(InstructClassifierFreeGuidanceLogitsProcessor(image_cfg_scale, cfg_scale))
-        elif cfg_scale is not None:
-            processors.append(BatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale))
-
-        max_new_tokens = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
-        if generate_image and max_new_tokens is None:
-            max_new_tokens = kwargs["max_new_tokens"] = config.image_seq_length
-
-        batch_size = input_ids.shape[0]
-        streams = [(input_ids, kwargs.pop("attention_mask", None))]
-        if guided:
-            uncond_ids, uncond_mask = uncond
-            if uncond_ids is None:  # <eos> <mask:0> <break>
-                default = Cm3LeonLayout.of(config).unconditional_prompt()
-                uncond_ids = torch.tensor([default], device=input_ids.device).expand(batch_size, -1)
-            streams.append((uncond_ids, uncond_mask))
-            if image_cfg_scale is not None:
-                streams.append(image_cond)
-            for i, (ids, mask) in enumerate(streams):
-                if ids.shape[0] != batch_size:
-                    raise ValueError(f"Stream {i} has {ids.shape[0]} prompts, the conditional stream {batch_size}.")
-                streams[i] = (ids, torch.ones_like(ids) if mask is None else mask)
-            # Expanded here rather than by transformers, which does not know the extra streams.
-            num_return_sequences = (
-                kwargs.pop("num_return_sequences", None)
-                or getattr(generation_config or self.generation_config, "num_return_sequences", None)
-                or 1
-            )
-            streams = [(i.repeat_interleave(num_return_sequences, 0), m.repeat_interleave(num_return_sequences, 0)) for i, m in streams]
-
-        prompt_length = max(ids.shape[1] for ids, _ in streams)
-        if max_new_tokens is not None and prompt_length + max_new_tokens > config.max_position_embeddings:
-            raise ValueError(
-                f"The prompt ({prompt_length} tokens, the longest of its {len(streams)} stream(s)) plus {max_new_tokens} "
-                f"new tokens exceeds the context of {config.max_position_embeddings} tokens."
-            )
-
-        cond_ids, cond_mask = streams[0]
-        if guided:
-            pad = config.pad_token_id
-            padded = [
-                (
-                    nn.functional.pad(ids, (prompt_length - ids.shape[1], 0), value=pad),
-                    nn.functional.pad(mask, (prompt_length - mask.shape[1], 0), value=0),
-                )
-                for ids, mask in streams
-            ]
-            plan = Cm3LeonDecodingPlan(
-                input_ids=torch.cat([ids for ids, _ in padded]),
-                attention_mask=torch.cat([mask for _, mask in padded]),
-                num_streams=len(streams),
-                generate_image=generate_image,
-            )
-        else:
-            plan = Cm3LeonDecodingPlan(None, None, 1, generate_image)
-        kwargs.update(input_ids=cond_ids, decoding_plan=plan)
-        if cond_mask is not None:
-            kwargs["attention_mask"] = cond_mask
-        return kwargs, LogitsProcessorList([*(logits_processor or []), *processors])
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        next_sequence_length: int | None = None,
-        cache: Cache | None = None,
-        attention_mask: torch.LongTensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        is_first_iteration: bool | None = False,
-        decoding_plan: "Cm3LeonDecodingPlan | None" = None,
-        **kwargs,
-    ) -> dict:
-        """Expand each prompt into its streams: the stacked prompts on the first step, then the last sampled token of
-        every prompt repeated for each stream, with the streams' own growing attention mask. In image mode, ask for
-        the image columns of the LM head only when every row must emit an image code."""
-        if decoding_plan is not None and decoding_plan.num_streams > 1:
-            kwargs.pop("position_ids", None)  # transformers' are the conditional stream's; ours come from the mask
-            if is_first_iteration:
-                stream_ids = decoding_plan.input_ids
-            else:
-                stream_ids = input_ids[:, -1:].repeat(decoding_plan.num_streams, 1)  # (streams * batch, 1)
-                decoding_plan.attention_mask = nn.functional.pad(decoding_plan.attention_mask, (0, 1), value=1)
-            model_inputs = super().prepare_inputs_for_generation(
-                stream_ids,
-                cache=cache,
-                attention_mask=decoding_plan.attention_mask,
-                is_first_iteration=is_first_iteration,
-                **kwargs,
-            )
-        else:
-            model_inputs = super().prepare_inputs_for_generation(
-                input_ids, next_sequence_length, cache, attention_mask, inputs_embeds, is_first_iteration, **kwargs
-            )
-        if decoding_plan is not None and decoding_plan.generate_image is not False:
-            config = self.config
-            state = next_token_modality(
-                input_ids,
-                config.image_token_offset,
-                config.image_vocab_size,
-                config.image_seq_length,
-                config.break_token_id,
-                decoding_plan.generate_image,
-            )
-            if bool((state == IMAGE).all()):
-                model_inputs["logits_vocab_range"] = (
-                    config.image_token_offset,
-                    config.image_token_offset + config.image_vocab_size,
-                )
-        return model_inputs
-
-    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
-        # The stream processors must see the stacked streams first (constraint, then guidance): every other processor
-        # expects one row per prompt. transformers appends custom processors after its own, hence this reordering.
-        processors = super()._get_logits_processor(*args, **kwargs)
-        rank = {cls: i for i, cls in enumerate(STREAM_PROCESSORS)}
-        first = sorted((p for p in processors if type(p) in rank), key=lambda p: rank[type(p)])
-        return LogitsProcessorList([*first, *(p for p in processors if type(p) not in rank)])
 
     def save_pretrained(
         self,

@@ -134,8 +134,9 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
     Args (at construction or per call):
         negative_prompt (`str`, *optional*):
             Text of the unconditional stream instead of the paper's `<mask:0>`.
-        guidance_scale (`float`, defaults to 3.0):
-            CFG scale α_c (the paper's demo uses 3, its evaluation 4). Ignored by `decoding="cd-k"`.
+        guidance_scale (`float`, *optional*):
+            CFG scale α_c (the paper's demo uses 3, its evaluation 4); 1 samples the conditional distribution alone.
+            Defaults to the model's `generation_config.cfg_scale`, else 3.0. Ignored by `decoding="cd-k"`.
         decoding (`str`, defaults to `"top-p"`):
             `"top-p"` (CFG + nucleus sampling, `top_p`), `"temperature"` (CFG + temperature sampling), `"cd-k"` (CD-K
             contrastive decoding: `contrastive_k`, `contrastive_alpha`, `amateur_temperature`) or `"pooled"` (the
@@ -232,7 +233,7 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
     def _forward(
         self,
         model_inputs,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         decoding: str = "top-p",
         num_images_per_prompt: int = 1,
         num_candidates: int | None = None,
@@ -247,6 +248,8 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
         generate_kwargs: dict | None = None,
     ):
         num_candidates = num_images_per_prompt if num_candidates is None else num_candidates
+        if guidance_scale is None:
+            guidance_scale = getattr(self.model.generation_config, "cfg_scale", None) or 3.0
         if num_images_per_prompt < 1 or num_candidates < num_images_per_prompt:
             raise ValueError(
                 f"Need 1 <= num_images_per_prompt ({num_images_per_prompt}) <= num_candidates ({num_candidates})."

@@ -1,0 +1,423 @@
+"""CM3Leon's decoding inside transformers' `generate()`: guided streams in one forward, the modality constraint, and the
+decoding defaults a checkpoint's `generation_config.json` carries.
+
+`Cm3LeonGenerationMixin` is the `GenerationMixin` of `Cm3LeonForCausalLM` (as transformers keeps generation code apart
+from modeling code). It adds to `generate`:
+
+- **Guided decoding** (CL §3.1, §4.1): classifier-free guidance (`cfg_scale`), instruct-CFG for editing
+  (`image_cfg_scale`) and CD-K contrastive decoding (`contrastive_k`). Every stream of a prompt (conditional,
+  unconditional, image-conditional) is a row of ONE forward pass per token, with one KV cache; every stream is fed the
+  sampled token; a logits processor combines the rows (`logits_process.py`).
+- **The modality constraint** (`image_token_constraint`, on by default): an image is exactly `image_seq_length` image
+  codes and text never holds one, so every generated image decodes. Off, `generate` samples the model's own
+  distribution over the whole vocabulary, as any transformers model does (perplexity studies, non-CM3 data).
+- **Decoding defaults in the generation config**: `cfg_scale`, `image_cfg_scale`, `contrastive_k`, `contrastive_alpha`,
+  `amateur_temperature`, `generate_image` and `image_token_constraint` are read from the `generation_config` (the
+  argument, else the model's) when a call does not pass them, as MusicGen keeps its `guidance_scale` there; so a
+  saved model decodes with its own defaults. The guidance defaults apply to image generation only (captioning with
+  the same model stays unguided), and only when the call passes no guidance argument of its own.
+  `cfg_scale=1` is the conditional distribution exactly (`uncond + 1 * (cond - uncond)`): it runs one stream.
+
+Example:
+
+```python
+>>> import torch
+>>> from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
+>>> config = Cm3LeonConfig.from_pretrained("hub_configs/cm3leon-tiny")
+>>> model = Cm3LeonForCausalLM(config).eval()
+>>> model.generation_config.cfg_scale = 3.0  # saved with save_pretrained, in generation_config.json
+>>> prompt = torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>: an image
+>>> image = model.generate(prompt, generator=torch.Generator().manual_seed(0))[0, prompt.shape[1]:]
+>>> len(image) == config.image_seq_length, bool((image >= config.image_token_offset).all())
+(True, True)
+
+```
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LogitsProcessorList
+from transformers.generation import GenerationMixin
+
+from .layout import Cm3LeonLayout
+from .logits_process import (
+    IMAGE,
+    STREAM_PROCESSORS,
+    BatchedClassifierFreeGuidanceLogitsProcessor,
+    ContrastiveDecodingLogitsProcessor,
+    ImageTokenConstraintLogitsProcessor,
+    InstructClassifierFreeGuidanceLogitsProcessor,
+    next_token_modality,
+)
+
+# Decoding settings of ours that a `GenerationConfig` may carry, and their values when it does not.
+DECODING_DEFAULTS = {
+    "cfg_scale": None,
+    "image_cfg_scale": None,
+    "contrastive_k": None,
+    "contrastive_alpha": 0.5,
+    "amateur_temperature": 0.5,
+    "generate_image": None,
+    "image_token_constraint": True,
+}
+GUIDANCE_SETTINGS = ("cfg_scale", "image_cfg_scale", "contrastive_k")
+
+
+@dataclass
+class Cm3LeonDecodingPlan:
+    """State of one guided/constrained `generate` call, carried in its model kwargs.
+
+    Attributes:
+        input_ids (`torch.LongTensor` of shape `(num_streams * batch_size, prompt_length)`): the prompts of all streams,
+            stream-major (conditional, unconditional, image-conditional), left-padded; `None` with one stream.
+        attention_mask (`torch.LongTensor` of shape `(num_streams * batch_size, prompt_length + steps)`): grows by one
+            column of ones per decoding step.
+        num_streams (`int`): 1, 2 (CFG, CD-K) or 3 (instruct-CFG).
+        generate_image (`bool`, *optional*): the modality constraint's mode (`None`: the layout decides).
+        constrained (`bool`): whether the modality constraint is on.
+    """
+
+    input_ids: torch.LongTensor | None
+    attention_mask: torch.LongTensor | None
+    num_streams: int
+    generate_image: bool | None
+    constrained: bool = True
+
+
+class Cm3LeonGenerationMixin(GenerationMixin):
+    """`GenerationMixin` with CM3Leon's decoding (see the module docstring)."""
+
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config=None,
+        logits_processor: LogitsProcessorList | None = None,
+        *,
+        cfg_scale: float | None = None,
+        image_cfg_scale: float | None = None,
+        contrastive_k: int | None = None,
+        contrastive_alpha: float | None = None,
+        amateur_temperature: float | None = None,
+        uncond_input_ids: torch.LongTensor | None = None,
+        uncond_attention_mask: torch.LongTensor | None = None,
+        image_cond_input_ids: torch.LongTensor | None = None,
+        image_cond_attention_mask: torch.LongTensor | None = None,
+        generate_image: bool | None = None,
+        image_token_constraint: bool | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        r"""
+        `GenerationMixin.generate` with CM3Leon's decoding (CL §3.1, §4.1). Guided decoding runs every stream of a
+        prompt as rows of ONE forward pass per token (one KV cache, left padding, positions from the masks) and feeds
+        every stream the sampled token; a logits processor combines the rows before temperature/top-p.
+
+        Every setting below that a call leaves at `None` comes from the generation config (`generation_config`, else
+        the model's `generation_config.json`), then from `DECODING_DEFAULTS`; the guidance settings only for image
+        generation and only when the call sets none of `cfg_scale`, `image_cfg_scale` and `contrastive_k`.
+
+        Generation runs in the model's dtype. We keep float32 as the CPU default (as transformers and diffusers do):
+        on a CPU with AVX512-BF16 or AMX, loading with `dtype=torch.bfloat16` makes guided decoding 1.45x faster at
+        125M dims, because bf16 matmuls cost the same for the 2 rows of the streams as for 1 while fp32 ones cost
+        twice as much (`bench/RESULTS.md`); at the tiny size a step is overhead-bound and the dtype does not matter.
+
+        Args:
+            inputs (`torch.LongTensor` of shape `(batch_size, prompt_length)`):
+                The conditional prompts (`input_ids=` works too), left-padded with `attention_mask`.
+            cfg_scale (`float`, *optional*):
+                Classifier-free guidance `uncond + cfg_scale * (cond - uncond)` (the paper's α_c). Named so on purpose:
+                transformers' `guidance_scale` adds its own two-forward processor. 1 is the conditional distribution:
+                one stream, the unconditional prompt unused.
+            image_cfg_scale (`float`, *optional*):
+                Instruct-CFG for editing: image scale s_I, with `cfg_scale` as the text scale s_T; needs
+                `image_cond_input_ids`.
+            contrastive_k (`int`, *optional*):
+                CD-K contrastive decoding with this k (see [`ContrastiveDecodingLogitsProcessor`]), instead of CFG.
+            contrastive_alpha (`float`, defaults to 0.5), amateur_temperature (`float`, defaults to 0.5):
+                CD-K's plausibility threshold and the unconditional stream's temperature.
+            uncond_input_ids (`torch.LongTensor` of shape `(batch_size, uncond_length)`, *optional*):
+                The unconditional stream (text replaced by `<mask>`, retrieved documents kept). Defaults to
+                `<eos> <mask:0> <break>` for every prompt.
+            uncond_attention_mask (`torch.LongTensor`, *optional*): its padding mask.
+            image_cond_input_ids (`torch.LongTensor` of shape `(batch_size, length)`, *optional*):
+                For editing: the prompt with the source image but without the instruction. Its mask:
+                `image_cond_attention_mask`.
+            generate_image (`bool`, *optional*):
+                The constraint's mode. `True`: the continuation is an image, and `max_new_tokens` defaults to
+                `image_seq_length`. `False`: the continuation is text. `None` (default): the document layout decides —
+                a `<break>` after text starts an image, anything else continues text (see [`next_token_modality`]);
+                when every prompt starts an image, `max_new_tokens` defaults to `image_seq_length` too.
+                While every row must write image codes the LM head computes only their columns.
+            image_token_constraint (`bool`, *optional*, defaults to `True`):
+                The modality constraint: an image is exactly `image_seq_length` image codes followed by
+                `<break>`/`<eos>`, and text contains no image code. `False` samples the model's own distribution over
+                the whole vocabulary (then `generate_image` must stay `None`).
+            generator (`torch.Generator`, *optional*):
+                Makes sampling reproducible without touching the global RNG: a seed drawn from it seeds a forked RNG
+                for this call (the generator advances, so successive calls differ, as in diffusers).
+            kwargs:
+                Everything `GenerationMixin.generate` takes (`attention_mask`, `max_new_tokens`, `do_sample`,
+                `temperature`, `top_p`, `num_return_sequences`, ...).
+
+        Returns:
+            What `GenerationMixin.generate` returns; `sequences` are the conditional stream's.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
+        >>> config = Cm3LeonConfig.from_pretrained("hub_configs/cm3leon-tiny")
+        >>> model = Cm3LeonForCausalLM(config).eval()
+        >>> prompt = torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>
+        >>> out = model.generate(prompt, cfg_scale=3.0, generate_image=True, do_sample=True, top_p=0.8,
+        ...                      generator=torch.Generator().manual_seed(0))
+        >>> image = out[0, prompt.shape[1]:]
+        >>> len(image) == config.image_seq_length, bool((image >= config.image_token_offset).all())
+        (True, True)
+
+        ```
+        """
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        settings = self._decoding_settings(
+            generation_config,
+            input_ids,
+            cfg_scale=cfg_scale,
+            image_cfg_scale=image_cfg_scale,
+            contrastive_k=contrastive_k,
+            contrastive_alpha=contrastive_alpha,
+            amateur_temperature=amateur_temperature,
+            generate_image=generate_image,
+            image_token_constraint=image_token_constraint,
+        )
+        guided = any(settings[name] is not None for name in GUIDANCE_SETTINGS)
+        extra_prompts = (uncond_input_ids, uncond_attention_mask, image_cond_input_ids, image_cond_attention_mask)
+        if not guided and any(x is not None for x in extra_prompts) and settings["cfg_scale"] != 1.0:
+            raise ValueError("Unconditional or image-conditional prompts need `cfg_scale` or `contrastive_k`.")
+        if settings["cfg_scale"] == 1.0 and settings["image_cfg_scale"] is None:  # exactly the conditional stream
+            settings["cfg_scale"], guided = None, False
+            uncond_input_ids = uncond_attention_mask = None
+        if input_ids is None:
+            if guided or settings["generate_image"] is not None:
+                raise ValueError("Guided or image-constrained generation needs the prompt `input_ids`.")
+        elif guided or settings["image_token_constraint"]:
+            kwargs, logits_processor = self._prepare_cm3leon_decoding(
+                input_ids,
+                kwargs,
+                logits_processor,
+                settings,
+                uncond=(uncond_input_ids, uncond_attention_mask),
+                image_cond=(image_cond_input_ids, image_cond_attention_mask),
+                generation_config=generation_config,
+            )
+            input_ids = kwargs.pop("input_ids")
+        if generator is None:
+            return super().generate(input_ids, generation_config, logits_processor, **kwargs)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return super().generate(input_ids, generation_config, logits_processor, **kwargs)
+
+    def _decoding_settings(self, generation_config, input_ids, **passed) -> dict:
+        """This call's decoding settings: what it passed, else the generation config's, else `DECODING_DEFAULTS`."""
+        source = generation_config if generation_config is not None else self.generation_config
+        settings = {}
+        for name, default in DECODING_DEFAULTS.items():
+            value = passed[name]
+            if value is None and name not in GUIDANCE_SETTINGS:
+                value = getattr(source, name, None)
+            settings[name] = default if value is None else value
+        if not isinstance(settings["image_token_constraint"], bool):
+            raise ValueError(f"`image_token_constraint` must be True or False, got {settings['image_token_constraint']!r}.")
+        if not settings["image_token_constraint"] and settings["generate_image"] is not None:
+            raise ValueError("`generate_image` needs the modality constraint (`image_token_constraint=True`).")
+        settings["writes_image"] = self._writes_image(input_ids, settings)
+        if all(passed[name] is None for name in GUIDANCE_SETTINGS) and settings["writes_image"]:
+            for name in GUIDANCE_SETTINGS:  # the saved guidance applies to images only
+                settings[name] = getattr(source, name, None)
+        return settings
+
+    def _writes_image(self, input_ids, settings) -> bool:
+        """Whether every prompt's continuation starts with an image code (one host read, once per call)."""
+        if input_ids is None or not settings["image_token_constraint"] or settings["generate_image"] is False:
+            return False
+        if settings["generate_image"]:
+            return True
+        config = self.config
+        state = next_token_modality(input_ids, config.image_token_offset, config.image_vocab_size,
+                                    config.image_seq_length, config.break_token_id, None)
+        return bool((state == IMAGE).all())
+
+    def _prepare_cm3leon_decoding(
+        self, input_ids, kwargs, logits_processor, settings, *, uncond, image_cond, generation_config
+    ) -> tuple[dict, LogitsProcessorList]:
+        """Validate the decoding arguments, build the modality constraint and the guidance processor, and stack the
+        streams of guided decoding."""
+        config = self.config
+        cfg_scale, image_cfg_scale, contrastive_k = (settings[name] for name in GUIDANCE_SETTINGS)
+        generate_image, constrained = settings["generate_image"], settings["image_token_constraint"]
+        guided = cfg_scale is not None or image_cfg_scale is not None or contrastive_k is not None
+        if contrastive_k is not None and (cfg_scale is not None or image_cfg_scale is not None):
+            raise ValueError("Choose one of CD-K (`contrastive_k`) and CFG (`cfg_scale`/`image_cfg_scale`).")
+        if image_cfg_scale is not None and cfg_scale is None:
+            raise ValueError("Instruct-CFG needs both `image_cfg_scale` and `cfg_scale` (the text scale).")
+        if image_cfg_scale is not None and image_cond[0] is None:
+            raise ValueError(
+                "An editing call (`image_cfg_scale`) needs `image_cond_input_ids`: the prompt with the source image "
+                "and without the instruction."
+            )
+        if image_cfg_scale is None and image_cond[0] is not None:
+            raise ValueError("`image_cond_input_ids` is only used by instruct-CFG (`image_cfg_scale`).")
+        if guided:
+            for name in ("guidance_scale", "assistant_model", "negative_prompt_ids"):
+                if kwargs.get(name) is not None:
+                    raise ValueError(f"`{name}` cannot be combined with CM3Leon's guided decoding.")
+            num_beams = kwargs.get("num_beams", getattr(generation_config, "num_beams", 1))
+            if num_beams not in (None, 1):
+                raise ValueError("Guided decoding samples or decodes greedily; beam search is not supported.")
+
+        processors = []
+        if constrained:
+            end_of_image = [t for t in (config.break_token_id, config.eos_token_id) if t is not None]
+            processors.append(
+                ImageTokenConstraintLogitsProcessor(
+                    image_token_offset=config.image_token_offset,
+                    image_vocab_size=config.image_vocab_size,
+                    image_seq_length=config.image_seq_length,
+                    end_of_image_token_ids=end_of_image,
+                    vocab_size=config.vocab_size,
+                    generate_image=generate_image,
+                )
+            )
+        if contrastive_k is not None:
+            candidates = config.image_vocab_size if generate_image else config.vocab_size
+            processors.append(
+                ContrastiveDecodingLogitsProcessor(
+                    settings["contrastive_alpha"], contrastive_k, settings["amateur_temperature"], candidates
+                )
+            )
+        elif image_cfg_scale is not None:
+            processors.append(InstructClassifierFreeGuidanceLogitsProcessor(image_cfg_scale, cfg_scale))
+        elif cfg_scale is not None:
+            processors.append(BatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale))
+
+        max_new_tokens = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+        if settings["writes_image"] and max_new_tokens is None and kwargs.get("max_length") is None:
+            # an image is image_seq_length codes, whatever transformers' default max_length (20) says
+            max_new_tokens = kwargs["max_new_tokens"] = config.image_seq_length
+
+        batch_size = input_ids.shape[0]
+        streams = [(input_ids, kwargs.pop("attention_mask", None))]
+        if guided:
+            uncond_ids, uncond_mask = uncond
+            if uncond_ids is None:  # <eos> <mask:0> <break> (without <eos> for a config that has none)
+                default = [t for t in Cm3LeonLayout.of(config).unconditional_prompt() if t is not None]
+                uncond_ids = torch.tensor([default], device=input_ids.device).expand(batch_size, -1)
+            streams.append((uncond_ids, uncond_mask))
+            if image_cfg_scale is not None:
+                streams.append(image_cond)
+            for i, (ids, mask) in enumerate(streams):
+                if ids.shape[0] != batch_size:
+                    raise ValueError(f"Stream {i} has {ids.shape[0]} prompts, the conditional stream {batch_size}.")
+                streams[i] = (ids, torch.ones_like(ids) if mask is None else mask)
+            # Expanded here rather than by transformers, which does not know the extra streams.
+            num_return_sequences = (
+                kwargs.pop("num_return_sequences", None)
+                or getattr(generation_config or self.generation_config, "num_return_sequences", None)
+                or 1
+            )
+            streams = [(i.repeat_interleave(num_return_sequences, 0), m.repeat_interleave(num_return_sequences, 0)) for i, m in streams]
+
+        prompt_length = max(ids.shape[1] for ids, _ in streams)
+        if max_new_tokens is not None and prompt_length + max_new_tokens > config.max_position_embeddings:
+            raise ValueError(
+                f"The prompt ({prompt_length} tokens, the longest of its {len(streams)} stream(s)) plus {max_new_tokens} "
+                f"new tokens exceeds the context of {config.max_position_embeddings} tokens."
+            )
+
+        cond_ids, cond_mask = streams[0]
+        if guided:
+            pad = config.pad_token_id
+            padded = [
+                (
+                    nn.functional.pad(ids, (prompt_length - ids.shape[1], 0), value=pad),
+                    nn.functional.pad(mask, (prompt_length - mask.shape[1], 0), value=0),
+                )
+                for ids, mask in streams
+            ]
+            plan = Cm3LeonDecodingPlan(
+                input_ids=torch.cat([ids for ids, _ in padded]),
+                attention_mask=torch.cat([mask for _, mask in padded]),
+                num_streams=len(streams),
+                generate_image=generate_image,
+                constrained=constrained,
+            )
+        else:
+            plan = Cm3LeonDecodingPlan(None, None, 1, generate_image, constrained)
+        kwargs.update(input_ids=cond_ids, decoding_plan=plan)
+        if cond_mask is not None:
+            kwargs["attention_mask"] = cond_mask
+        return kwargs, LogitsProcessorList([*(logits_processor or []), *processors])
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache=None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        decoding_plan: Cm3LeonDecodingPlan | None = None,
+        **kwargs,
+    ) -> dict:
+        """Expand each prompt into its streams: the stacked prompts on the first step, then the last sampled token of
+        every prompt repeated for each stream, with the streams' own growing attention mask. In image mode, ask for
+        the image columns of the LM head only when every row must emit an image code."""
+        if decoding_plan is not None and decoding_plan.num_streams > 1:
+            kwargs.pop("position_ids", None)  # transformers' are the conditional stream's; ours come from the mask
+            if is_first_iteration:
+                stream_ids = decoding_plan.input_ids
+            else:
+                stream_ids = input_ids[:, -1:].repeat(decoding_plan.num_streams, 1)  # (streams * batch, 1)
+                decoding_plan.attention_mask = nn.functional.pad(decoding_plan.attention_mask, (0, 1), value=1)
+            model_inputs = super().prepare_inputs_for_generation(
+                stream_ids,
+                cache=cache,
+                attention_mask=decoding_plan.attention_mask,
+                is_first_iteration=is_first_iteration,
+                **kwargs,
+            )
+        else:
+            model_inputs = super().prepare_inputs_for_generation(
+                input_ids, next_sequence_length, cache, attention_mask, inputs_embeds, is_first_iteration, **kwargs
+            )
+        if decoding_plan is not None and decoding_plan.constrained and decoding_plan.generate_image is not False:
+            config = self.config
+            state = next_token_modality(
+                input_ids,
+                config.image_token_offset,
+                config.image_vocab_size,
+                config.image_seq_length,
+                config.break_token_id,
+                decoding_plan.generate_image,
+            )
+            if bool((state == IMAGE).all()):
+                model_inputs["logits_vocab_range"] = (
+                    config.image_token_offset,
+                    config.image_token_offset + config.image_vocab_size,
+                )
+        return model_inputs
+
+    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
+        # The stream processors must see the stacked streams first (constraint, then guidance): every other processor
+        # expects one row per prompt. transformers appends custom processors after its own, hence this reordering.
+        processors = super()._get_logits_processor(*args, **kwargs)
+        rank = {cls: i for i, cls in enumerate(STREAM_PROCESSORS)}
+        first = sorted((p for p in processors if type(p) in rank), key=lambda p: rank[type(p)])
+        return LogitsProcessorList([*first, *(p for p in processors if type(p) not in rank)])
+
+
+__all__ = ["DECODING_DEFAULTS", "Cm3LeonDecodingPlan", "Cm3LeonGenerationMixin"]

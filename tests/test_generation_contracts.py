@@ -1,0 +1,150 @@
+"""Contracts every transformers model keeps, kept by `Cm3LeonForCausalLM.generate` too: no special id is required
+(`eos_token_id=None`), the old `past_key_values=` name, the model's own distribution when the modality constraint is
+switched off, and decoding defaults that a checkpoint's `generation_config.json` carries."""
+
+import json
+
+import pytest
+import torch
+
+from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
+from conftest import HUB_CONFIGS
+from test_modeling_cm3leon import random_model
+
+
+@pytest.fixture
+def config():
+    return Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
+
+
+@pytest.fixture
+def model(config):
+    return random_model(config, std=0.05)
+
+
+TEXT_PROMPT = [[1, 300, 301, 302]]  # <eos> text: text continues
+
+
+def image_prompt(config):
+    return torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>: an image
+
+
+def manual_greedy(model, ids, steps):
+    """Argmax over the whole vocabulary, one forward over the whole sequence per token: the reference."""
+    for _ in range(steps):
+        with torch.no_grad():
+            next_id = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("where", ["config", "generation_config", "both"])
+@pytest.mark.parametrize(
+    "mode",
+    ["greedy", "sample", "beam_search", "assisted", "inputs_embeds"],
+)
+def test_eos_token_id_none_generates_to_full_length(config, where, mode):
+    """transformers' generation tests set the end-of-sequence ids to None to force full-length outputs."""
+    model = random_model(config)
+    if where in ("config", "both"):
+        model.config.eos_token_id = None
+    if where in ("generation_config", "both"):
+        model.generation_config.eos_token_id = None
+    ids = torch.tensor(TEXT_PROMPT)
+    kwargs = {
+        "greedy": dict(do_sample=False),
+        "sample": dict(do_sample=True),
+        "beam_search": dict(do_sample=False, num_beams=2),
+        "assisted": dict(do_sample=False, assistant_model=model),
+        "inputs_embeds": dict(do_sample=False),
+    }[mode]
+    if mode == "inputs_embeds":
+        out = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=6, **kwargs)
+        assert out.shape == (1, 6)
+    else:
+        out = model.generate(ids, max_new_tokens=6, **kwargs)
+        assert out.shape == (1, ids.shape[1] + 6)
+        # Text continues (the layout), so no image code is written.
+        assert not ((out[:, ids.shape[1]:] >= config.image_token_offset)
+                    & (out[:, ids.shape[1]:] < config.image_token_offset + config.image_vocab_size)).any()
+
+
+def test_a_config_without_eos_builds_a_generation_config_without_none(config):
+    prompt = image_prompt(config)
+    config.eos_token_id = None
+    model = random_model(config)
+    assert model.generation_config.eos_token_id == [config.eoss_token_id]
+    image = model.generate(prompt, cfg_scale=3.0, do_sample=False)
+    assert image.shape[1] == 4 + config.image_seq_length
+
+
+def test_past_key_values_is_the_old_name_of_cache(model):
+    ids = torch.tensor([[1, 300, 301, 302, 303]])
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        prefix = model(ids[:, :-1], use_cache=True)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            step = model(ids[:, -1:], past_key_values=prefix.cache).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_modality_constraint_greedy_is_the_models_own_argmax(model, config):
+    ids = image_prompt(config)
+    constrained = model.generate(ids, do_sample=False)
+    assert constrained.shape[1] == ids.shape[1] + config.image_seq_length
+    free = model.generate(ids, do_sample=False, max_new_tokens=12, image_token_constraint=False)
+    assert free.tolist() == manual_greedy(model, ids, 12).tolist()
+    with pytest.raises(ValueError, match="needs the modality constraint"):
+        model.generate(ids, image_token_constraint=False, generate_image=True)
+
+
+def test_a_trained_random_sequence_is_reproduced_with_the_constraint_off(config):
+    """transformers' training test: overfit one random sequence, then greedy `generate` must reproduce it. A random
+    sequence breaks the CM3 layout, so it reproduces only without the constraint (saved in the generation config)."""
+    small = Cm3LeonConfig(**{**config.to_dict(), "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+                              "intermediate_size": 128})
+    torch.manual_seed(0)
+    model = Cm3LeonForCausalLM(small)
+    sequence = torch.randint(0, small.vocab_size, (1, 64))
+    sequence[0, 0] = small.eos_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        loss = model(sequence, labels=sequence).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert loss.item() < 0.05
+    model.generation_config.image_token_constraint = False
+    out = model.generate(sequence[:, :1], do_sample=False, max_new_tokens=63)
+    assert out.tolist() == sequence.tolist()
+
+
+def test_decoding_defaults_live_in_the_generation_config(model, config, tmp_path):
+    ids = image_prompt(config)
+
+    def sample(m, **kwargs):
+        return m.generate(ids, do_sample=True, generator=torch.Generator().manual_seed(3), **kwargs)
+
+    explicit = sample(model, cfg_scale=3.0)
+    plain = sample(model)
+    assert explicit.shape == plain.shape == (1, 4 + config.image_seq_length)  # an image: its length, no max_new_tokens
+    model.generation_config.cfg_scale = 3.0
+    assert sample(model).tolist() == explicit.tolist()  # the default applies
+    # Saved with the model, in generation_config.json, and used by the reloaded model.
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["cfg_scale"] == 3.0
+    reloaded = Cm3LeonForCausalLM.from_pretrained(tmp_path).eval()
+    assert sample(reloaded).tolist() == explicit.tolist()
+    # cfg_scale=1 is the conditional distribution: one stream, as without guidance.
+    assert sample(reloaded, cfg_scale=1.0).tolist() == plain.tolist()
+    # A guidance argument of the call replaces the saved guidance instead of conflicting with it.
+    cd = sample(reloaded, contrastive_k=5)
+    assert cd.shape == explicit.shape
+    # Text continuations (captioning) are not guided by the image default.
+    text = torch.tensor(TEXT_PROMPT)
+    guided_text = reloaded.generate(text, do_sample=True, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    reloaded.generation_config.cfg_scale = None
+    plain_text = reloaded.generate(text, do_sample=True, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    assert guided_text.tolist() == plain_text.tolist()
