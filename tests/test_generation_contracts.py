@@ -2,10 +2,13 @@
 (`eos_token_id=None`), the old `past_key_values=` name, the model's own distribution when the modality constraint is
 switched off, and decoding defaults that a checkpoint's `generation_config.json` carries."""
 
+import functools
 import json
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
 from conftest import HUB_CONFIGS
@@ -148,3 +151,69 @@ def test_decoding_defaults_live_in_the_generation_config(model, config, tmp_path
     reloaded.generation_config.cfg_scale = None
     plain_text = reloaded.generate(text, do_sample=True, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
     assert guided_text.tolist() == plain_text.tolist()
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host (`.item()`, `int()`, `bool()` on a tensor) made by this
+    package's code: those whose innermost caller outside torch is a `cm3leon_hf` file. (transformers' mask helper
+    checks `attention_mask.all()` on a padded batch only when not tracing, so it is no obstacle to CUDA graphs.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.where = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            caller = next((f for f in reversed(traceback.extract_stack()) if "/torch/" not in f.filename), None)
+            if caller is not None and "cm3leon_hf" in caller.filename:
+                self.count += 1
+                self.where.append(f"{caller.filename}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}, {"contrastive_k": 5}])
+def test_a_decoding_step_makes_no_host_sync(model, config, monkeypatch, guidance):
+    """Our part of every decoding step after the first (preparing the inputs, the forward pass, the stream processors)
+    reads no tensor value on the host, so that it can run as a CUDA graph. transformers' loop around it is not ours."""
+    from cm3leon_hf import generation_cm3leon
+    from cm3leon_hf.logits_process import STREAM_PROCESSORS
+
+    counter, steps = HostSyncCounter(), {"n": 0}
+
+    def counted(function, is_step):
+        @functools.wraps(function)  # transformers reads the signatures
+        def wrapper(*args, **kwargs):
+            if not is_step(*args, **kwargs):
+                return function(*args, **kwargs)
+            steps["n"] += 1
+            with counter:
+                return function(*args, **kwargs)
+        return wrapper
+
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", counted(forward, lambda *a, **k: k.get("cache") is not None
+                                                  and (k.get("input_ids") if k.get("input_ids") is not None
+                                                       else k["inputs_embeds"]).shape[1] == 1))
+    prepare = model.prepare_inputs_for_generation
+    monkeypatch.setattr(model, "prepare_inputs_for_generation",
+                        counted(prepare, lambda *a, **k: not k.get("is_first_iteration")))
+    for cls in STREAM_PROCESSORS:
+        monkeypatch.setattr(cls, "__call__", counted(cls.__call__, lambda self, ids, scores: ids.shape[1] > 4))
+    out = model.generate(image_prompt(config), do_sample=True, generator=torch.Generator().manual_seed(0), **guidance)
+    assert out.shape[1] == 4 + config.image_seq_length
+    assert steps["n"] >= 3 * (config.image_seq_length - 1)  # every step was counted
+    assert counter.count == 0, counter.where[:3]
+    assert generation_cm3leon  # the module under test
+
+
+@pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, top_p=0.8)])
+@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}])
+def test_static_cache_gives_the_dynamic_caches_ids(model, config, sampling, guidance):
+    prompts = torch.tensor([[0, 1, 300, 2], [1, 300, 301, 2]])  # left-padded batch of two image prompts
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    kwargs = dict(attention_mask=mask, **sampling, **guidance)
+    dynamic = model.generate(prompts, generator=torch.Generator().manual_seed(4), **kwargs)
+    static = model.generate(prompts, generator=torch.Generator().manual_seed(4), cache_implementation="static", **kwargs)
+    assert dynamic.shape == (2, 4 + config.image_seq_length)
+    assert static.tolist() == dynamic.tolist()

@@ -17,6 +17,11 @@ from modeling code). It adds to `generate`:
   saved model decodes with its own defaults. The guidance defaults apply to image generation only (captioning with
   the same model stays unguided), and only when the call passes no guidance argument of its own.
   `cfg_scale=1` is the conditional distribution exactly (`uncond + 1 * (cond - uncond)`): it runs one stream.
+- **Decoding steps without host syncs**: after the first step, preparing the inputs, the forward pass and the stream
+  processors read no tensor value on the host (the image phase is counted on the host from the prompt, ids fed back
+  are not re-checked, the constraint's table stays on the device), so a step can be captured as a CUDA graph. Image
+  generation on CUDA uses a static cache by default (the length is known); on CPU the dynamic one, which is faster
+  there.
 
 Example:
 
@@ -77,6 +82,10 @@ class Cm3LeonDecodingPlan:
         num_streams (`int`): 1, 2 (CFG, CD-K) or 3 (instruct-CFG).
         generate_image (`bool`, *optional*): the modality constraint's mode (`None`: the layout decides).
         constrained (`bool`): whether the modality constraint is on.
+        image_steps (`int`, *optional*): for how many new tokens every row writes image codes, read once from the
+            prompts on the first step (so the LM head computes only the image columns then, without a host sync per
+            step); `None` before the first step.
+        steps (`int`): decoding steps taken so far (a host counter).
     """
 
     input_ids: torch.LongTensor | None
@@ -84,6 +93,20 @@ class Cm3LeonDecodingPlan:
     num_streams: int
     generate_image: bool | None
     constrained: bool = True
+    image_steps: int | None = None
+    steps: int = 0
+
+
+def image_steps_ahead(input_ids: torch.LongTensor, config, generate_image: bool | None) -> int:
+    """For how many next tokens every row must write an image code: 0 unless all rows are at or inside an image,
+    else the fewest codes any row has left to write."""
+    state = next_token_modality(input_ids, config.image_token_offset, config.image_vocab_size,
+                                config.image_seq_length, config.break_token_id, generate_image)
+    is_text = (input_ids < config.image_token_offset) | (input_ids >= config.image_token_offset + config.image_vocab_size)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    run = input_ids.shape[-1] - 1 - torch.where(is_text, positions, -1).amax(-1)  # trailing image codes per row
+    left = torch.where(state == IMAGE, config.image_seq_length - run % config.image_seq_length, 0)
+    return int(left.min())
 
 
 class Cm3LeonGenerationMixin(GenerationMixin):
@@ -199,6 +222,11 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         if settings["cfg_scale"] == 1.0 and settings["image_cfg_scale"] is None:  # exactly the conditional stream
             settings["cfg_scale"], guided = None, False
             uncond_input_ids = uncond_attention_mask = None
+        if (settings["writes_image"] and self.device.type == "cuda" and kwargs.get("cache_implementation") is None
+                and getattr(generation_config or self.generation_config, "cache_implementation", None) is None):
+            # An image's length is known, so its cache can be allocated once: on an H200 (350M, bf16, CFG) 4.35 ms per
+            # token against 13.0 with the growing dynamic cache. On CPU the dynamic cache is ~7% faster (tiny).
+            kwargs["cache_implementation"] = "static"
         if input_ids is None:
             if guided or settings["generate_image"] is not None:
                 raise ValueError("Guided or image-constrained generation needs the prompt `input_ids`.")
@@ -390,21 +418,21 @@ class Cm3LeonGenerationMixin(GenerationMixin):
                 is_first_iteration=is_first_iteration,
                 **kwargs,
             )
+            # Positions count each stream's real tokens (left padding does not shift them). The forward pass would
+            # read them off a 2D mask, but transformers turns the mask 4D for a static cache.
+            positions = (decoding_plan.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            model_inputs["position_ids"] = positions[:, -model_inputs["input_ids"].shape[1]:]
         else:
             model_inputs = super().prepare_inputs_for_generation(
                 input_ids, next_sequence_length, cache, attention_mask, inputs_embeds, is_first_iteration, **kwargs
             )
         if decoding_plan is not None and decoding_plan.constrained and decoding_plan.generate_image is not False:
             config = self.config
-            state = next_token_modality(
-                input_ids,
-                config.image_token_offset,
-                config.image_vocab_size,
-                config.image_seq_length,
-                config.break_token_id,
-                decoding_plan.generate_image,
-            )
-            if bool((state == IMAGE).all()):
+            if decoding_plan.image_steps is None:  # the first step: one host read for the whole call
+                decoding_plan.image_steps = image_steps_ahead(input_ids, config, decoding_plan.generate_image)
+            else:
+                decoding_plan.steps += 1
+            if decoding_plan.steps < decoding_plan.image_steps:
                 model_inputs["logits_vocab_range"] = (
                     config.image_token_offset,
                     config.image_token_offset + config.image_vocab_size,

@@ -146,6 +146,7 @@ class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
         self._allowed = allowed
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        num_streams = scores.shape[0] // input_ids.shape[0]
         state = next_token_modality(
             input_ids,
             self.image_token_offset,
@@ -154,16 +155,18 @@ class ImageTokenConstraintLogitsProcessor(LogitsProcessor):
             self.break_token_id,
             self.generate_image,
         )
-        num_streams = scores.shape[0] // input_ids.shape[0]
         if scores.shape[-1] == self.image_vocab_size and scores.shape[-1] != self.vocab_size:
-            if (state != IMAGE).any():
-                raise ValueError("Got image-only logits for a row that may not emit an image code.")
+            # Image-only logits: `generate` asks for them only while every row must write an image code. Checked on
+            # the device (an async assert: no host sync per token on a GPU, where it fails at the next sync).
+            torch._assert_async((state == IMAGE).all(), "Got image-only logits for a row that may not emit an image code.")
             full = scores.new_full((scores.shape[0], self.vocab_size), float("-inf"))
             full[:, self.image_token_offset : self.image_token_offset + self.image_vocab_size] = scores
             return full
         if scores.shape[-1] != self.vocab_size:
             raise ValueError(f"Expected scores over {self.vocab_size} ids, got {scores.shape[-1]}.")
-        allowed = self._allowed.to(scores.device)[state].repeat(num_streams, 1)  # (rows, vocab)
+        if self._allowed.device != scores.device:  # copied once, not on every step
+            self._allowed = self._allowed.to(scores.device)
+        allowed = self._allowed[state].repeat(num_streams, 1)  # (rows, vocab)
         return scores.masked_fill(~allowed, float("-inf"))
 
 

@@ -248,8 +248,12 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        # A decoding step (one new token per row, after a cache) feeds back sampled ids: checking them would cost a
+        # host sync per token, which also stops CUDA graphs. Prompts and any longer input are checked.
+        decoding_step = cache is not None and (input_ids if input_ids is not None else inputs_embeds).shape[1] == 1
         if input_ids is not None:
-            self._check_input_ids(input_ids)
+            if not decoding_step:
+                self._check_input_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)  # (batch, q_len, hidden)
 
         if use_cache and cache is None and not self.training:
@@ -270,7 +274,7 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
                 position_ids = torch.arange(
                     past_seen_tokens, past_seen_tokens + query_length, device=inputs_embeds.device
                 ).unsqueeze(0)
-        elif not torch.compiler.is_compiling() and int(position_ids.max()) >= self.config.max_position_embeddings:
+        elif not (torch.compiler.is_compiling() or decoding_step) and int(position_ids.max()) >= self.config.max_position_embeddings:
             raise ValueError(
                 f"position_ids contains {int(position_ids.max())}, but max_position_embeddings is "
                 f"{self.config.max_position_embeddings}."
