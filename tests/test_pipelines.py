@@ -195,7 +195,7 @@ def test_every_prompt_is_the_layouts(text_to_image, model_dir, world, retriever)
         cond, {}, None, settings, uncond=(None, None), image_cond=(None, None), generation_config=None
     )
     plan = kwargs["decoding_plan"]
-    assert plan.input_ids[1][plan.attention_mask[1].bool()].tolist() == layout.unconditional_prompt()
+    assert plan.input_ids[1][plan.attention_mask[1, : plan.prompt_length].bool()].tolist() == layout.unconditional_prompt()
     # The text-to-image pipeline: no documents, a negative prompt, retrieved documents.
     prompt = world["test"][0]["caption"]
     plain = pipe.preprocess(prompt)

@@ -77,8 +77,9 @@ class Cm3LeonDecodingPlan:
     Attributes:
         input_ids (`torch.LongTensor` of shape `(num_streams * batch_size, prompt_length)`): the prompts of all streams,
             stream-major (conditional, unconditional, image-conditional), left-padded; `None` with one stream.
-        attention_mask (`torch.LongTensor` of shape `(num_streams * batch_size, prompt_length + steps)`): grows by one
-            column of ones per decoding step.
+        attention_mask (`torch.LongTensor` of shape `(num_streams * batch_size, prompt_length + room)`): the
+            prompts' masks followed by ones for the tokens to come, allocated once; step `t` uses a view of its first
+            `prompt_length + t` columns.
         num_streams (`int`): 1, 2 (CFG, CD-K) or 3 (instruct-CFG).
         generate_image (`bool`, *optional*): the modality constraint's mode (`None`: the layout decides).
         constrained (`bool`): whether the modality constraint is on.
@@ -86,6 +87,9 @@ class Cm3LeonDecodingPlan:
             prompts on the first step (so the LM head computes only the image columns then, without a host sync per
             step); `None` before the first step.
         steps (`int`): decoding steps taken so far (a host counter).
+        prompt_length (`int`): columns of the stacked prompts.
+        real_lengths (`torch.LongTensor` of shape `(num_streams * batch_size,)`): real (unpadded) prompt tokens per
+            row, so that a step's position is `real_lengths + steps - 1` without reading the mask.
     """
 
     input_ids: torch.LongTensor | None
@@ -95,6 +99,16 @@ class Cm3LeonDecodingPlan:
     constrained: bool = True
     image_steps: int | None = None
     steps: int = 0
+    prompt_length: int = 0
+    real_lengths: torch.LongTensor | None = None
+
+    def step_mask(self) -> torch.LongTensor:
+        """The mask of the current step: a view of the first `prompt_length + steps` columns (grown if too short)."""
+        needed = self.prompt_length + self.steps
+        if needed > self.attention_mask.shape[1]:
+            grow = max(needed - self.attention_mask.shape[1], self.attention_mask.shape[1])
+            self.attention_mask = nn.functional.pad(self.attention_mask, (0, grow), value=1)
+        return self.attention_mask[:, :needed]
 
 
 def image_steps_ahead(input_ids: torch.LongTensor, config, generate_image: bool | None) -> int:
@@ -376,12 +390,16 @@ class Cm3LeonGenerationMixin(GenerationMixin):
                 )
                 for ids, mask in streams
             ]
+            mask = torch.cat([mask for _, mask in padded])
+            room = max_new_tokens if max_new_tokens is not None else config.max_position_embeddings - prompt_length
             plan = Cm3LeonDecodingPlan(
                 input_ids=torch.cat([ids for ids, _ in padded]),
-                attention_mask=torch.cat([mask for _, mask in padded]),
+                attention_mask=nn.functional.pad(mask, (0, max(room, 1)), value=1),
                 num_streams=len(streams),
                 generate_image=generate_image,
                 constrained=constrained,
+                prompt_length=prompt_length,
+                real_lengths=mask.long().sum(-1),
             )
         else:
             plan = Cm3LeonDecodingPlan(None, None, 1, generate_image, constrained)
@@ -404,23 +422,26 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         """Expand each prompt into its streams: the stacked prompts on the first step, then the last sampled token of
         every prompt repeated for each stream, with the streams' own growing attention mask. In image mode, ask for
         the image columns of the LM head only when every row must emit an image code."""
+        if decoding_plan is not None and not is_first_iteration:
+            decoding_plan.steps += 1
         if decoding_plan is not None and decoding_plan.num_streams > 1:
             kwargs.pop("position_ids", None)  # transformers' are the conditional stream's; ours come from the mask
+            mask = decoding_plan.step_mask()
             if is_first_iteration:
                 stream_ids = decoding_plan.input_ids
+                # Positions count each stream's real tokens (left padding does not shift them). The forward pass
+                # would read them off a 2D mask, but transformers turns the mask 4D for a static cache.
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 stream_ids = input_ids[:, -1:].repeat(decoding_plan.num_streams, 1)  # (streams * batch, 1)
-                decoding_plan.attention_mask = nn.functional.pad(decoding_plan.attention_mask, (0, 1), value=1)
+                positions = (decoding_plan.real_lengths + (decoding_plan.steps - 1)).unsqueeze(-1)
             model_inputs = super().prepare_inputs_for_generation(
                 stream_ids,
                 cache=cache,
-                attention_mask=decoding_plan.attention_mask,
+                attention_mask=mask,
                 is_first_iteration=is_first_iteration,
                 **kwargs,
             )
-            # Positions count each stream's real tokens (left padding does not shift them). The forward pass would
-            # read them off a 2D mask, but transformers turns the mask 4D for a static cache.
-            positions = (decoding_plan.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             model_inputs["position_ids"] = positions[:, -model_inputs["input_ids"].shape[1]:]
         else:
             model_inputs = super().prepare_inputs_for_generation(
@@ -430,8 +451,6 @@ class Cm3LeonGenerationMixin(GenerationMixin):
             config = self.config
             if decoding_plan.image_steps is None:  # the first step: one host read for the whole call
                 decoding_plan.image_steps = image_steps_ahead(input_ids, config, decoding_plan.generate_image)
-            else:
-                decoding_plan.steps += 1
             if decoding_plan.steps < decoding_plan.image_steps:
                 model_inputs["logits_vocab_range"] = (
                     config.image_token_offset,
