@@ -333,3 +333,17 @@ def test_evaluation_metrics_split_the_loss_by_modality(train_dir, tiny_config, p
     scene = pretrain.PretrainingMetrics(model, tiny_config, processor, captions, seed=0).scene_metrics()
     assert set(scene) == {"scene_accuracy", "scene_shape", "scene_color", "scene_size", "scene_position"}
     assert all(0 <= v <= 1 for v in scene.values())
+
+
+def test_a_finished_run_is_not_trained_further(tmp_path, train_dir):
+    """transformers' Trainer resumed from a checkpoint at max_steps trains one step more; re-running a finished
+    command must change nothing, and a stop between the last checkpoint and the final save is completed."""
+    pretrain.main(script_args(train_dir), training_args(tmp_path / "run"))
+    final = weights(tmp_path / "run")
+    assert pretrain.main(script_args(train_dir), training_args(tmp_path / "run")) is None
+    assert sorted(p for p in os.listdir(tmp_path / "run") if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6"]
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 6
+    os.remove(tmp_path / "run" / "model.safetensors")  # as if stopped after checkpoint-6, before the final save
+    pretrain.main(script_args(train_dir), training_args(tmp_path / "run"))
+    again = weights(tmp_path / "run")
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)

@@ -292,8 +292,30 @@ def last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir)
 
 
+def completed_step(checkpoint: str | None, training_args: TrainingArguments) -> int | None:
+    """The checkpoint's step if it already reached `max_steps` (Trainer would train one step more on resume)."""
+    if checkpoint is None or training_args.max_steps <= 0:
+        return None
+    step = json.loads(Path(checkpoint, "trainer_state.json").read_text())["global_step"]
+    return step if step >= training_args.max_steps else None
+
+
 def main(script_args: PretrainArguments, training_args: TrainingArguments):
+    """Train, or resume from the last complete checkpoint; a run that already reached `max_steps` is not trained
+    further: its final model is written if a stop came before it (and returns None)."""
+    from transformers.trainer_callback import TrainerState
+
     resume = None if script_args.no_resume else last_checkpoint(training_args.output_dir)
+    done = completed_step(resume, training_args)
+    if done is not None:
+        if not os.path.exists(os.path.join(training_args.output_dir, "model.safetensors")):
+            script_args.model_name_or_path = resume
+            trainer = build_trainer(script_args, training_args)
+            trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+            trainer.save_model()
+            trainer.save_state()
+        print(json.dumps({"output_dir": training_args.output_dir, "global_step": done, "complete": True}), flush=True)
+        return None
     trainer = build_trainer(script_args, training_args)
     if resume and trainer.is_world_process_zero():
         print(f"Resuming from {resume}", flush=True)
