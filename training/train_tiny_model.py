@@ -20,14 +20,19 @@ skipped, an unfinished one resumes):
    from that bank; and `validation_rows` validation pairs without.
 3. `pretrain.py --config <pretrain_config>` with `pretrain_overrides` and the data above; resumes from its last
    complete checkpoint.
+4. bundle (not for `--no-retrieval`): the trained model (`config.json`, `model.safetensors`, `generation_config.json`)
+   into `bundle_dir` beside the processor it was trained with, and a memory bank of the first `bundle_bank_rows`
+   training pairs into `bundle_dir/memory_bank` (`cm3leon-hf generate --retrieve K` reads it).
 
 Outputs under `output_root`: `bank/`, `pretokenized/{train-rag,validation}/`, `pretrain/` (or `pretrain-no-retrieval/`,
 whose samples hold no retrieved documents).
 """
 
 import argparse
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -40,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="the recipe (training/recipes/tiny_model.yaml)")
     parser.add_argument("--no-retrieval", action="store_true", help="train without retrieved documents (the ablation)")
-    parser.add_argument("--stop-after", choices=["bank", "pretokenize", "pretrain"], help="run the stages up to this one")
+    parser.add_argument("--stop-after", choices=["bank", "pretokenize", "pretrain", "bundle"], help="run the stages up to this one")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("pretrain_args", nargs="*", help="more pretrain.py flags, after `--` (e.g. -- --max_steps 100)")
     return parser.parse_args(argv)
@@ -66,6 +71,43 @@ def run(script: str, *args: str) -> None:
 
 def is_complete(directory: Path) -> bool:
     return (directory / "manifest.json").exists()
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "README.md")
+
+
+def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str]) -> Path:
+    """Write the trained model's files into `bundle_dir` (beside its processor), with the recipe's decoding defaults
+    (`generation`) in its generation config and a model card naming its training data, and a memory bank of
+    `bundle_bank_rows` pairs into `bundle_dir/memory_bank`. Files are written to a temporary sibling first and moved
+    in one by one, so a stop leaves either the old or the new file, never a partial one; the bank build resumes."""
+    from cm3leon_hf import Cm3LeonForCausalLM, Cm3LeonProcessor
+
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    model = Cm3LeonForCausalLM.from_pretrained(trained)
+    processor = Cm3LeonProcessor.from_pretrained(trained)
+    processor.validate_model_config(model.config)
+    for key, value in (recipe.get("generation") or {}).items():  # `update` would skip keys it does not know
+        setattr(model.generation_config, key, value)
+    training_data = (
+        f"The synthetic world of `cm3leon_hf.synthetic`: {recipe['train_rows']:,} text-to-image pairs of its train "
+        f"split, each with {recipe['num_retrieved_docs']} documents retrieved from a memory bank of the same pairs; "
+        f"retrieval-augmented CM3 pretraining (`training/train_tiny_model.py --config training/recipes/tiny_model.yaml`)."
+    )
+    with tempfile.TemporaryDirectory(dir=bundle_dir.parent, prefix=f".{bundle_dir.name}-") as staging:
+        model.save_pretrained(staging, model_card_kwargs={"training_data": training_data})
+        if not (bundle_dir / "processor_config.json").exists():
+            processor.save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            if name.endswith(".py"):  # the package is the code: no stale copies of it inside the package
+                continue
+            if name in MODEL_FILES or not (bundle_dir / name).exists():
+                os.replace(Path(staging) / name, bundle_dir / name)
+    bank = bundle_dir / "memory_bank"
+    if not is_complete(bank):
+        run("build_memory_bank.py", "--synthetic-task", "text_to_image", "--synthetic-rows",
+            str(int(recipe.get("bundle_bank_rows", 3000))), "--output-dir", str(bank), *quiet)
+    return bundle_dir
 
 
 def main(argv=None) -> Path:
@@ -102,7 +144,10 @@ def main(argv=None) -> Path:
     run("pretrain.py", "--config", str(REPO / recipe["pretrain_config"]), "--train_data", str(train),
         "--eval_data", str(validation), "--output_dir", str(output), "--num_retrieved_docs", str(docs),
         *overrides, *args.pretrain_args)
-    return output
+    if args.no_retrieval or args.stop_after == "pretrain":
+        return output
+    bundle_dir = Path(recipe.get("bundle_dir", "src/cm3leon_hf/pretrained/cm3leon-tiny"))
+    return bundle(output, bundle_dir if bundle_dir.is_absolute() else REPO / bundle_dir, recipe, quiet)
 
 
 if __name__ == "__main__":

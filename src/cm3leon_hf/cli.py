@@ -71,7 +71,8 @@ def caption_grid(rows: list[tuple[str, list]], cell: int = 128):
     columns = max(len(images) for _, images in rows)
     text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(prompt, font=font)) for prompt, _ in rows)
     width = max(columns * (cell + pad) + pad, text_width + 2 * pad)
-    grid = Image.new("RGB", (width, len(rows) * (band + cell + pad) + pad), "white")
+    # A grey page, so that white and black images both show their edges.
+    grid = Image.new("RGB", (width, len(rows) * (band + cell + pad) + pad), (200, 200, 200))
     draw = ImageDraw.Draw(grid)
     y = pad
     for prompt, images in rows:

@@ -1,0 +1,69 @@
+"""training/train_tiny_model.py, the bundled model's recipe, end to end at a toy size: every stage runs, a re-run skips
+what is complete, and the bundle holds the model, its decoding defaults, a model card and a memory bank, beside the
+processor and without copies of the package's code."""
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from cm3leon_hf import Cm3LeonForCausalLM, Cm3LeonProcessor
+from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "training"))
+import train_tiny_model  # noqa: E402
+
+
+@pytest.mark.slow
+def test_the_recipe_builds_and_bundles_a_model(tmp_path):
+    recipe = yaml.safe_load((REPO / "training" / "recipes" / "tiny_model.yaml").read_text())
+    recipe.update(
+        output_root=str(tmp_path / "run"),
+        train_rows=48,
+        validation_rows=8,
+        bundle_dir=str(tmp_path / "bundle"),
+        bundle_bank_rows=16,
+        pretrain_overrides={"max_steps": 2, "warmup_steps": 0, "save_steps": 1, "eval_steps": 2,
+                            "per_device_train_batch_size": 4, "max_eval_examples": 4, "eval_num_images": 2,
+                            "logging_steps": 1},
+    )
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    bundle = train_tiny_model.main(["--config", str(config), "--no-progress"])
+    assert bundle == tmp_path / "bundle"
+
+    run = tmp_path / "run"
+    manifest = json.loads((run / "pretokenized" / "train-rag" / "manifest.json").read_text())
+    assert manifest["num_rows"] == 48 and manifest["retrieval"]["num_docs"] == recipe["num_retrieved_docs"]
+    state = json.loads((run / "pretrain" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert any("eval_scene_accuracy" in record for record in state["log_history"])
+
+    # The bundle: the trained weights, CFG on by default, a card that names the data, a bank; no code files.
+    model = Cm3LeonForCausalLM.from_pretrained(bundle)
+    trained = Cm3LeonForCausalLM.from_pretrained(run / "pretrain")
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    assert model.generation_config.cfg_scale == recipe["generation"]["cfg_scale"]
+    Cm3LeonProcessor.from_pretrained(bundle, model_config=model.config)
+    assert "48 text-to-image pairs" in (bundle / "README.md").read_text()
+    assert len(Cm3LeonMemoryBank.load(bundle / "memory_bank")) == 16
+    assert not list(bundle.glob("*.py")) and not list(bundle.parent.glob(".bundle-*"))
+
+    # Run again: everything is complete, nothing is redone (the bank and data keep their files).
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "bank" / "index.faiss", run / "pretokenized" / "validation" / "manifest.json")}
+    train_tiny_model.main(["--config", str(config), "--no-progress"])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((run / "pretrain" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_recipe_without_its_keys_is_refused(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"output_root": "x", "train_rows": 0}))
+    with pytest.raises(ValueError, match="lacks"):
+        train_tiny_model.main(["--config", str(config)])
+    config.write_text(yaml.safe_dump({"output_root": "x", "train_rows": 0, "validation_rows": 1,
+                                      "num_retrieved_docs": 3, "pretrain_config": "p.yaml"}))
+    with pytest.raises(ValueError, match="train_rows must be a positive integer"):
+        train_tiny_model.main(["--config", str(config)])
