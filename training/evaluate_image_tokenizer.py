@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="validation", choices=SPLITS)
     parser.add_argument("--num-scenes", type=int, default=1000, help="Scenes of the text_to_image task, from index 0.")
     parser.add_argument("--context", action="store_true", help="Also read three-object scenes' objects drawn alone.")
+    parser.add_argument("--freeform", type=int, default=0, metavar="N",
+                        help="Also N free-form drawings (cm3leon_hf.synthetic.freeform, a seed no training run draws\n"
+                             "from) and the three user drawings: PSNR, and the share of drawings at >= 28 dB.")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     return parser
@@ -92,6 +95,27 @@ def evaluate(image_tokenizer: Cm3LeonImageTokenizer, scenes: list[Scene], images
     return result
 
 
+FREEFORM_TEST_SEED = 2_000_003  # neither training batches (--seed) nor training evals (1_000_003) draw from it
+
+
+def evaluate_freeform(image_tokenizer: Cm3LeonImageTokenizer, count: int, batch_size: int) -> dict:
+    """PSNR of free-form drawings (`count` of them) and of the user drawings."""
+    from cm3leon_hf.synthetic.freeform import drawing_image, user_drawings
+
+    resolution = image_tokenizer.resolution
+    drawings = [drawing_image(i, resolution, seed=FREEFORM_TEST_SEED) for i in range(count)]
+    values = np.array([psnr(a, b) for a, b in zip(drawings, reconstruct(image_tokenizer, drawings, batch_size))])
+    users = user_drawings(resolution)
+    user_values = [psnr(a, b) for a, b in zip(users.values(), reconstruct(image_tokenizer, list(users.values()), batch_size))]
+    return {
+        "drawings": count,
+        "psnr": round(float(values.mean()), 2),
+        "psnr_p10": round(float(np.percentile(values, 10)), 2),
+        "at_least_28db": round(float((values >= 28).mean()), 4),
+        "user_drawings": {name: round(v, 2) for name, v in zip(users, user_values)},
+    }
+
+
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,7 +125,10 @@ def main(argv=None) -> list[dict]:
     results = []
     for path in args.paths:
         result = {"path": str(path), "split": args.split, "scenes": len(scenes)}
-        result.update(evaluate(load_image_tokenizer(path), scenes, images, args))
+        image_tokenizer = load_image_tokenizer(path)
+        result.update(evaluate(image_tokenizer, scenes, images, args))
+        if args.freeform:
+            result["freeform"] = evaluate_freeform(image_tokenizer, args.freeform, args.batch_size)
         print(json.dumps(result), flush=True)
         results.append(result)
     return results

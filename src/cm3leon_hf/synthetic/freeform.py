@@ -5,7 +5,7 @@ anywhere: an ellipse, a thin bar off the grid, a square that fills most of the f
 other. The image tokenizer is trained on these too (`training/train_image_tokenizer.py --freeform-fraction`),
 and `tests/test_image_tokenizer_quality.py` holds it to a PSNR bound on them.
 
-A drawing is a background and 1–`max_shapes` shapes painted in order (later ones hide earlier ones), each:
+A drawing is a background and 1–`max_shapes` (3) shapes painted in order (later ones hide earlier ones), each:
 
 - a kind: ellipse (any aspect), rectangle, bar (1–4 px thick, horizontal, vertical or diagonal), triangle or convex
   polygon with random vertices, line, or one of the world's shapes (`SHAPES`) at any size;
@@ -25,6 +25,8 @@ anti-aliasing, as in the world.
 True
 >>> drawing_image(1).size
 (64, 64)
+>>> sorted(user_drawings())
+['purple square', 'red ellipse', 'thin blue bar']
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .scene import BACKGROUNDS, COLORS, SHAPES
 PALETTE: np.ndarray = np.array(list(COLORS.values()) + list(BACKGROUNDS.values()), dtype=np.uint8)
 KINDS: tuple[str, ...] = ("ellipse", "rectangle", "bar", "triangle", "polygon", "line", "world")
 # Relative frequencies of the kinds; the world's shapes at other sizes and places weigh most.
-KIND_WEIGHTS: tuple[float, ...] = (0.18, 0.14, 0.12, 0.1, 0.1, 0.06, 0.3)
+KIND_WEIGHTS: tuple[float, ...] = (0.2, 0.15, 0.12, 0.08, 0.05, 0.05, 0.35)
 
 
 def _paint_mask(kind: str, rng: np.random.Generator, resolution: int) -> np.ndarray:
@@ -81,7 +83,7 @@ def _paint_mask(kind: str, rng: np.random.Generator, resolution: int) -> np.ndar
     return mask
 
 
-def sample_drawing(rng: np.random.Generator, resolution: int = 64, max_shapes: int = 4) -> np.ndarray:
+def sample_drawing(rng: np.random.Generator, resolution: int = 64, max_shapes: int = 3) -> np.ndarray:
     """One free-form drawing, a (resolution, resolution, 3) uint8 array (see the module docstring)."""
     if not isinstance(resolution, int) or resolution < 8:
         raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
@@ -99,9 +101,30 @@ def sample_drawing(rng: np.random.Generator, resolution: int = 64, max_shapes: i
     return image
 
 
+def user_drawings(resolution: int = 64) -> dict[str, Image.Image]:
+    """Three drawings a new user tries first, on white (coordinates at 64 px, scaled to `resolution`): a red ellipse
+    off the grid, a thin blue bar (3 px) across the frame, and a purple square 56 px wide."""
+    n = resolution
+    c = np.arange(n) + 0.5
+    y, x = np.meshgrid(c, c, indexing="ij")
+    k = n / 64
+    masks = {
+        "red ellipse": ((x - 30 * k) / (20 * k)) ** 2 + ((y - 36 * k) / (11 * k)) ** 2 <= 1,
+        "thin blue bar": (x >= 7 * k) & (x < 57 * k) & (y >= 23 * k) & (y < 26 * k),
+        "purple square": (x >= 4 * k) & (x < 60 * k) & (y >= 4 * k) & (y < 60 * k),
+    }
+    colours = {"red ellipse": COLORS["red"], "thin blue bar": COLORS["blue"], "purple square": COLORS["purple"]}
+    out = {}
+    for name, mask in masks.items():
+        image = np.full((n, n, 3), 255, dtype=np.uint8)
+        image[mask] = colours[name]
+        out[name] = Image.fromarray(image, mode="RGB")
+    return out
+
+
 def drawing_image(index: int, resolution: int = 64, seed: int = 0) -> Image.Image:
     """Drawing number `index` of the stream with `seed`, as an RGB PIL image (the same pixels every time)."""
     return Image.fromarray(sample_drawing(np.random.default_rng([seed, index]), resolution), mode="RGB")
 
 
-__all__ = ["KINDS", "PALETTE", "drawing_image", "sample_drawing"]
+__all__ = ["KINDS", "PALETTE", "drawing_image", "sample_drawing", "user_drawings"]
