@@ -48,3 +48,18 @@ def test_an_object_is_read_only_with_all_its_attributes():
     assert not evaluate_image_tokenizer.object_read(recolored, obj)
     black, white = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4), (255, 255, 255))
     assert evaluate_image_tokenizer.psnr(black, white) == 0.0 and evaluate_image_tokenizer.psnr(black, black) > 100
+
+
+def test_freeform_figures_are_the_psnr_of_the_drawings():
+    from cm3leon_hf.synthetic.freeform import drawing_image, user_drawings
+
+    image_tokenizer = Cm3LeonImageTokenizer.from_pretrained(SHIPPED)
+    result = evaluate_image_tokenizer.main([SHIPPED, "--num-scenes", "1", "--freeform", "10"])[0]["freeform"]
+    drawings = [drawing_image(i, seed=evaluate_image_tokenizer.FREEFORM_TEST_SEED) for i in range(10)]
+    values = [evaluate_image_tokenizer.psnr(a, b) for a, b in zip(drawings, image_tokenizer.decode(image_tokenizer.encode(drawings)))]
+    assert result["drawings"] == 10 and abs(result["psnr"] - np.mean(values)) < 0.01
+    assert result["at_least_28db"] == round(float(np.mean(np.array(values) >= 28)), 4)
+    users = user_drawings()
+    square = users["purple square"]
+    assert abs(result["user_drawings"]["purple square"]
+               - evaluate_image_tokenizer.psnr(square, image_tokenizer.decode(image_tokenizer.encode([square]))[0])) < 0.01
