@@ -7,8 +7,8 @@ Commands:
 # Reproduce the bundled model (hours on one CPU thread; on a GPU, append `-- --use_cpu false`)
 HF_HUB_OFFLINE=1 PYTHONPATH=src python training/train_tiny_model.py --config training/recipes/tiny_model.yaml
 
-# Stopped? Run the same command again. The same recipe without retrieved documents, for the retrieval ablation
-# (same data and steps, its own output directory):
+# Stopped? Run the same command again. Two free cores: --nproc 2 (the same global batch over two processes).
+# The same recipe without retrieved documents, for the retrieval ablation (same data and steps, its own directory):
 ... --config training/recipes/tiny_model.yaml --no-retrieval
 ```
 
@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, required=True, help="the recipe (training/recipes/tiny_model.yaml)")
     parser.add_argument("--no-retrieval", action="store_true", help="train without retrieved documents (the ablation)")
     parser.add_argument("--stop-after", choices=["bank", "pretokenize", "pretrain", "bundle"], help="run the stages up to this one")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="pretrain with this many processes (torchrun, gloo on CPU), each a share of the same global\n"
+                             "batch: the same training, faster where there are cores to spare")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("pretrain_args", nargs="*", help="more pretrain.py flags, after `--` (e.g. -- --max_steps 100)")
     return parser.parse_args(argv)
@@ -63,8 +66,8 @@ def load_recipe(path: Path) -> dict:
     return recipe
 
 
-def run(script: str, *args: str) -> None:
-    command = [sys.executable, str(HERE / script), *args]
+def run(script: str, *args: str, launcher: list[str] = ()) -> None:
+    command = [sys.executable, *launcher, str(HERE / script), *args]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
 
@@ -137,13 +140,23 @@ def main(argv=None) -> Path:
         return train
 
     output = root / ("pretrain-no-retrieval" if args.no_retrieval else "pretrain")
+    settings = {**(yaml.safe_load((REPO / recipe["pretrain_config"]).read_text()) or {}),
+                **(recipe.get("pretrain_overrides") or {})}
     overrides = []
     for key, value in (recipe.get("pretrain_overrides") or {}).items():
         overrides += [f"--{key}", str(value)]
     docs = 0 if args.no_retrieval else recipe["num_retrieved_docs"]
+    launcher = []
+    if args.nproc > 1:
+        batch = int(settings.get("per_device_train_batch_size", 8))
+        if batch % args.nproc:
+            raise ValueError(f"--nproc {args.nproc} does not divide the batch of {batch}")
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
+        overrides += ["--per_device_train_batch_size", str(batch // args.nproc), "--ddp_backend", "gloo",
+                      "--ddp_find_unused_parameters", "false"]  # every parameter is used: skip the extra graph walk
     run("pretrain.py", "--config", str(REPO / recipe["pretrain_config"]), "--train_data", str(train),
         "--eval_data", str(validation), "--output_dir", str(output), "--num_retrieved_docs", str(docs),
-        *overrides, *args.pretrain_args)
+        *overrides, *args.pretrain_args, launcher=launcher)
     if args.no_retrieval or args.stop_after == "pretrain":
         return output
     bundle_dir = Path(recipe.get("bundle_dir", "src/cm3leon_hf/pretrained/cm3leon-tiny"))
