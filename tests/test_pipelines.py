@@ -15,6 +15,7 @@ from diffusers import VQModel
 from PIL import Image
 from sentence_transformers import SentenceTransformer
 from transformers import pipeline
+from transformers.generation.streamers import BaseStreamer
 
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonProcessor
 from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
@@ -333,3 +334,39 @@ def test_saved_pipeline_loads_in_a_fresh_process_without_the_package(text_to_ima
         loaded_version, name, *ids = result.stdout.strip().splitlines()[-1].split()
         assert Version(loaded_version) == Version(version) and name == "Cm3LeonTextToImagePipeline"
         assert [int(i) for i in ids] == expected.tolist()
+
+def test_prompt_keyword_and_generator_lists_follow_diffusers(text_to_image):
+    seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    positional = image_ids_of(text_to_image, "a red star", generator=seeded(3))
+    keyword = text_to_image(prompt="a red star", output_type="ids", progress_bar=False, generator=seeded(3))
+    assert keyword[0]["image"].tolist() == positional[0]["image"].tolist()
+    # One generator per image: image i is what generator i alone gives.
+    pair = image_ids_of(text_to_image, "a red star", num_images_per_prompt=2, generator=[seeded(7), seeded(8)])
+    alone = [image_ids_of(text_to_image, "a red star", generator=seeded(s))[0]["image"] for s in (7, 8)]
+    assert [p["image"].tolist() for p in pair] == [a.tolist() for a in alone]
+    with pytest.raises(ValueError, match="list of 2"):
+        image_ids_of(text_to_image, "a red star", num_images_per_prompt=2, generator=[seeded(7)])
+    with pytest.raises(ValueError, match="Give a prompt"):
+        text_to_image(progress_bar=False)
+
+
+def test_callers_streamer_and_image_length_are_honoured(text_to_image):
+    length = text_to_image.model.config.image_seq_length
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = 0, False
+
+        def put(self, value):
+            self.puts += 1
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    out = image_ids_of(text_to_image, "a red star", streamer=recorder, max_new_tokens=length,
+                       generator=torch.Generator().manual_seed(0))
+    assert out[0]["image"].shape == (length,)
+    assert recorder.puts == 1 + length and recorder.ended  # the prompt, then every image token
+    with pytest.raises(ValueError, match=f"exactly {length} tokens"):
+        image_ids_of(text_to_image, "a red star", max_new_tokens=length - 1)

@@ -50,6 +50,45 @@ class TokenProgressBar(BaseStreamer):
         self.bar.close()
 
 
+class _StreamerPair(BaseStreamer):
+    """Feeds `generate`'s streamer hook to the pipeline's progress bar and to the caller's own streamer."""
+
+    def __init__(self, *streamers):
+        self.streamers = [s for s in streamers if s is not None]
+
+    def put(self, value):
+        for streamer in self.streamers:
+            streamer.put(value)
+
+    def end(self):
+        for streamer in self.streamers:
+            streamer.end()
+
+
+def _image_generate_kwargs(config, generate_kwargs: dict | None) -> tuple[dict, object]:
+    """The caller's `generate` keywords without those the pipeline owns: an image is exactly `image_seq_length`
+    tokens (a `max_new_tokens` of another length is refused), and a `streamer` is fed alongside the progress bar."""
+    kwargs = dict(generate_kwargs or {})
+    for name in ("max_new_tokens", "min_new_tokens"):
+        value = kwargs.pop(name, None)
+        if value is not None and value != config.image_seq_length:
+            raise ValueError(f"An image is exactly {config.image_seq_length} tokens; got {name}={value}.")
+    if kwargs.pop("max_length", None) is not None:
+        raise ValueError(f"`max_length` does not apply: an image is exactly {config.image_seq_length} tokens.")
+    return kwargs, kwargs.pop("streamer", None)
+
+
+def _generators(generator, count: int):
+    """`count` generators, one per image, from a list of that length (diffusers' convention: image i is reproducible
+    from generator i alone), or `None` for one shared generator (or none)."""
+    if not isinstance(generator, (list, tuple)):
+        return None
+    if len(generator) != count or not all(isinstance(g, torch.Generator) for g in generator):
+        raise ValueError(f"`generator` must be one torch.Generator or a list of {count} (one per image), got "
+                         f"{len(generator)} items.")
+    return list(generator)
+
+
 def _encode(processor, text: str, images=None) -> dict:
     encoded = processor(text, images=images, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
@@ -150,10 +189,13 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
         retriever (`Cm3LeonRetriever`, *optional*), num_retrieved_docs (`int`, defaults to 0):
             Put that many retrieved documents in front of the prompt (CL Table 1: 0/1/2); the unconditional stream
             keeps them and replaces only the prompt text.
-        generator (`torch.Generator`, *optional*): makes the result reproducible.
+        generator (`torch.Generator` or a list of them, *optional*): makes the result reproducible; a list holds one
+            generator per candidate image (`num_candidates`), so that image i depends on generator i alone (diffusers'
+            convention), at the cost of one `generate` call per image.
         output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (uint8 `(H, W, 3)`) or `"ids"` (image ids).
         progress_bar (`bool`, defaults to `True`): a progress bar over generated tokens.
-        Other keyword arguments go to `generate`.
+        Other keyword arguments go to `generate` (a `streamer` is fed alongside the progress bar; `max_new_tokens`, if
+        given, must be `image_seq_length`).
 
     Returns:
         Per prompt, a list of `num_images_per_prompt` dicts `{"image": ..., "score": CLIP score or None}`, best first
@@ -170,6 +212,14 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
 
     ```
     """
+
+    def __call__(self, prompt: str | list[str] | None = None, **kwargs):
+        """`prompt`: one prompt or a list (also as the keyword `prompt=`, as in diffusers, or `inputs=`)."""
+        if prompt is None:
+            prompt = kwargs.pop("inputs", None)
+        if prompt is None:
+            raise ValueError("Give a prompt: pipe('a red circle at the top left') or pipe(prompt=...).")
+        return super().__call__(prompt, **kwargs)
 
     def _sanitize_parameters(
         self,
@@ -259,25 +309,31 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
         cd_kwargs = dict(contrastive_k=contrastive_k, contrastive_alpha=contrastive_alpha,
                          amateur_temperature=amateur_temperature)
         config = self.model.config
+        generate_kwargs, streamer = _image_generate_kwargs(config, generate_kwargs)
+        per_image = _generators(generator, num_candidates)
         batch_size = model_inputs["input_ids"].shape[0]
-        images = []
+        images, used = [], 0
         for count, sampling in _sampling_runs(decoding, num_candidates, top_p, temperature, cd_kwargs):
             guidance = {} if "contrastive_k" in sampling else {"cfg_scale": guidance_scale}
-            bar = TokenProgressBar(config.image_seq_length, f"{decoding} image tokens", disable=not progress_bar)
-            out = self.model.generate(
-                input_ids=model_inputs["input_ids"],
-                attention_mask=model_inputs["attention_mask"],
-                uncond_input_ids=model_inputs["uncond_input_ids"],
-                uncond_attention_mask=model_inputs["uncond_attention_mask"],
-                generate_image=True,
-                max_new_tokens=config.image_seq_length,
-                num_return_sequences=count,
-                generator=generator,
-                streamer=bar,
-                **guidance,
-                **{**sampling, **(generate_kwargs or {})},
-            )
-            images.append(out[:, -config.image_seq_length :].view(batch_size, count, -1))
+            # One call for all `count` images, or one per image when each has its own generator.
+            calls = [(count, generator)] if per_image is None else [(1, g) for g in per_image[used : used + count]]
+            used += count
+            for n, call_generator in calls:
+                bar = TokenProgressBar(config.image_seq_length, f"{decoding} image tokens", disable=not progress_bar)
+                out = self.model.generate(
+                    input_ids=model_inputs["input_ids"],
+                    attention_mask=model_inputs["attention_mask"],
+                    uncond_input_ids=model_inputs["uncond_input_ids"],
+                    uncond_attention_mask=model_inputs["uncond_attention_mask"],
+                    generate_image=True,
+                    max_new_tokens=config.image_seq_length,
+                    num_return_sequences=n,
+                    generator=call_generator,
+                    streamer=_StreamerPair(bar, streamer),
+                    **guidance,
+                    **{**sampling, **generate_kwargs},
+                )
+                images.append(out[:, -config.image_seq_length :].view(batch_size, n, -1))
         return {"image_ids": torch.cat(images, dim=1), "prompt": model_inputs["prompt"]}  # (batch, candidates, L)
 
     def postprocess(self, model_outputs, reranker=None, output_type: str = "pil", num_images_per_prompt: int = 1):
