@@ -161,9 +161,9 @@ def test_processors_do_not_edit_their_input():
 # --- batched streams vs. separate forwards --------------------------------------------------------------------------
 
 
-def reference_decode(model, streams, combine, steps, constraint, warpers=None, seed=None):
+def reference_decode(model, streams, combine, steps, constraint, warpers=None, seed=None, generator=None):
     """The slow way: every stream its own forward and its own cache; returns per-step guided scores (after `warpers`)
-    and the tokens, greedy or, with a `seed`, sampled."""
+    and the tokens, greedy or sampled: with a `seed` from the global RNG, with a `generator` by Gumbel-max from it."""
     caches = [DynamicCache(config=model.config) for _ in streams]
     inputs = [ids for ids, _ in streams]
     masks = [mask for _, mask in streams]
@@ -183,7 +183,10 @@ def reference_decode(model, streams, combine, steps, constraint, warpers=None, s
             if warpers is not None:
                 guided = warpers(sequences, guided)
             all_scores.append(guided)
-            if seed is None:
+            if generator is not None:
+                uniform = torch.rand(guided.shape, generator=generator).clamp(min=1e-20, max=1 - 1e-7)
+                next_tokens = (guided - torch.log(-torch.log(uniform))).argmax(-1)
+            elif seed is None:
                 next_tokens = guided.argmax(-1)
             else:
                 next_tokens = torch.multinomial(guided.softmax(-1), 1).squeeze(1)
@@ -255,10 +258,10 @@ def test_batched_cfg_equals_separate_forwards_sampling(model):
         ids, attention_mask=mask, cfg_scale=3.0, generate_image=True, do_sample=True, top_p=0.8,
         generator=torch.Generator().manual_seed(7), output_scores=True, return_dict_in_generate=True,
     )
-    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(7)))
     _, sequences = reference_decode(
         model, [(ids, mask), (uncond, torch.ones_like(uncond))], cfg(3.0), steps,
-        constraint_for(config, True), warpers=LogitsProcessorList([TopPLogitsWarper(0.8)]), seed=seed,
+        constraint_for(config, True), warpers=LogitsProcessorList([TopPLogitsWarper(0.8)]),
+        generator=torch.Generator().manual_seed(7),
     )
     assert torch.equal(out.sequences, sequences)
 

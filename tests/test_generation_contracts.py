@@ -217,3 +217,39 @@ def test_static_cache_gives_the_dynamic_caches_ids(model, config, sampling, guid
     static = model.generate(prompts, generator=torch.Generator().manual_seed(4), cache_implementation="static", **kwargs)
     assert dynamic.shape == (2, 4 + config.image_seq_length)
     assert static.tolist() == dynamic.tolist()
+
+
+def test_threads_with_their_own_seeds_get_their_single_thread_images(model, config):
+    """A server generating for several requests at once: each call's generator alone decides its tokens, whatever the
+    other threads do with the process-wide RNG meanwhile."""
+    import threading
+
+    prompt = image_prompt(config)
+    seeds = [11, 12, 13, 14]
+    alone = {s: model.generate(prompt, cfg_scale=3.0, generator=torch.Generator().manual_seed(s)).tolist() for s in seeds}
+    results, barrier = {}, threading.Barrier(len(seeds))
+
+    def work(seed):
+        barrier.wait()
+        for trial in range(3):
+            torch.manual_seed(1000 + seed + trial)  # another user of the global RNG, in the middle of it all
+            results[seed, trial] = model.generate(prompt, cfg_scale=3.0, generator=torch.Generator().manual_seed(seed)).tolist()
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 12 and all(results[s, t] == alone[s] for s, t in results)
+    assert len({str(v) for v in alone.values()}) == len(seeds)
+
+
+def test_the_generators_draws_follow_the_distribution():
+    from cm3leon_hf.generation_cm3leon import GeneratorSamplingLogitsProcessor
+
+    scores = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]]).expand(20000, -1)
+    draws = GeneratorSamplingLogitsProcessor(torch.Generator().manual_seed(0))(None, scores).argmax(-1)
+    frequencies = torch.bincount(draws, minlength=4).double() / len(draws)
+    expected = torch.tensor([0.0, 1.0, 2.0]).softmax(-1).double()
+    assert frequencies[3] == 0
+    torch.testing.assert_close(frequencies[:3], expected, atol=0.012, rtol=0)  # ~4 standard errors at n = 20,000

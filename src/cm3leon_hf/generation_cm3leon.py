@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation import GenerationMixin
 
 from .layout import Cm3LeonLayout
@@ -123,6 +123,41 @@ def image_steps_ahead(input_ids: torch.LongTensor, config, generate_image: bool 
     return int(left.min())
 
 
+class GeneratorSamplingLogitsProcessor(LogitsProcessor):
+    r"""Draws each sampled token from the caller's `torch.Generator` (Gumbel-max: `argmax(scores + G)` with
+    `G = -log(-log(U))` is a draw from `softmax(scores)`), so that a seed means the same tokens whatever else uses the
+    process-wide RNG at the same time (other threads of a server, other libraries), as diffusers pipelines draw from
+    theirs. It runs last, after temperature, top-k and top-p, and returns 0 at the drawn token and `-inf` elsewhere:
+    transformers' sampling step then returns that token, whatever its own RNG draws.
+
+    Args:
+        generator (`torch.Generator`): the stream to draw from; it advances, so successive calls differ.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from cm3leon_hf.generation_cm3leon import GeneratorSamplingLogitsProcessor
+    >>> scores = torch.tensor([[0.0, 2.0, float("-inf")]])
+    >>> draw = lambda seed: GeneratorSamplingLogitsProcessor(torch.Generator().manual_seed(seed))(None, scores)
+    >>> [int(draw(seed).argmax()) for seed in range(6)]  # token 1 is e^2 ≈ 7.4 times as likely as token 0; 2 never
+    [1, 1, 1, 1, 1, 0]
+
+    ```
+    """
+
+    def __init__(self, generator: torch.Generator):
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+        drawn = (scores.float() + gumbel.to(scores.device)).argmax(dim=-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
+
+
 class Cm3LeonGenerationMixin(GenerationMixin):
     """`GenerationMixin` with CM3Leon's decoding (see the module docstring)."""
 
@@ -192,8 +227,10 @@ class Cm3LeonGenerationMixin(GenerationMixin):
                 `<break>`/`<eos>`, and text contains no image code. `False` samples the model's own distribution over
                 the whole vocabulary (then `generate_image` must stay `None`).
             generator (`torch.Generator`, *optional*):
-                Makes sampling reproducible without touching the global RNG: a seed drawn from it seeds a forked RNG
-                for this call (the generator advances, so successive calls differ, as in diffusers).
+                Makes sampling reproducible without touching the global RNG: every token is drawn from it
+                ([`GeneratorSamplingLogitsProcessor`]), so threads sampling at once each get their own seed's tokens
+                (the generator advances, so successive calls differ, as in diffusers). Beam sampling seeds a forked
+                global RNG from it instead.
             kwargs:
                 Everything `GenerationMixin.generate` takes (`attention_mask`, `max_new_tokens`, `do_sample`,
                 `temperature`, `top_p`, `num_return_sequences`, ...).
@@ -255,10 +292,18 @@ class Cm3LeonGenerationMixin(GenerationMixin):
                 generation_config=generation_config,
             )
             input_ids = kwargs.pop("input_ids")
-        if generator is None:
+        source = generation_config if generation_config is not None else self.generation_config
+        sampling = kwargs.get("do_sample", source.do_sample)
+        if generator is None or not sampling:  # greedy decoding draws nothing
             return super().generate(input_ids, generation_config, logits_processor, **kwargs)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        if (kwargs.get("num_beams") or source.num_beams or 1) == 1:
+            processors = LogitsProcessorList([*(logits_processor or []), GeneratorSamplingLogitsProcessor(generator)])
+            with torch.random.fork_rng(devices=devices):  # transformers' multinomial still draws (a one-hot choice)
+                return super().generate(input_ids, generation_config, processors, **kwargs)
+        # Beam sampling draws several candidates per beam: seed a forked global RNG from the generator instead (the
+        # same images for a seed, but not safe against other threads using the global RNG at the same time).
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             return super().generate(input_ids, generation_config, logits_processor, **kwargs)
@@ -461,10 +506,14 @@ class Cm3LeonGenerationMixin(GenerationMixin):
     def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
         # The stream processors must see the stacked streams first (constraint, then guidance): every other processor
         # expects one row per prompt. transformers appends custom processors after its own, hence this reordering.
+        # The generator's draw comes last, after transformers' warpers (temperature, top-k, top-p), which it appends
+        # after the custom processors.
         processors = super()._get_logits_processor(*args, **kwargs)
         rank = {cls: i for i, cls in enumerate(STREAM_PROCESSORS)}
         first = sorted((p for p in processors if type(p) in rank), key=lambda p: rank[type(p)])
-        return LogitsProcessorList([*first, *(p for p in processors if type(p) not in rank)])
+        last = [p for p in processors if isinstance(p, GeneratorSamplingLogitsProcessor)]
+        middle = [p for p in processors if type(p) not in rank and p not in last]
+        return LogitsProcessorList([*first, *middle, *last])
 
 
-__all__ = ["DECODING_DEFAULTS", "Cm3LeonDecodingPlan", "Cm3LeonGenerationMixin"]
+__all__ = ["DECODING_DEFAULTS", "Cm3LeonDecodingPlan", "Cm3LeonGenerationMixin", "GeneratorSamplingLogitsProcessor"]
