@@ -55,7 +55,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the index training sample")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "shard_size", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def main(argv=None):

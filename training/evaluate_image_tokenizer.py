@@ -117,7 +117,13 @@ def evaluate_freeform(image_tokenizer: Cm3LeonImageTokenizer, count: int, batch_
 
 
 def main(argv=None) -> list[dict]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("num_scenes", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.freeform < 0:
+        parser.error(f"--freeform must be at least 0, got {args.freeform}")
     torch.set_num_threads(args.threads)
     rows = [make_row("text_to_image", args.split, i) for i in tqdm(range(args.num_scenes), desc="scenes", leave=False)]
     scenes = [Scene.from_json(r["scene"]) for r in rows]

@@ -178,6 +178,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"unknown keys in {args.config}: {unknown}")
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in recipe.items()})
     args = parser.parse_args(argv)
+    for name in ("batch_size", "log_every", "checkpoint_every", "eval_images", "keep_checkpoints", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("max_steps", "warmup_steps", "eval_every", "restart_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     if not 0.0 <= args.freeform_fraction <= 1.0:
         parser.error(f"--freeform-fraction must be in [0, 1], got {args.freeform_fraction}")
     if args.freeze_encoder and args.init_from is None and not args.resume:

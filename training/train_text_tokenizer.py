@@ -65,7 +65,12 @@ def load_texts(args):
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("max_texts", "synthetic_rows", "min_frequency"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value} (a tokenizer trained on nothing)")
     config = Cm3LeonConfig.from_pretrained(args.model_config)
     texts, length = load_texts(args)
     tokenizer = train_text_tokenizer(

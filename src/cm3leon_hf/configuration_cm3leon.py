@@ -1,6 +1,9 @@
 """CM3Leon model configuration."""
 
+import math
+
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 
 class Cm3LeonConfig(PreTrainedConfig):
@@ -168,14 +171,21 @@ class Cm3LeonConfig(PreTrainedConfig):
             "intermediate_size",
             "max_position_embeddings",
         )
-        for name in positive:
+        for name in (*positive, "vocab_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("image_token_offset", "num_sentinel_tokens", "sentinel_token_start_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"`{name}` must be an integer, got {value!r}.")
         for name in ("initializer_range", "position_initializer_range", "initializer_truncation", "layer_norm_eps"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a finite positive number, got {value!r}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` {self.hidden_act!r} is not an activation transformers knows (e.g. 'relu', "
+                             f"'gelu', 'silu').")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` ({self.hidden_size})."

@@ -406,16 +406,21 @@ class Cm3LeonGenerationMixin(GenerationMixin):
             streams.append((uncond_ids, uncond_mask))
             if image_cfg_scale is not None:
                 streams.append(image_cond)
+            names = ("input_ids", "uncond_input_ids", "image_cond_input_ids")
             for i, (ids, mask) in enumerate(streams):
-                if ids.shape[0] != batch_size:
-                    raise ValueError(f"Stream {i} has {ids.shape[0]} prompts, the conditional stream {batch_size}.")
+                if ids.ndim != 2 or ids.shape[0] != batch_size:
+                    raise ValueError(f"`{names[i]}` has shape {tuple(ids.shape)}; it needs ({batch_size}, length): one "
+                                     f"prompt per conditional prompt.")
+                if mask is not None and mask.shape != ids.shape:
+                    raise ValueError(f"The attention mask of `{names[i]}` has shape {tuple(mask.shape)}, its ids "
+                                     f"{tuple(ids.shape)}: a mask of another length would drop or invent tokens.")
                 streams[i] = (ids, torch.ones_like(ids) if mask is None else mask)
             # Expanded here rather than by transformers, which does not know the extra streams.
-            num_return_sequences = (
-                kwargs.pop("num_return_sequences", None)
-                or getattr(generation_config or self.generation_config, "num_return_sequences", None)
-                or 1
-            )
+            num_return_sequences = kwargs.pop("num_return_sequences", None)
+            if num_return_sequences is None:
+                num_return_sequences = getattr(generation_config or self.generation_config, "num_return_sequences", None) or 1
+            if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+                raise ValueError(f"`num_return_sequences` must be a positive integer, got {num_return_sequences!r}.")
             streams = [(i.repeat_interleave(num_return_sequences, 0), m.repeat_interleave(num_return_sequences, 0)) for i, m in streams]
 
         prompt_length = max(ids.shape[1] for ids, _ in streams)

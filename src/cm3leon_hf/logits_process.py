@@ -176,7 +176,8 @@ class BatchedClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
     Unlike transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` (a second forward pass with its own cache,
     as HF Emu3 uses), the unconditional stream is computed in the same forward as extra batch rows; unlike its
     MusicGen-only `ClassifierFreeGuidanceLogitsProcessor`, any scale >= 0 is accepted (1 = conditional only, 0 =
-    unconditional only) and tokens a constraint set to `-inf` stay `-inf` instead of becoming NaN. Mixing logits or
+    unconditional only), tokens a constraint set to `-inf` stay `-inf` instead of becoming NaN, and a token only the
+    unconditional stream rules out keeps its conditional score (no NaN either). Mixing logits or
     log-probabilities gives the same distribution: they differ by a per-row constant.
 
     Args:
@@ -199,6 +200,9 @@ class BatchedClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         cond, uncond = _split_streams(input_ids, scores, 2)
+        # A token the unconditional stream rules out (-inf) but the conditional one allows has no finite guided
+        # score (it would be NaN): it keeps its conditional score.
+        uncond = torch.where(uncond.isneginf() & cond.isfinite(), cond, uncond)
         guided = uncond + self.guidance_scale * (cond - uncond)
         return guided.masked_fill(cond == float("-inf"), float("-inf"))
 

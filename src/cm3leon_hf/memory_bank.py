@@ -319,6 +319,9 @@ class Cm3LeonMemoryBank:
                 in-memory dataset made anew gets a new one), columns, shard size and encoder.
         """
         save_directory = Path(save_directory)
+        for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if len(dataset) == 0:
             raise ValueError("Cannot build a memory bank from an empty dataset.")
         for role, column in (("text_column", text_column), ("image_column", image_column)):

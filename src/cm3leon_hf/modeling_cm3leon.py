@@ -181,6 +181,36 @@ class Cm3LeonPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, std=config.initializer_range, a=-cut, b=cut)
 
 
+def _check_shapes(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    """Integer ids of shape (batch, length) with length >= 1, or embeddings (batch, length, hidden)."""
+    if input_ids is not None:
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}.")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}; "
+                             f"for one sequence, add a batch dimension: ids[None].")
+        length = input_ids.shape[1]
+    else:
+        if inputs_embeds.ndim != 3:
+            raise ValueError(f"inputs_embeds must have shape (batch_size, sequence_length, hidden_size), got "
+                             f"{tuple(inputs_embeds.shape)}.")
+        length = inputs_embeds.shape[1]
+    if length == 0:
+        raise ValueError("The input is empty (sequence_length 0): give at least one token, e.g. the <eos> that starts a "
+                         "document.")
+
+
+def _check_attention_mask(mask: torch.Tensor, batch_size: int, length: int, *, static: bool, values: bool) -> None:
+    """A 2D padding mask covers the batch and every position (cached + new), with 1 for tokens and 0 for padding:
+    positions are counted from it, so any other length or value would shift them silently. A static cache's mask
+    may be longer (it covers the cache's whole length). `values`: also read the values (a host sync)."""
+    if mask.shape[0] != batch_size or (mask.shape[1] != length and not (static and mask.shape[1] >= length)):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the input needs ({batch_size}, {length}) "
+                         f"(batch, cached + new tokens).")
+    if values and not mask.dtype == torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens).")
+
+
 class Cm3LeonModel(Cm3LeonPreTrainedModel):
     """The decoder stack: token + position embeddings, `num_hidden_layers` pre-LN blocks, a final LayerNorm."""
 
@@ -248,6 +278,7 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        _check_shapes(input_ids, inputs_embeds)
         # A decoding step (one new token per row, after a cache) feeds back sampled ids: checking them would cost a
         # host sync per token, which also stops CUDA graphs. Prompts and any longer input are checked.
         decoding_step = cache is not None and (input_ids if input_ids is not None else inputs_embeds).shape[1] == 1
@@ -266,6 +297,9 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
                 f"{query_length} new), longer than max_position_embeddings={self.config.max_position_embeddings}."
             )
 
+        if attention_mask is not None and attention_mask.ndim == 2:
+            _check_attention_mask(attention_mask, inputs_embeds.shape[0], past_seen_tokens + query_length,
+                                  static=getattr(cache, "is_compileable", False), values=not decoding_step)
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 # Count real tokens only: left padding does not shift the positions of a prompt. Pads get position 0.
@@ -274,11 +308,13 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
                 position_ids = torch.arange(
                     past_seen_tokens, past_seen_tokens + query_length, device=inputs_embeds.device
                 ).unsqueeze(0)
-        elif not (torch.compiler.is_compiling() or decoding_step) and int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"position_ids contains {int(position_ids.max())}, but max_position_embeddings is "
-                f"{self.config.max_position_embeddings}."
-            )
+        elif not (torch.compiler.is_compiling() or decoding_step):
+            low, high = int(position_ids.min()), int(position_ids.max())
+            if low < 0 or high >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position_ids contains {low if low < 0 else high}, outside [0, max_position_embeddings="
+                    f"{self.config.max_position_embeddings})."
+                )
 
         # Packed rows are detected from `position_ids` when there is no 2D mask and no cache (as in Llama).
         causal_mask = create_causal_mask(
