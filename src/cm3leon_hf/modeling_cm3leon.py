@@ -29,8 +29,15 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .atomic import atomic_directory
 from .configuration_cm3leon import Cm3LeonConfig
 from .generation_cm3leon import Cm3LeonDecodingPlan, Cm3LeonGenerationMixin
+
+
+def _is_weights_file(name: str) -> bool:
+    """Weights of an earlier save (maybe sharded otherwise): not carried over into a new save's directory."""
+    return name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")) and not name.startswith(
+        "diffusion_pytorch_model")
 
 
 class Cm3LeonLearnedPositionalEmbedding(nn.Embedding):
@@ -451,6 +458,10 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, Cm3LeonGenerationMixin):
         """`PreTrainedModel.save_pretrained` (config, safetensors weights, and this code with `auto_map` for
         `trust_remote_code`) plus a `README.md` model card rendered from the package's `model_card.md`.
 
+        The directory is written as a whole (`atomic.atomic_directory`): a kill while saving over an earlier copy leaves
+        that copy, not new files beside old ones. Files of other savers already there (a processor's) are kept;
+        weights of an earlier save are replaced.
+
         Args:
             model_card_kwargs (`dict`, *optional*):
                 Passed to `cm3leon_hf.modelcard.build_model_card` (e.g. `training_data`, `repo_id`, `license`).
@@ -461,14 +472,16 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, Cm3LeonGenerationMixin):
                 "AutoModel": "modeling_cm3leon.Cm3LeonModel",
                 "AutoModelForImageTextToText": "modeling_cm3leon.Cm3LeonForCausalLM",
             }
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        if not is_main_process:
+        if not is_main_process or kwargs.get("push_to_hub"):
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
             return
-        try:  # the template ships with the package; this file loaded as remote code without it saves no card
-            from cm3leon_hf.modelcard import build_model_card, save_model_card
-        except ImportError:
-            return
-        save_model_card(build_model_card(self, **(model_card_kwargs or {})), save_directory)
+        with atomic_directory(save_directory, skip=_is_weights_file) as staging:
+            super().save_pretrained(staging, is_main_process, *args, **kwargs)
+            try:  # the template ships with the package; this file loaded as remote code without it saves no card
+                from cm3leon_hf.modelcard import build_model_card, save_model_card
+            except ImportError:
+                return
+            save_model_card(build_model_card(self, **(model_card_kwargs or {})), staging)
 
     def push_to_hub(
         self,

@@ -56,6 +56,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils.hub import hf_api
 
+from .atomic import atomic_directory
 from .image_tokenizer import Cm3LeonImageTokenizer
 from .layout import INFILL_CHAT_TEMPLATE
 from .layout import Cm3LeonLayout
@@ -472,13 +473,16 @@ class Cm3LeonProcessor(ProcessorMixin):
         return output
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
-        """Save the text tokenizer, `processor_config.json` and the VQ (diffusers format, in `image_tokenizer/`).
+        """Save the text tokenizer, `processor_config.json` and the VQ (diffusers format, in `image_tokenizer/`), as a
+        whole (`atomic.atomic_directory`: a kill leaves the earlier copy; other files already there are kept).
 
         With `push_to_hub=True`, everything in `save_directory` is then uploaded in one commit to `repo_id` (default:
         the directory's name); `push_to_hub(repo_id)` does the same from a temporary directory."""
-        files = super().save_pretrained(save_directory)
+        with atomic_directory(save_directory) as staging:  # a kill leaves the old copy, not a mix
+            files = super().save_pretrained(staging)
+            self.image_tokenizer.save_pretrained(os.path.join(staging, IMAGE_TOKENIZER_SUBFOLDER))
+        files = [os.path.join(save_directory, os.path.relpath(f, staging)) for f in files]
         image_directory = os.path.join(save_directory, IMAGE_TOKENIZER_SUBFOLDER)
-        self.image_tokenizer.save_pretrained(image_directory)
         if push_to_hub:
             token = kwargs.get("token")
             repo_id = kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))

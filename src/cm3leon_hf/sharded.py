@@ -18,6 +18,8 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
+from .atomic import replace_directory
+
 BUILD_FILE = "build.json"
 SHARD_INFO_FILE = "shard.json"
 
@@ -48,9 +50,7 @@ def save_dataset_atomically(dataset: Dataset, path: Path) -> Dataset:
         shutil.rmtree(tmp)
     with datasets_progress_bars_off():
         dataset.save_to_disk(str(tmp), num_shards=1 if len(dataset) == 0 else None)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    replace_directory(tmp, path)
     return load_from_disk(str(path))
 
 
