@@ -114,3 +114,13 @@ def test_a_model_saved_beside_a_processor_keeps_it_and_loses_stale_weights(tmp_p
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_files_in_subdirectories_are_always_kept(tmp_path):
+    """A training run saves its final model into the directory that holds its checkpoints."""
+    from cm3leon_hf import Cm3LeonConfig
+
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"a checkpoint's weights")
+    Cm3LeonForCausalLM(Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")).save_pretrained(tmp_path)
+    assert (tmp_path / "checkpoint-6" / "model.safetensors").read_bytes() == b"a checkpoint's weights"

@@ -500,3 +500,28 @@ def test_prompt_through_the_processor(bank, encoder, processor):
     assert uncond == layout.unconditional_prompt(documents)
     assert processor(build_retrieval_prompt([], unconditional=True)[0], padding=False)["input_ids"][0] == \
         layout.unconditional_prompt() == [eos, mask, brk]
+
+
+def test_overwrite_keeps_the_old_bank_until_the_new_one_is_complete(tmp_path, dataset, encoder):
+    """`overwrite=True` used to delete the old bank before the new one existed; a stop then left no bank at all."""
+    directory = tmp_path / "bank"
+    old = Cm3LeonMemoryBank.build(dataset.select(range(40)), encoder, directory, batch_size=16, show_progress_bar=False)
+    real_encode, calls = encoder.encode, {"n": 0}
+
+    def failing_encode(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_encode(*args, **kwargs)
+
+    encoder.encode = failing_encode
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Cm3LeonMemoryBank.build(dataset, encoder, directory, batch_size=16, overwrite=True, show_progress_bar=False)
+    finally:
+        del encoder.encode
+    kept = Cm3LeonMemoryBank.load(directory)
+    assert len(kept) == len(old) and kept.manifest["rows_hash"] == old.manifest["rows_hash"]
+    new = Cm3LeonMemoryBank.build(dataset, encoder, directory, batch_size=16, overwrite=True, show_progress_bar=False)
+    assert len(Cm3LeonMemoryBank.load(directory)) == len(new) > len(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]  # no rebuild directory left beside it

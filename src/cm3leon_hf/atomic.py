@@ -50,11 +50,12 @@ def replace_directory(new: Path, path: Path) -> None:
 
 
 def _carry_over(source: Path, target: Path, skip: Callable[[str], bool]) -> None:
-    """Hard-link (or copy) into `target` every file of `source` that `target` lacks, except those `skip` names."""
+    """Hard-link (or copy) into `target` every file of `source` that `target` lacks, except the top-level files
+    `skip` names (what lies in subdirectories, e.g. a run's checkpoints, is other savers' and always kept)."""
     for root, _, files in os.walk(source):
         relative = Path(root).relative_to(source)
         for name in files:
-            if skip(name) or (target / relative / name).exists():
+            if (relative == Path(".") and skip(name)) or (target / relative / name).exists():
                 continue
             (target / relative).mkdir(parents=True, exist_ok=True)
             try:
@@ -67,8 +68,8 @@ def _carry_over(source: Path, target: Path, skip: Callable[[str], bool]) -> None
 def atomic_directory(path, keep_existing: bool = True, skip: Callable[[str], bool] = lambda name: False):
     """Write a directory as a whole: yields a temporary sibling of `path` to write into and, when the block ends
     without an error, puts it at `path` with `replace_directory`. With `keep_existing`, files already at `path` that the
-    block did not write (e.g. a processor's, when a model is saved beside it) are carried over first, except those
-    `skip` names (e.g. weights of an older save in another layout). A failed or killed write leaves `path` as it was;
+    block did not write (e.g. a processor's, when a model is saved beside it) are carried over first, except the
+    top-level files `skip` names (e.g. weights of an older save in another layout). A failed or killed write leaves `path` as it was;
     leftovers of killed writes are removed by the next one.
 
     Example:

@@ -54,6 +54,7 @@ from datasets import Dataset, List, Value, load_from_disk
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .atomic import replace_directory
 from .sharded import atomic_write_json, build_in_shards, datasets_progress_bars_off, save_dataset_atomically
 
 BANK_FORMAT_VERSION = 1
@@ -313,7 +314,8 @@ class Cm3LeonMemoryBank:
             train_size (`int`, *optional*): rows sampled (seeded) to train an index that needs training; defaults to
                 `min(num_rows, max(64 * nlist, 65_536))` for IVF, 65,536 otherwise.
             shard_size (`int`): rows per resumable shard; a re-run skips the shards already on disk.
-            overwrite (`bool`): delete an existing bank or unfinished build in `save_directory` first. Without it, an
+            overwrite (`bool`): rebuild an existing bank (the old one stays until the new one is complete, then is
+                swapped out in one step) or start an unfinished build over. Without it, an
                 existing bank is an error and an unfinished build with the same settings resumes: the same dataset
                 (its `datasets` fingerprint, stable for a dataset loaded from disk or generated with a cache; an
                 in-memory dataset made anew gets a new one), columns, shard size and encoder.
@@ -332,7 +334,13 @@ class Cm3LeonMemoryBank:
         reserved = [c for c in RESERVED_COLUMNS if c in dataset.column_names]
         if reserved:
             raise ValueError(f"Columns {reserved} are reserved for the memory bank; rename them in the dataset.")
-        if overwrite and save_directory.exists():
+        target = save_directory
+        if overwrite and (save_directory / MANIFEST_FILE).exists():
+            # Keep the old bank until the new one is complete: build beside it, then swap it in.
+            save_directory = target.with_name(f".{target.name}.rebuild")
+            if save_directory.exists():
+                shutil.rmtree(save_directory)
+        elif overwrite and save_directory.exists():  # an unfinished build: start over
             shutil.rmtree(save_directory)
         if (save_directory / MANIFEST_FILE).exists():
             raise ValueError(f"{save_directory} already holds a memory bank; pass overwrite=True to rebuild it.")
@@ -384,7 +392,9 @@ class Cm3LeonMemoryBank:
                                      train_size, seed, show_progress_bar))
         atomic_write_json(save_directory / MANIFEST_FILE, manifest)
         shutil.rmtree(shards_dir)
-        return cls.load(save_directory)
+        if save_directory != target:
+            replace_directory(save_directory, target)
+        return cls.load(target)
 
     def reindex(self, index_factory: str, *, search_parameters: str | None = None, train_size: int | None = None,
                 seed: int = 0, show_progress_bar: bool = True) -> "Cm3LeonMemoryBank":
