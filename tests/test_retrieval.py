@@ -525,3 +525,34 @@ def test_overwrite_keeps_the_old_bank_until_the_new_one_is_complete(tmp_path, da
     new = Cm3LeonMemoryBank.build(dataset, encoder, directory, batch_size=16, overwrite=True, show_progress_bar=False)
     assert len(Cm3LeonMemoryBank.load(directory)) == len(new) > len(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]  # no rebuild directory left beside it
+
+
+def test_a_damaged_or_hostile_manifest_is_refused_by_name(tmp_path, bank_dir):
+    import json
+    import shutil
+
+    directory = tmp_path / "bank"
+    shutil.copytree(bank_dir, directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    # Security: a manifest must not point outside its bank; reindex() used to delete "../victim/index.faiss".
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "index.faiss").write_bytes(b"someone else's file")
+    for name in ("../victim/index.faiss", str(victim / "index.faiss"), "..", ""):
+        (directory / "manifest.json").write_text(json.dumps({**manifest, "index_file": name}))
+        with pytest.raises(ValueError, match="not a file of the bank's own directory"):
+            Cm3LeonMemoryBank.load(directory)
+    assert (victim / "index.faiss").read_bytes() == b"someone else's file"
+    # A truncated manifest, a missing key, a truncated index: ValueErrors that say which.
+    text = json.dumps(manifest)
+    (directory / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        Cm3LeonMemoryBank.load(directory)
+    (directory / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "rows_hash"}))
+    with pytest.raises(ValueError, match=r"lacks \['rows_hash'\]"):
+        Cm3LeonMemoryBank.load(directory)
+    (directory / "manifest.json").write_text(text)
+    index = directory / manifest["index_file"]
+    index.write_bytes(index.read_bytes()[:100])
+    with pytest.raises(ValueError, match="does not load .truncated or damaged"):
+        Cm3LeonMemoryBank.load(directory)

@@ -406,7 +406,7 @@ class Cm3LeonMemoryBank:
         """
         if self.directory is None:
             raise ValueError("Only a saved bank can be re-indexed.")
-        old_file = self.directory / self.manifest["index_file"]
+        old_file = bank_file(self.directory, self.manifest["index_file"])
         new_file = self.directory / f"index-{uuid.uuid4().hex[:12]}.faiss"
         manifest = dict(self.manifest)
         manifest.update(_write_index(self.dataset, new_file, self.dim, index_factory, search_parameters, train_size,
@@ -455,11 +455,26 @@ class Cm3LeonMemoryBank:
         if not manifest_path.exists():
             unfinished = " (an unfinished build: re-run the build to resume)" if (directory / SHARDS_DIR).exists() else ""
             raise ValueError(f"{directory} is not a memory bank: {MANIFEST_FILE} is missing{unfinished}.")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") != BANK_FORMAT_VERSION:
-            raise ValueError(f"Unsupported memory bank format {manifest.get('format_version')!r} in {directory}.")
-        rows = load_from_disk(str(directory / ROWS_DIR))
-        index = faiss.read_index(str(directory / manifest["index_file"]), faiss.IO_FLAG_MMAP if mmap else 0)
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"Memory bank {directory}: {MANIFEST_FILE} is not valid JSON ({error}). Rebuild it.") from error
+        if not isinstance(manifest, dict) or manifest.get("format_version") != BANK_FORMAT_VERSION:
+            version = manifest.get("format_version") if isinstance(manifest, dict) else None
+            raise ValueError(f"Unsupported memory bank format {version!r} in {directory}.")
+        missing = [key for key in MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise ValueError(f"Memory bank {directory}: {MANIFEST_FILE} lacks {missing}. Rebuild it.")
+        index_path = bank_file(directory, manifest["index_file"])
+        try:
+            rows = load_from_disk(str(directory / ROWS_DIR))
+        except Exception as error:  # noqa: BLE001 - datasets raises several kinds for a damaged directory
+            raise ValueError(f"Memory bank {directory}: its rows ({ROWS_DIR}/) do not load ({error}). Rebuild it.") from error
+        try:
+            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP if mmap else 0)
+        except RuntimeError as error:
+            raise ValueError(f"Memory bank {directory}: its index {index_path.name} does not load (truncated or "
+                             f"damaged). Rebuild it or re-index it.") from error
         problems = []
         if len(rows) == 0:
             problems.append("the bank has no rows")
@@ -483,6 +498,18 @@ class Cm3LeonMemoryBank:
         if problems:
             raise ValueError(f"Memory bank {directory} is inconsistent: {'; '.join(problems)}. Rebuild it.")
         return cls(rows, index, manifest, directory)
+
+
+MANIFEST_KEYS = ("encoder", "num_rows", "ntotal", "index_file", "rows_hash", "index_probe", "text_column", "image_column")
+
+
+def bank_file(directory: Path, name) -> Path:
+    """`directory / name` for a file name read from a manifest, refused unless it names a file directly inside the
+    bank: a manifest must not make the bank read or delete files elsewhere (`"../other/index.faiss"`, `"/etc/x"`)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"Memory bank {directory}: its manifest names the file {name!r}, which is not a file of the "
+                         f"bank's own directory. Refusing to use it.")
+    return directory / name
 
 
 def _write_index(rows, path, dim, index_factory, search_parameters, train_size, seed, show_progress_bar) -> dict:
