@@ -204,6 +204,15 @@ def test_unfinished_build_with_other_settings_refuses(tmp_path, dataset, encoder
         Cm3LeonMemoryBank.build(dataset, encoder, directory, show_progress_bar=False)
 
 
+def without_digests(directory):
+    """The bank's manifest without its file digests, as banks built before they were recorded."""
+    import json
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest.pop("files")
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_inconsistent_banks_refuse_to_load(tmp_path, bank_dir, dataset, encoder):
     other_dir = tmp_path / "other"
     shuffled = dataset.select(list(range(60, 120)) + list(range(60)))
@@ -212,12 +221,17 @@ def test_inconsistent_banks_refuse_to_load(tmp_path, bank_dir, dataset, encoder)
     swapped = tmp_path / "swapped_index"
     shutil.copytree(bank_dir, swapped)
     shutil.copy(other_dir / "index.faiss", swapped / "index.faiss")
-    with pytest.raises(ValueError, match="inconsistent.*probe search differs"):
+    with pytest.raises(ValueError, match="damaged: index.faiss differs from the file it was built with"):
         Cm3LeonMemoryBank.load(swapped)
+    with pytest.raises(ValueError, match="inconsistent.*probe search differs"):  # the next line of defence
+        Cm3LeonMemoryBank.load(swapped, verify=False)
     swapped_rows = tmp_path / "swapped_rows"
     shutil.copytree(bank_dir, swapped_rows)
     shutil.rmtree(swapped_rows / "rows")
     shutil.copytree(other_dir / "rows", swapped_rows / "rows")
+    with pytest.raises(ValueError, match="damaged: rows/"):
+        Cm3LeonMemoryBank.load(swapped_rows)
+    without_digests(swapped_rows)  # the checks behind the file digests still hold on their own
     with pytest.raises(ValueError, match="inconsistent.*rows hash differs"):
         Cm3LeonMemoryBank.load(swapped_rows)
     # an index with fewer vectors than rows
@@ -226,6 +240,9 @@ def test_inconsistent_banks_refuse_to_load(tmp_path, bank_dir, dataset, encoder)
     index = faiss.IndexFlatIP(16)
     index.add(np.eye(16, dtype=np.float32))
     faiss.write_index(index, str(truncated / "index.faiss"))
+    with pytest.raises(ValueError, match="damaged: index.faiss has"):
+        Cm3LeonMemoryBank.load(truncated)
+    without_digests(truncated)
     with pytest.raises(ValueError, match="inconsistent.*index size 16, rows 118"):
         Cm3LeonMemoryBank.load(truncated)
     with pytest.raises(ValueError, match="manifest.json is missing"):
@@ -553,6 +570,25 @@ def test_a_damaged_or_hostile_manifest_is_refused_by_name(tmp_path, bank_dir):
         Cm3LeonMemoryBank.load(directory)
     (directory / "manifest.json").write_text(text)
     index = directory / manifest["index_file"]
-    index.write_bytes(index.read_bytes()[:100])
-    with pytest.raises(ValueError, match="does not load .truncated or damaged"):
+    whole = index.read_bytes()
+    index.write_bytes(whole[:100])
+    with pytest.raises(ValueError, match=f"damaged: index.faiss has 100 bytes, not {len(whole)}"):
+        Cm3LeonMemoryBank.load(directory)
+    (directory / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    with pytest.raises(ValueError, match="does not load .truncated or damaged"):  # a bank without file digests
+        Cm3LeonMemoryBank.load(directory)
+
+
+def test_flipped_bytes_in_the_rows_are_found(tmp_path, bank_dir):
+    """The rows hash samples a few rows; 64 flipped bytes elsewhere loaded and returned garbled captions."""
+    import shutil
+
+    directory = tmp_path / "bank"
+    shutil.copytree(bank_dir, directory)
+    data = next((directory / "rows").glob("*.arrow"))
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(255 - b for b in raw[middle : middle + 64])
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"damaged: rows/{data.name} differs from the file it was built with"):
         Cm3LeonMemoryBank.load(directory)

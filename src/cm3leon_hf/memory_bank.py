@@ -390,6 +390,7 @@ class Cm3LeonMemoryBank:
         }
         manifest.update(_write_index(rows, save_directory / INDEX_FILE, dim, index_factory, search_parameters,
                                      train_size, seed, show_progress_bar))
+        manifest["files"] = _file_digests(save_directory, _bank_files(save_directory, manifest["index_file"]))
         atomic_write_json(save_directory / MANIFEST_FILE, manifest)
         shutil.rmtree(shards_dir)
         if save_directory != target:
@@ -411,6 +412,9 @@ class Cm3LeonMemoryBank:
         manifest = dict(self.manifest)
         manifest.update(_write_index(self.dataset, new_file, self.dim, index_factory, search_parameters, train_size,
                                      seed, show_progress_bar))
+        if "files" in manifest:
+            files = {k: v for k, v in manifest["files"].items() if k != old_file.name}
+            manifest["files"] = {**files, **_file_digests(self.directory, [new_file.name])}
         atomic_write_json(self.directory / MANIFEST_FILE, manifest)  # the commit point: the old index until here
         old_file.unlink()
         return type(self).load(self.directory)
@@ -446,10 +450,13 @@ class Cm3LeonMemoryBank:
 
     # -------------------------------------------------------------------------------------------------------- load
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, mmap: bool = False) -> "Cm3LeonMemoryBank":
+    def load(cls, directory: str | os.PathLike, *, mmap: bool = False, verify: bool | None = None) -> "Cm3LeonMemoryBank":
         """Open a bank saved by `build`. `mmap=True` memory-maps the faiss index (`faiss.IO_FLAG_MMAP`); the Arrow rows
-        are always memory-mapped. Raises `ValueError` when the directory is not a finished bank or when its index and
-        rows disagree."""
+        are always memory-mapped. Raises `ValueError` when the directory is not a finished bank, when a file differs
+        from the one the bank was built with, or when its index and rows disagree.
+
+        Files are checked against the sizes and sha256 digests the manifest records: sizes always, contents for banks
+        up to 1 GiB (`FULL_CHECK_BYTES`), or always with `verify=True` (`verify=False`: sizes only)."""
         directory = Path(directory)
         manifest_path = directory / MANIFEST_FILE
         if not manifest_path.exists():
@@ -466,6 +473,9 @@ class Cm3LeonMemoryBank:
         if missing:
             raise ValueError(f"Memory bank {directory}: {MANIFEST_FILE} lacks {missing}. Rebuild it.")
         index_path = bank_file(directory, manifest["index_file"])
+        damaged = _check_files(directory, manifest.get("files") or {}, verify)
+        if damaged:
+            raise ValueError(f"Memory bank {directory} is damaged: {'; '.join(damaged)}. Rebuild it.")
         try:
             rows = load_from_disk(str(directory / ROWS_DIR))
         except Exception as error:  # noqa: BLE001 - datasets raises several kinds for a damaged directory
@@ -589,6 +599,47 @@ def _embeddings_of(rows: Dataset, indices: Sequence[int]) -> np.ndarray:
 
 def _probe_rows(num_rows: int, count: int = 16) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, num_rows - 1, num=min(count, num_rows))})
+
+
+FULL_CHECK_BYTES = 1 << 30  # banks up to 1 GiB are hashed whole at every load; larger ones with `verify=True`
+
+
+def _file_digests(directory: Path, names: list[str]) -> dict:
+    """Size and sha256 of each file (relative names), streamed in 1 MiB blocks."""
+    digests = {}
+    for name in names:
+        digest = hashlib.sha256()
+        with open(directory / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests[name] = {"size": (directory / name).stat().st_size, "sha256": digest.hexdigest()}
+    return digests
+
+
+def _bank_files(directory: Path, index_file: str) -> list[str]:
+    rows = sorted(str(p.relative_to(directory)) for p in (directory / ROWS_DIR).rglob("*") if p.is_file())
+    return [*rows, index_file]
+
+
+def _check_files(directory: Path, recorded: dict, verify: bool | None) -> list[str]:
+    """What differs from the files the bank was built with: sizes always; contents (sha256) when `verify`, or when
+    `verify` is None and the bank is at most `FULL_CHECK_BYTES`."""
+    problems = []
+    for name, expected in recorded.items():
+        path = bank_file(directory, Path(name).name) if "/" not in name else directory / name
+        if not path.resolve().is_relative_to(directory.resolve()):
+            problems.append(f"{name} is outside the bank")
+        elif not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, not {expected['size']}")
+    if problems:
+        return problems
+    if verify or (verify is None and sum(e["size"] for e in recorded.values()) <= FULL_CHECK_BYTES):
+        actual = _file_digests(directory, list(recorded))
+        problems += [f"{name} differs from the file it was built with (sha256)" for name in recorded
+                     if actual[name]["sha256"] != recorded[name]["sha256"]]
+    return problems
 
 
 def _rows_hash(rows: Dataset) -> str:
