@@ -592,3 +592,14 @@ def test_flipped_bytes_in_the_rows_are_found(tmp_path, bank_dir):
     data.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=f"damaged: rows/{data.name} differs from the file it was built with"):
         Cm3LeonMemoryBank.load(directory)
+
+
+def test_nan_or_inf_query_embeddings_are_refused(bank):
+    queries = np.zeros((3, bank.dim), dtype=np.float32)
+    queries[:, 0] = 1.0
+    queries[1, 2] = np.nan
+    queries[2, 3] = np.inf
+    with pytest.raises(ValueError, match=r"Query embeddings \[1, 2\] hold NaN or inf"):
+        bank.search(queries, 2)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        bank.search(queries[:1], 0)

@@ -239,6 +239,12 @@ class Cm3LeonMemoryBank:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (num_queries, {self.dim}), got {queries.shape}.")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        finite = np.isfinite(queries).all(axis=1)
+        if not finite.all():  # faiss would answer row -1 with score -3.4e38 for them
+            raise ValueError(f"Query embeddings {np.flatnonzero(~finite).tolist()[:8]} hold NaN or inf: the encoder "
+                             f"produced no usable embedding for them.")
         return self.index.search(queries, k)
 
     def embeddings(self, rows: Sequence[int]) -> np.ndarray:
