@@ -253,3 +253,8 @@ def test_the_generators_draws_follow_the_distribution():
     expected = torch.tensor([0.0, 1.0, 2.0]).softmax(-1).double()
     assert frequencies[3] == 0
     torch.testing.assert_close(frequencies[:3], expected, atol=0.012, rtol=0)  # ~4 standard errors at n = 20,000
+
+
+def test_cfg_scale_one_with_cd_k_is_still_a_conflict(model, config):
+    with pytest.raises(ValueError, match="Choose one of CD-K"):
+        model.generate(image_prompt(config), cfg_scale=1.0, contrastive_k=5)

@@ -270,7 +270,8 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         extra_prompts = (uncond_input_ids, uncond_attention_mask, image_cond_input_ids, image_cond_attention_mask)
         if not guided and any(x is not None for x in extra_prompts) and settings["cfg_scale"] != 1.0:
             raise ValueError("Unconditional or image-conditional prompts need `cfg_scale` or `contrastive_k`.")
-        if settings["cfg_scale"] == 1.0 and settings["image_cfg_scale"] is None:  # exactly the conditional stream
+        if settings["cfg_scale"] == 1.0 and settings["image_cfg_scale"] is None and settings["contrastive_k"] is None:
+            # exactly the conditional stream
             settings["cfg_scale"], guided = None, False
             uncond_input_ids = uncond_attention_mask = None
         if (settings["writes_image"] and self.device.type == "cuda" and kwargs.get("cache_implementation") is None
