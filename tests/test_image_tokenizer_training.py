@@ -202,3 +202,15 @@ def test_freeze_encoder_keeps_every_code_and_trains_the_decoder(dataset_dir, tmp
     assert torch.equal(base.encode(images), tuned.encode(images))
     with pytest.raises(SystemExit):  # nothing to keep without a trained VQ
         train_image_tokenizer.parse_args(arguments(dataset_dir, tmp_path / "x", 1, "--freeze-encoder"))
+
+
+def test_freeform_frames_draw_a_shape_that_nearly_fills_the_frame():
+    from cm3leon_hf.synthetic.freeform import drawing_image
+
+    for i in range(20):
+        image = np.asarray(drawing_image(i, seed=3, frame_fraction=1.0)).astype(int)
+        background = image[0, 0]
+        # some shape covers most of the frame's inside
+        assert (np.abs(image[8:56, 8:56] - background).sum(-1) > 0).mean() > 0.4
+    plain = [np.asarray(drawing_image(i, seed=3)) for i in range(5)]
+    assert [np.asarray(drawing_image(i, seed=3, frame_fraction=0.0)).tobytes() for i in range(5)] == [p.tobytes() for p in plain]

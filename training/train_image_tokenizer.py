@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         "step s is `drawing_image(s * batch + j, seed=--seed)`: the same images after --resume. Evals then also report\n"
         "`freeform_psnr` on --eval-images drawings of another seed.",
     )
+    data.add_argument(
+        "--freeform-frames",
+        type=float,
+        default=0.0,
+        help="Share of free-form drawings whose first shape nearly fills the frame (thin margins): rare otherwise.",
+    )
     model = parser.add_argument_group("model (a diffusers VQModel)")
     model.add_argument("--resolution", type=int, default=64)
     model.add_argument("--block-out-channels", type=int, nargs="+", default=[32, 64, 128, 128])
@@ -184,6 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_steps", "warmup_steps", "eval_every", "restart_every"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    if not 0.0 <= args.freeform_frames <= 1.0:
+        parser.error(f"--freeform-frames must be in [0, 1], got {args.freeform_frames}")
     if not 0.0 <= args.freeform_fraction <= 1.0:
         parser.error(f"--freeform-fraction must be in [0, 1], got {args.freeform_fraction}")
     if args.freeze_encoder and args.init_from is None and not args.resume:
@@ -281,7 +289,8 @@ def with_freeform(images: list, step: int, args) -> list:
     from cm3leon_hf.synthetic.freeform import drawing_image
 
     base = step * len(images)
-    drawn = [drawing_image(base + j, args.resolution, seed=args.seed) for j in range(count)]
+    drawn = [drawing_image(base + j, args.resolution, seed=args.seed, frame_fraction=args.freeform_frames)
+             for j in range(count)]
     return drawn + list(images[count:])
 
 

@@ -83,8 +83,32 @@ def _paint_mask(kind: str, rng: np.random.Generator, resolution: int) -> np.ndar
     return mask
 
 
-def sample_drawing(rng: np.random.Generator, resolution: int = 64, max_shapes: int = 3) -> np.ndarray:
-    """One free-form drawing, a (resolution, resolution, 3) uint8 array (see the module docstring)."""
+def _frame_mask(rng: np.random.Generator, resolution: int) -> np.ndarray:
+    """A shape that nearly fills the frame: a rectangle, ellipse or world shape whose box leaves a margin of 1–8 px
+    (at 64 px) on each side."""
+    n = resolution
+    scale = n / 64
+    x0, y0, x1, y1 = (int(round(rng.uniform(1, 8) * scale)) for _ in range(4))
+    box = np.zeros((n, n), dtype=bool)
+    kind = rng.choice(["rectangle", "ellipse", "world"])
+    w, h = n - x0 - x1, n - y0 - y1
+    if kind == "rectangle":
+        box[y0 : n - y1, x0 : n - x1] = True
+        return box
+    c = np.arange(n) + 0.5
+    y, x = np.meshgrid(c, c, indexing="ij")
+    if kind == "ellipse":
+        return ((x - x0 - w / 2) / (w / 2)) ** 2 + ((y - y0 - h / 2) / (h / 2)) ** 2 <= 1.0
+    side = min(w, h)
+    box[y0 : y0 + side, x0 : x0 + side] = shape_mask(str(rng.choice(SHAPES)), side)
+    return box
+
+
+def sample_drawing(rng: np.random.Generator, resolution: int = 64, max_shapes: int = 3,
+                   frame_fraction: float = 0.0) -> np.ndarray:
+    """One free-form drawing, a (resolution, resolution, 3) uint8 array (see the module docstring). With probability
+    `frame_fraction` the first shape nearly fills the frame (thin margins, `_frame_mask`): rare among the random sizes,
+    and the hardest case for a VQ trained on the world's small shapes."""
     if not isinstance(resolution, int) or resolution < 8:
         raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
     if max_shapes < 1:
@@ -93,11 +117,13 @@ def sample_drawing(rng: np.random.Generator, resolution: int = 64, max_shapes: i
     background = int(rng.integers(objects, len(PALETTE))) if rng.random() < 0.8 else int(rng.integers(objects))
     image = np.empty((resolution, resolution, 3), dtype=np.uint8)
     image[...] = PALETTE[background]
-    for _ in range(int(rng.integers(1, max_shapes + 1))):
+    framed = frame_fraction > 0 and rng.random() < frame_fraction
+    for i in range(int(rng.integers(1, max_shapes + 1))):
         kind = str(rng.choice(KINDS, p=np.array(KIND_WEIGHTS) / sum(KIND_WEIGHTS)))
         colour = int(rng.integers(len(PALETTE) - 1))
         colour += colour >= background  # any palette colour but the background's
-        image[_paint_mask(kind, rng, resolution)] = PALETTE[colour]
+        mask = _frame_mask(rng, resolution) if framed and i == 0 else _paint_mask(kind, rng, resolution)
+        image[mask] = PALETTE[colour]
     return image
 
 
@@ -122,9 +148,10 @@ def user_drawings(resolution: int = 64) -> dict[str, Image.Image]:
     return out
 
 
-def drawing_image(index: int, resolution: int = 64, seed: int = 0) -> Image.Image:
+def drawing_image(index: int, resolution: int = 64, seed: int = 0, frame_fraction: float = 0.0) -> Image.Image:
     """Drawing number `index` of the stream with `seed`, as an RGB PIL image (the same pixels every time)."""
-    return Image.fromarray(sample_drawing(np.random.default_rng([seed, index]), resolution), mode="RGB")
+    rng = np.random.default_rng([seed, index])
+    return Image.fromarray(sample_drawing(rng, resolution, frame_fraction=frame_fraction), mode="RGB")
 
 
 __all__ = ["KINDS", "PALETTE", "drawing_image", "sample_drawing", "user_drawings"]
