@@ -55,6 +55,7 @@ from .logits_process import (
     ImageTokenConstraintLogitsProcessor,
     InstructClassifierFreeGuidanceLogitsProcessor,
     next_token_modality,
+    trailing_image_run,
 )
 
 # Decoding settings of ours that a `GenerationConfig` may carry, and their values when it does not.
@@ -116,9 +117,7 @@ def image_steps_ahead(input_ids: torch.LongTensor, config, generate_image: bool 
     else the fewest codes any row has left to write."""
     state = next_token_modality(input_ids, config.image_token_offset, config.image_vocab_size,
                                 config.image_seq_length, config.break_token_id, generate_image)
-    is_text = (input_ids < config.image_token_offset) | (input_ids >= config.image_token_offset + config.image_vocab_size)
-    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-    run = input_ids.shape[-1] - 1 - torch.where(is_text, positions, -1).amax(-1)  # trailing image codes per row
+    run = trailing_image_run(input_ids, config.image_token_offset, config.image_vocab_size)
     left = torch.where(state == IMAGE, config.image_seq_length - run % config.image_seq_length, 0)
     return int(left.min())
 
@@ -332,12 +331,7 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         """Whether every prompt's continuation starts with an image code (one host read, once per call)."""
         if input_ids is None or not settings["image_token_constraint"] or settings["generate_image"] is False:
             return False
-        if settings["generate_image"]:
-            return True
-        config = self.config
-        state = next_token_modality(input_ids, config.image_token_offset, config.image_vocab_size,
-                                    config.image_seq_length, config.break_token_id, None)
-        return bool((state == IMAGE).all())
+        return bool(settings["generate_image"]) or image_steps_ahead(input_ids, self.config, None) > 0
 
     def _prepare_cm3leon_decoding(
         self, input_ids, kwargs, logits_processor, settings, *, uncond, image_cond, generation_config

@@ -34,6 +34,13 @@ def _split_streams(input_ids: torch.LongTensor, scores: torch.FloatTensor, num_s
     return scores.split(batch_size, dim=0)
 
 
+def trailing_image_run(input_ids: torch.LongTensor, image_token_offset: int, image_vocab_size: int) -> torch.LongTensor:
+    """How many image codes end each row, `(batch_size,)`."""
+    is_text = (input_ids < image_token_offset) | (input_ids >= image_token_offset + image_vocab_size)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return input_ids.shape[-1] - 1 - torch.where(is_text, positions, -1).amax(-1)
+
+
 def next_token_modality(
     input_ids: torch.LongTensor,
     image_token_offset: int,
@@ -58,12 +65,12 @@ def next_token_modality(
         `torch.LongTensor` of shape `(batch_size,)` with values in {`TEXT`, `IMAGE`, `END_OF_IMAGE`}.
     """
     length = input_ids.shape[-1]
-    is_text = (input_ids < image_token_offset) | (input_ids >= image_token_offset + image_vocab_size)
-    positions = torch.arange(length, device=input_ids.device)
-    run = length - 1 - torch.where(is_text, positions, -1).amax(-1)  # trailing image codes per row
+    run = trailing_image_run(input_ids, image_token_offset, image_vocab_size)
     inside = run % image_seq_length != 0
     if generate_image is None:
-        after_text = is_text[:, -2] if length > 1 else torch.ones_like(run, dtype=torch.bool)
+        second_last = input_ids[:, -2] if length > 1 else None
+        after_text = (torch.ones_like(run, dtype=torch.bool) if second_last is None else
+                      (second_last < image_token_offset) | (second_last >= image_token_offset + image_vocab_size))
         outside = torch.where((input_ids[:, -1] == break_token_id) & after_text, IMAGE, TEXT)
     else:
         outside = torch.full_like(run, IMAGE if generate_image else TEXT)
