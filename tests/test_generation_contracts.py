@@ -176,7 +176,6 @@ class HostSyncCounter(TorchDispatchMode):
 def test_a_decoding_step_makes_no_host_sync(model, config, monkeypatch, guidance):
     """Our part of every decoding step after the first (preparing the inputs, the forward pass, the stream processors)
     reads no tensor value on the host, so that it can run as a CUDA graph. transformers' loop around it is not ours."""
-    from cm3leon_hf import generation_cm3leon
     from cm3leon_hf.logits_process import STREAM_PROCESSORS
 
     counter, steps = HostSyncCounter(), {"n": 0}
@@ -204,7 +203,6 @@ def test_a_decoding_step_makes_no_host_sync(model, config, monkeypatch, guidance
     assert out.shape[1] == 4 + config.image_seq_length
     assert steps["n"] >= 3 * (config.image_seq_length - 1)  # every step was counted
     assert counter.count == 0, counter.where[:3]
-    assert generation_cm3leon  # the module under test
 
 
 @pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, top_p=0.8)])

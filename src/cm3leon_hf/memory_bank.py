@@ -632,8 +632,8 @@ def _check_files(directory: Path, recorded: dict, verify: bool | None) -> list[s
     `verify` is None and the bank is at most `FULL_CHECK_BYTES`."""
     problems = []
     for name, expected in recorded.items():
-        path = bank_file(directory, Path(name).name) if "/" not in name else directory / name
-        if not path.resolve().is_relative_to(directory.resolve()):
+        path = directory / name
+        if Path(name).is_absolute() or not path.resolve().is_relative_to(directory.resolve()):
             problems.append(f"{name} is outside the bank")
         elif not path.is_file():
             problems.append(f"{name} is missing")

@@ -75,7 +75,8 @@ def _image_generate_kwargs(config, generate_kwargs: dict | None) -> tuple[dict, 
             raise ValueError(f"An image is exactly {config.image_seq_length} tokens; got {name}={value}.")
     if kwargs.pop("max_length", None) is not None:
         raise ValueError(f"`max_length` does not apply: an image is exactly {config.image_seq_length} tokens.")
-    return kwargs, kwargs.pop("streamer", None)
+    streamer = kwargs.pop("streamer", None)
+    return kwargs, streamer
 
 
 def _generators(generator, count: int):
