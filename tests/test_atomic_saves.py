@@ -114,6 +114,10 @@ def test_a_model_saved_beside_a_processor_keeps_it_and_loses_stale_weights(tmp_p
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o777 & ~umask
+    # The model card is written through a temporary file (0600) but lands with open()'s mode, as config.json does
+    # (transformers itself writes model.safetensors 0600, for OPT too).
+    for name in ("README.md", "config.json"):
+        assert os.stat(tmp_path / "fresh" / name).st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_files_in_subdirectories_are_always_kept(tmp_path):

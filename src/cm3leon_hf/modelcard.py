@@ -75,6 +75,10 @@ def save_model_card(card: ModelCard, save_directory: str | os.PathLike) -> None:
     """Write `card` as `README.md` in `save_directory`, atomically (a reader never sees half a file)."""
     with tempfile.NamedTemporaryFile("w", dir=save_directory, suffix=".tmp", delete=False, encoding="utf-8") as f:
         f.write(str(card))
+    # NamedTemporaryFile creates 0600; the card is a plain file of a shared model directory: the mode open() gives.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)
     os.replace(f.name, os.path.join(save_directory, "README.md"))
 
 
