@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM, Cm3LeonModel
+from cm3leon_hf import HUB_CONFIGS as HUB_CONFIGS_INSTALLED, Cm3LeonConfig, Cm3LeonForCausalLM, Cm3LeonModel
 from conftest import HUB_CONFIGS, REPO, transformers_environments
 
 
@@ -200,3 +200,25 @@ def test_cli_info_counts_parameters(capsys):
     out = capsys.readouterr().out
     assert "parameters        784,859,136" in out
     assert "image codes [56320, 64512)" in out
+
+
+def test_cli_info_reads_a_shipped_configuration_by_name(capsys, tmp_path, monkeypatch):
+    from cm3leon_hf.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no hub_configs/ here: the name resolves to the installed copy
+    assert main(["info", "cm3leon-760m"]) == 0
+    assert "parameters        784,859,136" in capsys.readouterr().out
+
+
+def test_installed_hub_configs_load_from_any_directory(tmp_path):
+    """`cm3leon_hf.HUB_CONFIGS` is the repository's `hub_configs/` as installed with the package (README example)."""
+    code = (
+        "from transformers import AutoConfig\n"
+        "from cm3leon_hf import HUB_CONFIGS\n"
+        "config = AutoConfig.from_pretrained(HUB_CONFIGS / 'cm3leon-350m')\n"
+        "print(type(config).__name__, config.num_hidden_layers, config.hidden_size)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["Cm3LeonConfig", "24", "1024"]
+    assert sorted(p.name for p in HUB_CONFIGS_INSTALLED.iterdir()) == sorted(p.name for p in HUB_CONFIGS.iterdir())

@@ -7,9 +7,18 @@ code and `auto_map` and loads elsewhere with `trust_remote_code=True`.
 
 The retrieval classes need the `retrieval` extra (faiss, sentence-transformers) and are imported on first use, as is
 the training collator (`Cm3LeonDataCollator`).
+
+`HUB_CONFIGS` is the installed copy of the repository's `hub_configs/`: the paper's model sizes as configurations
+without weights (`cm3leon-tiny`, `-350m`, `-760m`, `-7b`), loadable from any directory:
+
+>>> from transformers import AutoConfig
+>>> from cm3leon_hf import HUB_CONFIGS
+>>> AutoConfig.from_pretrained(HUB_CONFIGS / "cm3leon-350m").num_hidden_layers
+24
 """
 
 import importlib
+from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
@@ -27,6 +36,8 @@ from .pipelines import Cm3LeonImageTextToImagePipeline, Cm3LeonTextToImagePipeli
 from .processing_cm3leon import Cm3LeonProcessor
 
 __version__ = "0.1.0.dev0"
+
+HUB_CONFIGS = Path(__file__).resolve().parent / "hub_configs"
 
 AutoConfig.register(Cm3LeonConfig.model_type, Cm3LeonConfig, exist_ok=True)
 AutoModel.register(Cm3LeonConfig, Cm3LeonModel, exist_ok=True)
@@ -71,6 +82,7 @@ __all__ = [
     "Cm3LeonRetriever",
     "Cm3LeonTextToImagePipeline",
     "ContrastiveDecodingLogitsProcessor",
+    "HUB_CONFIGS",
     "ImageTokenConstraintLogitsProcessor",
     "InstructClassifierFreeGuidanceLogitsProcessor",
     "RetrievedDocument",

@@ -2,7 +2,7 @@
 
     cm3leon-hf generate "a red circle at the top left" -o out.png   # images from the bundled tiny model
     cm3leon-hf demo -o demo.png                                      # a captioned grid for a handful of prompts
-    cm3leon-hf info hub_configs/cm3leon-7b                           # vocabulary layout, sizes, parameter count
+    cm3leon-hf info cm3leon-7b                                      # vocabulary layout, sizes, parameter count
 """
 
 import argparse
@@ -23,9 +23,10 @@ def info(args: argparse.Namespace) -> None:
     """Print a config's vocabulary layout and sizes, and count the parameters on the `meta` device (no memory)."""
     import torch
 
-    from . import Cm3LeonConfig, Cm3LeonForCausalLM
+    from . import HUB_CONFIGS, Cm3LeonConfig, Cm3LeonForCausalLM
 
-    config = Cm3LeonConfig.from_pretrained(args.path)
+    shipped = HUB_CONFIGS / args.path
+    config = Cm3LeonConfig.from_pretrained(shipped if not Path(args.path).exists() and shipped.is_dir() else args.path)
     with torch.device("meta"):
         model = Cm3LeonForCausalLM(config)
     count = sum(p.numel() for p in model.parameters())
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(demo_parser, num_images=4)
     demo_parser.set_defaults(func=demo)
     info_parser = commands.add_parser("info", help="describe a config or saved model directory")
-    info_parser.add_argument("path", help="directory with a config.json (e.g. hub_configs/cm3leon-350m)")
+    info_parser.add_argument("path", help="a directory with a config.json, or the name of a shipped configuration (cm3leon-tiny, -350m, -760m, -7b)")
     info_parser.set_defaults(func=info)
     return parser
 

@@ -27,8 +27,8 @@ Example:
 
 ```python
 >>> import torch
->>> from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
->>> config = Cm3LeonConfig.from_pretrained("hub_configs/cm3leon-tiny")
+>>> from cm3leon_hf import HUB_CONFIGS, Cm3LeonConfig, Cm3LeonForCausalLM
+>>> config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
 >>> model = Cm3LeonForCausalLM(config).eval()
 >>> model.generation_config.cfg_scale = 3.0  # saved with save_pretrained, in generation_config.json
 >>> prompt = torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>: an image
@@ -241,8 +241,8 @@ class Cm3LeonGenerationMixin(GenerationMixin):
 
         ```python
         >>> import torch
-        >>> from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
-        >>> config = Cm3LeonConfig.from_pretrained("hub_configs/cm3leon-tiny")
+        >>> from cm3leon_hf import HUB_CONFIGS, Cm3LeonConfig, Cm3LeonForCausalLM
+        >>> config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
         >>> model = Cm3LeonForCausalLM(config).eval()
         >>> prompt = torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>
         >>> out = model.generate(prompt, cfg_scale=3.0, generate_image=True, do_sample=True, top_p=0.8,

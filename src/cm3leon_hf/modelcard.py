@@ -35,9 +35,9 @@ def build_model_card(
     Example:
 
     ```python
-    >>> from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
+    >>> from cm3leon_hf import HUB_CONFIGS, Cm3LeonConfig, Cm3LeonForCausalLM
     >>> from cm3leon_hf.modelcard import build_model_card
-    >>> model = Cm3LeonForCausalLM(Cm3LeonConfig.from_pretrained("hub_configs/cm3leon-tiny"))
+    >>> model = Cm3LeonForCausalLM(Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny"))
     >>> card = build_model_card(model, repo_id="some-org/cm3leon-tiny")
     >>> card.data.library_name, card.data.pipeline_tag
     ('transformers', 'any-to-any')

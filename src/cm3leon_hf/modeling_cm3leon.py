@@ -350,9 +350,9 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, Cm3LeonGenerationMixin):
 
     ```python
     >>> import torch
-    >>> from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
+    >>> from cm3leon_hf import HUB_CONFIGS, Cm3LeonConfig, Cm3LeonForCausalLM
 
-    >>> config = Cm3LeonConfig.from_pretrained("hub_configs/cm3leon-tiny")
+    >>> config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
     >>> model = Cm3LeonForCausalLM(config).eval()
     >>> prompt = torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>
     >>> out = model(prompt)
