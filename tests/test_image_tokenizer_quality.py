@@ -1,5 +1,10 @@
 """Quality of the shipped tiny VQ on held-out synthetic images (the `test` split, never seen in training): PSNR of
-reconstructions, the exact evaluator reading the same scene back from them, and codebook usage."""
+reconstructions, the exact evaluator reading the same scene back from them, and codebook usage; and on pictures users
+draw in the world's palette (free-form drawings from a seed no training run draws, and the three user drawings).
+
+The shipped VQ trades a little of its reading of the world's scenes for the free-form drawings (bench/RESULTS.md,
+"Image tokenizer for what users draw"): before it, 98.25% of these scenes read back and the free-form drawings came
+back at 23.2 dB; now 94.5% and 31.5 dB. The bounds below are the measured figures minus a margin."""
 
 import numpy as np
 import pytest
@@ -46,21 +51,21 @@ def mean_of(scores, field: str) -> float:
     return float(np.mean([s[field] for s in scores]))
 
 
-def test_evaluator_reads_the_same_scene_from_98_percent_of_reconstructions(evaluator_scores):
+def test_evaluator_reads_the_same_scene_from_93_percent_of_reconstructions(evaluator_scores):
     originals, reconstructed = evaluator_scores
     assert mean_of(originals, "scene_correct") == 1.0  # the evaluator itself is exact on the originals
-    assert mean_of(reconstructed, "scene_correct") >= 0.98
+    assert mean_of(reconstructed, "scene_correct") >= 0.93  # measured 94.5% (378 of 400)
 
 
 def test_evaluator_accuracy_on_reconstructions_does_not_regress(evaluator_scores):
-    # Per attribute, the level the shipped VQ reaches on these 400 scenes (scene 98.25%, shape 99.5%, colour 99.6%,
-    # size 99.75%, position 99.9%), minus a margin: a retrained or re-exported VQ that reads worse fails here even
-    # where the scenes it misses still stay under 2%.
+    # Per attribute, the level the shipped VQ reaches on these 400 scenes (shape 97.9%, colour 99.5%, size 98.5%,
+    # position 99.7%), minus a margin: a retrained or re-exported VQ that reads worse fails here even where the scene
+    # figure above still passes. What it misses most is the shape of the smallest objects in three-object scenes.
     originals, reconstructed = evaluator_scores
     assert mean_of(originals, "scene_correct") == 1.0
-    assert mean_of(reconstructed, "shape") >= 0.99
+    assert mean_of(reconstructed, "shape") >= 0.97
     assert mean_of(reconstructed, "color") >= 0.99
-    assert mean_of(reconstructed, "size") >= 0.99
+    assert mean_of(reconstructed, "size") >= 0.975
     assert mean_of(reconstructed, "position") >= 0.995
 
 
@@ -69,3 +74,32 @@ def test_half_of_the_codebook_is_used(image_tokenizer):
     codes = image_tokenizer.encode(images)
     used = torch.unique(codes).numel() / image_tokenizer.codebook_size
     assert used >= 0.5, used
+
+
+def test_free_form_drawings_come_back_at_30_db(image_tokenizer):
+    """Shapes of any kind, size, aspect and place, overlapping, in the world's palette (measured: 31.5 dB mean, 57% of
+    drawings at 28 dB or more; the VQ before: 23.2 dB and 23%)."""
+    from cm3leon_hf.synthetic.freeform import drawing_image
+
+    drawings = [drawing_image(i, image_tokenizer.resolution, seed=2_000_003) for i in range(200)]
+    values = np.array([psnr(a, b) for a, b in zip(drawings, image_tokenizer.decode(image_tokenizer.encode(drawings)))])
+    assert values.mean() >= 30.0, values.mean()
+    assert (values >= 28).mean() >= 0.5, (values >= 28).mean()
+
+
+def test_user_drawings_come_back(image_tokenizer):
+    """The issue's three drawings. The ellipse and the bar now pass 28 dB (they were at 24.9 and 21.8, the bar turned
+    purple); the 56-px square with thin margins does not yet: 21.9 dB, from 10.4 (a smeared blob); its colour and
+    extent survive (bench/RESULTS.md)."""
+    from cm3leon_hf.synthetic.freeform import user_drawings
+
+    drawings = user_drawings(image_tokenizer.resolution)
+    back = dict(zip(drawings, image_tokenizer.decode(image_tokenizer.encode(list(drawings.values())))))
+    values = {name: psnr(drawings[name], back[name]) for name in drawings}
+    assert values["red ellipse"] >= 30.0 and values["thin blue bar"] >= 30.0, values
+    assert values["purple square"] >= 20.0, values
+    # The bar keeps its colour: the mean of its pixels stays blue (it turned purple before).
+    bar = np.asarray(drawings["thin blue bar"]).reshape(-1, 3)
+    inside = (bar != 255).any(axis=1)
+    red, green, blue = np.asarray(back["thin blue bar"]).reshape(-1, 3)[inside].mean(axis=0)
+    assert blue > 200 and red < 100, (red, green, blue)
