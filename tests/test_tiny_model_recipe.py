@@ -57,6 +57,16 @@ def test_the_recipe_builds_and_bundles_a_model(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((run / "pretrain" / "trainer_state.json").read_text())["global_step"] == 2
 
+    # An intermediate checkpoint bundles too, and its card says which step of how many it is.
+    checkpoint = run / "pretrain" / "checkpoint-1"
+    train_tiny_model.main(["--config", str(config), "--no-progress", "--bundle-checkpoint", str(checkpoint)])
+    model = Cm3LeonForCausalLM.from_pretrained(bundle)
+    at_step_1 = Cm3LeonForCausalLM.from_pretrained(checkpoint)
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), at_step_1.state_dict().values()))
+    assert "its checkpoint at step 1 of 2" in (bundle / "README.md").read_text()
+    with pytest.raises(ValueError, match="not a complete training checkpoint"):
+        train_tiny_model.main(["--config", str(config), "--bundle-checkpoint", str(run / "pretrain" / "nowhere")])
+
 
 def test_a_recipe_without_its_keys_is_refused(tmp_path):
     config = tmp_path / "recipe.yaml"

@@ -8,6 +8,8 @@ Commands:
 HF_HUB_OFFLINE=1 PYTHONPATH=src python training/train_tiny_model.py --config training/recipes/tiny_model.yaml
 
 # Stopped? Run the same command again. Two free cores: --nproc 2 (the same global batch over two processes).
+# Bundle an intermediate checkpoint of the run instead of its end:
+... --config training/recipes/tiny_model.yaml --bundle-checkpoint outputs/tiny-model/pretrain/checkpoint-4000
 # The same recipe without retrieved documents, for the retrieval ablation (same data and steps, its own directory):
 ... --config training/recipes/tiny_model.yaml --no-retrieval
 ```
@@ -49,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=1,
                         help="pretrain with this many processes (torchrun, gloo on CPU), each a share of the same global\n"
                              "batch: the same training, faster where there are cores to spare")
+    parser.add_argument("--bundle-checkpoint", type=Path, metavar="DIR",
+                        help="bundle this checkpoint of the run (e.g. outputs/tiny-model/pretrain/checkpoint-4000)\n"
+                             "instead of training to the end: an intermediate model, reproduced by running the recipe\n"
+                             "to that step (checkpoints resume exactly)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("pretrain_args", nargs="*", help="more pretrain.py flags, after `--` (e.g. -- --max_steps 100)")
     return parser.parse_args(argv)
@@ -79,7 +85,7 @@ def is_complete(directory: Path) -> bool:
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "README.md")
 
 
-def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str]) -> Path:
+def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str], step: int | None = None) -> Path:
     """Write the trained model's files into `bundle_dir` (beside its processor), with the recipe's decoding defaults
     (`generation`) in its generation config and a model card naming its training data, and a memory bank of
     `bundle_bank_rows` pairs into `bundle_dir/memory_bank`. Files are written to a temporary sibling first and moved
@@ -95,7 +101,8 @@ def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str]) -> P
     training_data = (
         f"The synthetic world of `cm3leon_hf.synthetic`: {recipe['train_rows']:,} text-to-image pairs of its train "
         f"split, each with {recipe['num_retrieved_docs']} documents retrieved from a memory bank of the same pairs; "
-        f"retrieval-augmented CM3 pretraining (`training/train_tiny_model.py --config training/recipes/tiny_model.yaml`)."
+        f"retrieval-augmented CM3 pretraining (`training/train_tiny_model.py --config training/recipes/tiny_model.yaml`)"
+        + (f", its checkpoint at step {step:,} of {recipe_steps(recipe):,}." if step is not None else ".")
     )
     with tempfile.TemporaryDirectory(dir=bundle_dir.parent, prefix=f".{bundle_dir.name}-") as staging:
         model.save_pretrained(staging, model_card_kwargs={"training_data": training_data})
@@ -113,6 +120,26 @@ def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str]) -> P
     return bundle_dir
 
 
+def pretrain_settings(recipe: dict) -> dict:
+    """The pretraining recipe's settings with the end-to-end recipe's `pretrain_overrides` applied."""
+    return {**(yaml.safe_load((REPO / recipe["pretrain_config"]).read_text()) or {}),
+            **(recipe.get("pretrain_overrides") or {})}
+
+
+def recipe_steps(recipe: dict) -> int:
+    return int(pretrain_settings(recipe)["max_steps"])
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The global step of a `Trainer` checkpoint directory (its `trainer_state.json`), with a clear error otherwise."""
+    import json
+
+    state = checkpoint / "trainer_state.json"
+    if not (checkpoint / "model.safetensors").is_file() or not state.is_file():
+        raise ValueError(f"{checkpoint} is not a complete training checkpoint (model.safetensors, trainer_state.json)")
+    return int(json.loads(state.read_text())["global_step"])
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     recipe = load_recipe(args.config)
@@ -120,6 +147,13 @@ def main(argv=None) -> Path:
     if not root.is_absolute():
         root = REPO / root
     quiet = ["--no-progress"] if args.no_progress else []
+    bundle_dir = Path(recipe.get("bundle_dir", "src/cm3leon_hf/pretrained/cm3leon-tiny"))
+    bundle_dir = bundle_dir if bundle_dir.is_absolute() else REPO / bundle_dir
+    if args.bundle_checkpoint is not None:
+        if args.no_retrieval:
+            raise ValueError("--bundle-checkpoint bundles the retrieval-trained model; --no-retrieval is the ablation")
+        step = checkpoint_step(args.bundle_checkpoint)
+        return bundle(args.bundle_checkpoint, bundle_dir, recipe, quiet, step=step)
     source = ["--synthetic-task", "text_to_image", "--synthetic-rows", str(recipe["train_rows"])]
 
     bank = root / "bank"
@@ -140,8 +174,7 @@ def main(argv=None) -> Path:
         return train
 
     output = root / ("pretrain-no-retrieval" if args.no_retrieval else "pretrain")
-    settings = {**(yaml.safe_load((REPO / recipe["pretrain_config"]).read_text()) or {}),
-                **(recipe.get("pretrain_overrides") or {})}
+    settings = pretrain_settings(recipe)
     overrides = []
     for key, value in (recipe.get("pretrain_overrides") or {}).items():
         overrides += [f"--{key}", str(value)]
@@ -159,8 +192,7 @@ def main(argv=None) -> Path:
         *overrides, *args.pretrain_args, launcher=launcher)
     if args.no_retrieval or args.stop_after == "pretrain":
         return output
-    bundle_dir = Path(recipe.get("bundle_dir", "src/cm3leon_hf/pretrained/cm3leon-tiny"))
-    return bundle(output, bundle_dir if bundle_dir.is_absolute() else REPO / bundle_dir, recipe, quiet)
+    return bundle(output, bundle_dir, recipe, quiet)
 
 
 if __name__ == "__main__":
