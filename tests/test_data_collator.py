@@ -190,6 +190,23 @@ def test_bad_input_is_named(layout, corpus, tiny_config):
             Cm3LeonDataCollator(layout, max_length=1024, **kwargs)
 
 
+def test_nested_or_non_integer_ids_are_named(layout, corpus):
+    """A processor's output for one text is a batch of one (`[[...]]`): named, with the fix, not a TypeError deep in
+    the layout; float ids are refused, numpy and tensor ids accepted."""
+    collator = Cm3LeonDataCollator(layout, documents=corpus, max_length=1024)
+    ids = corpus[0]["input_ids"]
+    with pytest.raises(ValueError, match=r"Example 0 of the batch's input_ids must be a flat sequence.*take \[0\]"):
+        collator([{"input_ids": [list(ids)], "retrieved_indices": []}])
+    with pytest.raises(ValueError, match="flat sequence of token ids, found float"):
+        collator([{"input_ids": [float(i) for i in ids], "retrieved_indices": []}])
+    nested = Cm3LeonDataCollator(layout, documents=[{"input_ids": [list(ids)]}], max_length=1024)
+    with pytest.raises(ValueError, match="A document retrieved for example 0 of the batch must be a flat"):
+        nested([{"input_ids": ids, "retrieved_indices": [0]}])
+    as_list = collator([{"input_ids": list(ids), "retrieved_indices": [], "source_index": 0}])
+    as_tensor = collator([{"input_ids": torch.tensor(ids), "retrieved_indices": [], "source_index": 0}])
+    assert torch.equal(as_list["input_ids"], as_tensor["input_ids"])
+
+
 def test_empty_retrieved_documents_are_left_out(layout, corpus):
     documents = [*corpus, {"input_ids": []}]  # a row skipped at pre-tokenization
     collator = Cm3LeonDataCollator(layout, documents=documents, max_length=1024, causal_fraction=1.0)

@@ -331,7 +331,10 @@ def main(script_args: PretrainArguments, training_args: TrainingArguments):
 def make_parser():
     from trl import TrlParser
 
-    return TrlParser((PretrainArguments, Cm3LeonPretrainingConfig))
+    # TrlParser reads --config itself and does not list it: say so where users look.
+    epilog = ("--config RECIPE.yaml  a YAML file of any of these flags (training/recipes/); flags given on the command "
+              "line override it")
+    return TrlParser((PretrainArguments, Cm3LeonPretrainingConfig), epilog=epilog)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,16 @@ from .layout import Cm3LeonLayout
 IGNORE_INDEX = -100
 
 
+def _flat_ids(ids, what: str) -> list[int]:
+    """`ids` as a list of ints, or a clear error: a nested list is usually a processor's batched output."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            hint = " (a batch of one? take [0] of a processor's input_ids)" if isinstance(token, (list, tuple)) else ""
+            raise ValueError(f"{what} must be a flat sequence of token ids, found {type(token).__name__} {token!r:.40}{hint}")
+    return [int(token) for token in ids]
+
+
 @dataclass
 class Cm3LeonDataCollator:
     r"""
@@ -192,7 +202,7 @@ class Cm3LeonDataCollator:
                 name: str = "") -> list[int]:
         """One sample's ids (laid out, masked, truncated; not padded)."""
         layout = self.layout
-        query = list(query)
+        query = _flat_ids(query, f"Example{name}'s input_ids")
         if len(query) + 2 > self.max_length:
             raise ValueError(
                 f"Example{name} is {len(query) + 2} tokens long with its <eos> tokens, more than max_length="
@@ -200,7 +210,7 @@ class Cm3LeonDataCollator:
                 f"to skip such examples)."
             )
         num_spans = self.num_spans(rng)
-        retrieved = [list(d) for d in retrieved]
+        retrieved = [_flat_ids(d, f"A document retrieved for example{name}") for d in retrieved]
         length = len(query) + 2 + sum(len(d) + 1 for d in retrieved)
         while retrieved and length + 3 * num_spans > self.max_length:
             length -= len(retrieved.pop(0)) + 1
