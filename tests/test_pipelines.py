@@ -370,3 +370,15 @@ def test_callers_streamer_and_image_length_are_honoured(text_to_image):
     assert recorder.puts == 1 + length and recorder.ended  # the prompt, then every image token
     with pytest.raises(ValueError, match=f"exactly {length} tokens"):
         image_ids_of(text_to_image, "a red star", max_new_tokens=length - 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_device_moves_the_vq_with_the_model(model_dir, world):
+    """`pipeline(..., device="cuda")` moves the model; the VQ that decodes its images (and encodes the images edited)
+    must follow, or decoding fails on mixed devices."""
+    pipe = pipeline("text-to-image", model=str(model_dir), device="cuda")
+    assert pipe.model.device.type == "cuda" and pipe.processor.image_tokenizer.device.type == "cuda"
+    image = pipe("a red star", progress_bar=False)[0]["image"]
+    assert image.size == (64, 64)
+    edit = pipeline("image-text-to-image", model=str(model_dir), device="cuda")
+    assert edit(world["train"][0]["images"][0], prompt="make it blue", progress_bar=False)[0]["image"].size == (64, 64)

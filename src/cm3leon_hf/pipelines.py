@@ -156,6 +156,9 @@ class _Cm3LeonPipeline(Pipeline):
         if self.processor is None:
             raise ValueError(f"{type(self).__name__} needs the model's Cm3LeonProcessor (`processor=`).")
         self.processor.validate_model_config(self.model.config)
+        # `device=` moves the model; the VQ (encoding edited images, decoding every output) goes where it went.
+        if self.processor.image_tokenizer.device != self.device:
+            self.processor.image_tokenizer.to(self.device)
         self.tokenizer = self.processor.tokenizer  # transformers' batching pads with it, on the left
         self.tokenizer.padding_side = "left"
 
