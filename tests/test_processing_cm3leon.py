@@ -38,9 +38,12 @@ def test_shipped_processor_matches_the_tiny_config(processor, tiny_config):
     assert processor.image_seq_length == tiny_config.image_seq_length == L
     assert processor.image_token_ids == tiny_config.image_token_ids
     assert processor.sentinel_token_ids == tiny_config.sentinel_token_ids
-    size = sum(p.stat().st_size for p in TINY_PATH.rglob("*") if p.is_file())
-    # Small enough to ship inside the package: the widened VQ is 11.5 MB of it (fp32), a wheel file may be 100 MB.
-    assert size < 16_000_000, size
+    processor_files = [TINY_PATH / "tokenizer.json", TINY_PATH / "tokenizer_config.json",
+                       TINY_PATH / "processor_config.json", *(TINY_PATH / "image_tokenizer").iterdir()]
+    # Small enough to ship inside the package: the widened VQ is 11.5 MB of it (fp32), a wheel file may be 100 MB;
+    # with the bundled model (16.8 MB) and its memory bank, the whole directory stays under 40 MB.
+    assert sum(p.stat().st_size for p in processor_files) < 16_000_000
+    assert sum(p.stat().st_size for p in TINY_PATH.rglob("*") if p.is_file()) < 40_000_000
     assert not [p for p in TINY_PATH.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]  # no pickle
 
 
@@ -68,7 +71,7 @@ def test_whitespace_around_markers_does_not_matter(processor, rows):
 def test_batch_padding_and_masks(processor, rows):
     texts = ["a red star <break> <image>", "a blue circle", "<break> <image> <break> two shapes"]
     images = [rows[0]["images"], [], rows[1]["images"]]
-    single = [processor(t, images=i)["input_ids"][0] for t, i in zip(texts, images)]
+    single = processor(texts, images=images, padding=False)["input_ids"]
     longest = max(map(len, single))
     right = processor(texts, images=images)
     left = processor(texts, images=images, padding_side="left", return_tensors="pt")
@@ -81,15 +84,50 @@ def test_batch_padding_and_masks(processor, rows):
     assert left["input_ids"].shape == (3, longest) and left["input_ids"].dtype == torch.long
     flat = processor(texts, images=[rows[0]["images"][0], rows[1]["images"][0]])  # images in order over the batch
     assert flat["input_ids"] == right["input_ids"]
-    assert processor(texts[0], images=[images[0]])["input_ids"][0] == single[0]  # one document, one list
-    unpadded = processor(texts, images=images, padding=False)["input_ids"]
-    assert unpadded == single
+    # One document alone: the same text ids and image run. Its codes may differ in a rare near-tie: the VQ's
+    # convolutions round differently with the batch size (the CPU kernels depend on the shape), which can flip a code
+    # that is almost equidistant from two codebook entries (3 of 2,560 codes on 40 test images, shipped VQ).
+    alone = processor(texts[0], images=[images[0]])["input_ids"][0]
+    assert len(alone) == len(single[0])
+    assert sum(a != b for a, b in zip(alone, single[0])) <= 2
+    assert [t for t in alone if not processor._is_image_id(t)] == [t for t in single[0] if not processor._is_image_id(t)]
     fixed = processor(texts, images=images, padding="max_length", max_length=80)
     assert {len(r) for r in fixed["input_ids"]} == {80}
     with pytest.raises(ValueError, match=f"Document 0 has {len(single[0])} ids, more than `max_length` \\(60\\)"):
         processor(texts, images=images, max_length=60)
     with pytest.raises(ValueError, match="different lengths"):
         processor(texts, images=images, padding=False, return_tensors="pt")
+
+
+def test_truncation_never_cuts_through_an_image(processor, rows):
+    """`truncation=True` as transformers' tokenizers take it, on the tokenizer's `truncation_side`; a cut that would
+    split an image's codes drops the whole image instead."""
+    text = "two shapes <break> <image> <break> a red star"
+    full = processor(text, images=rows[0]["images"])["input_ids"][0]
+    n = processor.image_seq_length
+    image_start = full.index(processor.break_token_id) + 1
+    assert all(processor._is_image_id(t) for t in full[image_start:image_start + n])
+    # A cut after the image keeps it; a cut inside it drops it whole (shorter than max_length).
+    after = processor(text, images=rows[0]["images"], truncation=True, max_length=image_start + n + 1)["input_ids"][0]
+    assert after == full[: image_start + n + 1]
+    inside = processor(text, images=rows[0]["images"], truncation=True, max_length=image_start + 10)["input_ids"][0]
+    assert inside == full[:image_start]
+    # Left truncation (generation prompts keep their end): a cut inside the image drops what is left of it.
+    processor.tokenizer.truncation_side = "left"
+    try:
+        left = processor(text, images=rows[0]["images"], truncation=True, max_length=len(full) - image_start - 5)
+    finally:
+        processor.tokenizer.truncation_side = "right"
+    assert left["input_ids"][0] == full[image_start + n:]
+    # Short documents are untouched; padding still applies after truncation.
+    batch = processor([text, "a blue circle"], images=[rows[0]["images"], []], truncation=True, max_length=image_start,
+                      padding="max_length", return_tensors="pt")
+    assert batch["input_ids"].shape == (2, image_start)
+    assert batch["input_ids"][0].tolist() == full[:image_start]
+    with pytest.raises(ValueError, match="`truncation` needs `max_length`"):
+        processor(text, images=rows[0]["images"], truncation=True)
+    with pytest.raises(ValueError, match="`truncation` must be"):
+        processor(text, images=rows[0]["images"], truncation="sideways", max_length=8)
 
 
 def test_decode_returns_ordered_text_and_images(processor, rows):
@@ -237,8 +275,8 @@ def test_bad_input_raises_errors_naming_the_problem(processor, rows):
         processor("a <break> <image>", images=[Image.new("RGB", (0, 0))])
     with pytest.raises(ValueError, match="`text` must be a string"):
         processor([])
-    with pytest.raises(TypeError, match="truncation"):
-        processor("a", truncation=True)
+    with pytest.raises(TypeError, match="stride"):
+        processor("a", stride=2)
     with pytest.raises(ValueError, match="padding_side"):
         processor(["a", "bb"], padding_side="middle")
 

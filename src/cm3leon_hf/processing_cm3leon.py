@@ -174,6 +174,7 @@ class Cm3LeonProcessor(ProcessorMixin):
         padding: bool | str = True,
         padding_side: str | None = None,
         max_length: int | None = None,
+        truncation: bool | str = False,
         prepend_eos: bool | None = None,
         return_tensors: str | None = None,
         videos=None,
@@ -189,8 +190,11 @@ class Cm3LeonProcessor(ProcessorMixin):
             padding: `True`/`"longest"` pads to the longest document, `"max_length"` to `max_length`,
                 `False`/`"do_not_pad"` leaves lengths as they are.
             padding_side: `"left"` (for generation) or `"right"`; defaults to the tokenizer's `padding_side`.
-            max_length: longest allowed document (a `ValueError` names any longer one: we never truncate through an
-                image); the target length for `padding="max_length"`.
+            max_length: longest allowed document; the target length for `padding="max_length"`.
+            truncation: `False` (default: a `ValueError` names a document longer than `max_length`) or `True`
+                (also `"longest_first"`, `"only_first"`): cut it to at most `max_length` ids on the tokenizer's
+                `truncation_side`, never through an image: an image the cut would split is dropped whole, so the
+                document may end up shorter than `max_length`.
             prepend_eos: start each document with `<eos>`; defaults to the processor's `prepend_eos`.
             return_tensors: `"pt"`, `"np"` or `None` (lists).
 
@@ -205,7 +209,31 @@ class Cm3LeonProcessor(ProcessorMixin):
         if not documents or not all(isinstance(d, str) for d in documents):
             raise ValueError("`text` must be a string or a non-empty list of strings.")
         ids = self._encode_documents(documents, self._images_per_document(documents, images), prepend_eos)
+        if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(f"`truncation` must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', "
+                             f"got {truncation!r}.")
+        if truncation not in (False, "do_not_truncate"):
+            if max_length is None:
+                raise ValueError("`truncation` needs `max_length`.")
+            ids = [self._truncate(row, max_length, self.tokenizer.truncation_side) for row in ids]
         return self._pad(ids, padding, padding_side, max_length, return_tensors)
+
+    def _is_image_id(self, token: int) -> bool:
+        return self.image_token_offset <= token < self.image_token_offset + self.image_tokenizer.codebook_size
+
+    def _truncate(self, row: list[int], max_length: int, side: str) -> list[int]:
+        """At most `max_length` ids of `row`, cut on `side` at a boundary that splits no image's code run."""
+        if len(row) <= max_length:
+            return row
+        if side == "left":
+            start = len(row) - max_length
+            while 0 < start < len(row) and self._is_image_id(row[start - 1]) and self._is_image_id(row[start]):
+                start += 1  # inside an image: drop the rest of it
+            return row[start:]
+        end = max_length
+        while 0 < end < len(row) and self._is_image_id(row[end - 1]) and self._is_image_id(row[end]):
+            end -= 1  # inside an image: drop all of it
+        return row[:end]
 
     def _images_per_document(self, documents: list[str], images) -> list[list]:
         counts = [len(re.findall(re.escape(IMAGE_TOKEN), d)) for d in documents]
@@ -264,21 +292,18 @@ class Cm3LeonProcessor(ProcessorMixin):
         lengths = [len(x) for x in ids]
         if max_length is not None and max(lengths) > max_length:
             i = max(range(len(ids)), key=lengths.__getitem__)
-            raise ValueError(f"Document {i} has {lengths[i]} ids, more than `max_length` ({max_length}).")
-        target = max_length if padding == "max_length" else max(lengths) if padding in (True, "longest") else None
-        input_ids, attention_mask = [], []
-        for row in ids:
-            pad = [] if target is None else [self.pad_token_id] * (target - len(row))
-            mask = [1] * len(row)
-            if padding_side == "left":
-                input_ids.append(pad + row)
-                attention_mask.append([0] * len(pad) + mask)
-            else:
-                input_ids.append(row + pad)
-                attention_mask.append(mask + [0] * len(pad))
-        if return_tensors is not None and len(set(map(len, input_ids))) > 1:
-            raise ValueError(f"Documents have different lengths {lengths}: pad them to return {return_tensors!r} tensors.")
-        return BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
+            raise ValueError(f"Document {i} has {lengths[i]} ids, more than `max_length` ({max_length}); "
+                             f"`truncation=True` cuts it, never through an image.")
+        if padding in (False, "do_not_pad"):
+            if return_tensors is not None and len(set(lengths)) > 1:
+                raise ValueError(f"Documents have different lengths {lengths}: pad them to return {return_tensors!r} "
+                                 f"tensors.")
+            return BatchFeature({"input_ids": ids, "attention_mask": [[1] * n for n in lengths]},
+                                tensor_type=return_tensors)
+        padded = self.tokenizer.pad({"input_ids": ids}, padding="max_length" if padding == "max_length" else "longest",
+                                    max_length=max_length, padding_side=padding_side, return_attention_mask=True)
+        return BatchFeature({"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]},
+                            tensor_type=return_tensors)
 
     @property
     def layout(self) -> Cm3LeonLayout:
