@@ -105,7 +105,12 @@ def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str], step
         + (f", its checkpoint at step {step:,} of {recipe_steps(recipe):,}." if step is not None else ".")
     )
     with tempfile.TemporaryDirectory(dir=bundle_dir.parent, prefix=f".{bundle_dir.name}-") as staging:
-        model.save_pretrained(staging, model_card_kwargs={"training_data": training_data})
+        card = {"training_data": training_data}
+        if recipe.get("model_description"):  # a Markdown file of the repository: what the model is, its figures
+            card["model_description"] = (REPO / recipe["model_description"]).read_text().strip()
+        if recipe.get("limitations"):
+            card["limitations"] = recipe["limitations"].strip()
+        model.save_pretrained(staging, model_card_kwargs=card)
         if not (bundle_dir / "processor_config.json").exists():
             processor.save_pretrained(staging)
         for name in sorted(os.listdir(staging)):
