@@ -83,6 +83,16 @@ def test_guided_decoding_refuses_masks_that_would_drop_prompt_tokens(model, conf
         model.generate(ids, cfg_scale=3.0, num_return_sequences=0)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"contrastive_k": 0}, r"`contrastive_k` must be an integer >= 1, got 0"),
+    ({"contrastive_k": 3, "contrastive_alpha": 2.0}, r"`contrastive_alpha` must be in \(0, 1\], got 2.0"),
+])
+def test_contrastive_arguments_are_named_as_generate_takes_them(model, kwargs, message):
+    """The CD-K processor names its own `k` and `alpha`; a `generate` caller passed `contrastive_k`/`_alpha`."""
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.tensor([[1, 300, 2]]), do_sample=True, max_new_tokens=2, generate_image=False, **kwargs)
+
+
 def test_cfg_has_no_nan_where_only_the_unconditional_stream_rules_a_token_out():
     scores = torch.tensor([[1.0, 2.0, float("-inf")], [float("-inf"), 0.5, float("-inf")]])  # cond row, uncond row
     guided = BatchedClassifierFreeGuidanceLogitsProcessor(3.0)(torch.zeros(1, 2, dtype=torch.long), scores)

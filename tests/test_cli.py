@@ -75,3 +75,20 @@ def test_caption_grid_keeps_pixels_sharp():
     grid = np.asarray(caption_grid([("x", [image])], cell=8))
     cell = grid[22 + 4 : 22 + 4 + 8, 4 : 4 + 8]
     assert (cell[:, :4] == [255, 0, 0]).all() and (cell[:, 4:] == [0, 0, 255]).all()  # nearest, no blur
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["-n", "0"], "--num-images must be at least 1, got 0"),
+    (["--num-candidates", "-2"], "--num-candidates must be at least 1"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be at least 0"),
+    (["--top-p", "1.5"], "--top-p must be above 0 and at most 1"),
+    (["--temperature", "0"], "--temperature must be above 0"),
+    (["--retrieve", "-1"], "--retrieve must be at least 0"),
+    (["--threads", "two"], "--threads must be an integer, got 'two'"),
+])
+def test_counts_and_scales_out_of_range_are_usage_errors(flags, message, capsys):
+    """Checked before anything loads: a usage error that names the flag, not a traceback from the pipeline."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red star", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -159,23 +159,40 @@ def demo(args: argparse.Namespace) -> None:
     _write(caption_grid(rows), args.output)
 
 
+def _bounded(kind, low, name: str, *, inclusive: bool = True, high=None):
+    """An argparse type: `kind` (int/float) at least `low` (or above it), at most `high`, or a usage error naming it."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
+        if value != value or (value < low if inclusive else value <= low) or (high is not None and value > high):
+            bound = f"{'at least' if inclusive else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
 def _add_generation_arguments(parser: argparse.ArgumentParser, num_images: int) -> None:
     from .pretrained import TINY_PATH
 
     parser.add_argument("--model", default=str(TINY_PATH), help="a saved CM3Leon directory (default: the bundled tiny)")
-    parser.add_argument("-n", "--num-images", type=int, default=num_images, help="images per prompt")
+    parser.add_argument("-n", "--num-images", type=_bounded(int, 1, "--num-images"), default=num_images, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (1: the conditional stream only)")
+    parser.add_argument("--guidance-scale", type=_bounded(float, 0, "--guidance-scale"), default=3.0, help="CFG scale (1: the conditional stream only)")
     parser.add_argument("--decoding", default="top-p", choices=["top-p", "temperature", "cd-k", "pooled"])
-    parser.add_argument("--top-p", type=float, default=0.8)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--num-candidates", type=int, default=None,
+    parser.add_argument("--top-p", type=_bounded(float, 0, "--top-p", inclusive=False, high=1), default=0.8)
+    parser.add_argument("--temperature", type=_bounded(float, 0, "--temperature", inclusive=False), default=1.0)
+    parser.add_argument("--num-candidates", type=_bounded(int, 1, "--num-candidates"), default=None,
                         help="generate this many per prompt and keep the best by the world's CLIP (the paper: 8)")
     parser.add_argument("--rerank", action="store_true", help="order the images by CLIP score")
-    parser.add_argument("--retrieve", type=int, default=0, metavar="K",
+    parser.add_argument("--retrieve", type=_bounded(int, 0, "--retrieve"), default=0, metavar="K",
                         help="put K documents retrieved from the model's memory bank in front of the prompt")
     parser.add_argument("--memory-bank", default=None, help="a memory bank directory (default: <model>/memory_bank)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny model)")
+    parser.add_argument("--threads", type=_bounded(int, 1, "--threads"), default=1, help="torch threads (1 is fastest for the tiny model)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

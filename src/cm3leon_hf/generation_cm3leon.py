@@ -376,11 +376,17 @@ class Cm3LeonGenerationMixin(GenerationMixin):
             )
         if contrastive_k is not None:
             candidates = config.image_vocab_size if generate_image else config.vocab_size
-            processors.append(
-                ContrastiveDecodingLogitsProcessor(
-                    settings["contrastive_alpha"], contrastive_k, settings["amateur_temperature"], candidates
+            try:
+                processors.append(
+                    ContrastiveDecodingLogitsProcessor(
+                        settings["contrastive_alpha"], contrastive_k, settings["amateur_temperature"], candidates
+                    )
                 )
-            )
+            except ValueError as error:  # the processor names its own arguments (`k`, `alpha`): name generate's
+                message = str(error)
+                for own, ours in (("`k`", "`contrastive_k`"), ("`alpha`", "`contrastive_alpha`")):
+                    message = message.replace(own, ours)
+                raise ValueError(message) from None
         elif image_cfg_scale is not None:
             processors.append(InstructClassifierFreeGuidanceLogitsProcessor(image_cfg_scale, cfg_scale))
         elif cfg_scale is not None:

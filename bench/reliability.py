@@ -1,0 +1,572 @@
+"""Reliability probes: bad input, corrupt files and concurrency against the public API and the commands, as a careful
+user would try them. Each probe is one thing a user can get wrong (or one condition that must hold), and its outcome
+falls in one class:
+
+  clear       a ValueError / TypeError / OSError (or argparse's usage error) whose message matches what the probe
+              expects: it names the problem
+  unclear     an exception, but another type or a message that does not name the problem (a crash deep inside)
+  silent      no error where one was due (an invalid argument accepted), or a wrong result where one was checked
+  hang        still running after the probe's time limit
+
+The probes reproduce the findings of the reliability issue (hangs, unchecked masks, silent numbers, deep crashes,
+corrupt memory banks, paths outside a bank) and extend them to the code added since (collator, processor truncation,
+the end-to-end recipe, the CLI). The reference in every run is the count of probes: the table prints each class as a
+share of them. No network; a tiny random model with the shipped processor; a few minutes on one CPU thread.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=src python bench/reliability.py            # the table; --verbose: every probe
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PROBES: list[tuple[str, str, object]] = []
+
+
+def probe(area: str, expect: str | None):
+    """Register `fn` as a probe of `area`. `expect`: a regex the error message must match (an error is due), or None:
+    the probe checks a result itself and raises `Silent` when it is wrong."""
+
+    def register(fn):
+        PROBES.append((area, fn.__name__, expect, fn))
+        return fn
+
+    return register
+
+
+class Silent(Exception):
+    """A wrong result, or an invalid input accepted without a word."""
+
+
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: int):
+    def on_alarm(signum, frame):
+        raise Hang(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ------------------------------------------------------------------------------------------------ shared fixtures
+
+_cache: dict = {}
+
+
+def model():
+    if "model" not in _cache:
+        from cm3leon_hf import HUB_CONFIGS, Cm3LeonConfig, Cm3LeonForCausalLM
+
+        torch.manual_seed(0)
+        _cache["model"] = Cm3LeonForCausalLM(Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")).eval()
+        for p in _cache["model"].parameters():  # random weights with some spread, so that outputs differ
+            torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+    return _cache["model"]
+
+
+def processor():
+    if "processor" not in _cache:
+        from cm3leon_hf import Cm3LeonProcessor
+        from cm3leon_hf.pretrained import TINY_PATH
+
+        _cache["processor"] = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+    return _cache["processor"]
+
+
+def prompt_ids():
+    return processor()(["a red star at the top left <break>"], return_tensors="pt")["input_ids"]
+
+
+def workdir() -> Path:
+    if "dir" not in _cache:
+        _cache["dir"] = Path(tempfile.mkdtemp(prefix="cm3leon-probes-"))
+    return _cache["dir"]
+
+
+def bank_copy(name: str) -> Path:
+    """A fresh copy of a small memory bank built once for the bank probes."""
+    source = workdir() / "bank"
+    if not source.exists():
+        from sentence_transformers import SentenceTransformer
+
+        from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+        from cm3leon_hf.pretrained import CLIP_PATH
+        from cm3leon_hf.synthetic import build_task
+
+        pairs = build_task("text_to_image", num_train=64, num_validation=0, num_test=0, num_heldout=0)["train"]
+        Cm3LeonMemoryBank.build(pairs, SentenceTransformer(str(CLIP_PATH)), source, text_column="caption",
+                                image_column="images", show_progress_bar=False)
+    target = workdir() / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    return target
+
+
+def command(*args: str, timeout: int = 120) -> None:
+    """Run a repository command; raise its last stderr line as the error (argparse and our checks print there)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    try:
+        result = subprocess.run([sys.executable, *args], cwd=workdir(), env=env, capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise Hang(f"{args[0]} still running after {timeout} s") from None
+    if result.returncode == 0:
+        raise Silent(f"{' '.join(args)} exited 0")
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if "Traceback" in result.stderr and not re.match(r"(ValueError|TypeError|OSError|FileNotFoundError|SystemExit)", last):
+        raise RuntimeError(f"crash: {last}")
+    raise ValueError(last)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+@probe("model", r"input_ids.*(integer|long|dtype)")
+def float_input_ids():
+    model()(prompt_ids().float())
+
+
+@probe("model", r"input_ids.*(2-D|2D|dim|batch)")
+def one_dimensional_input_ids():
+    model()(prompt_ids()[0])
+
+
+@probe("model", r"(empty|no tokens|length 0)")
+def empty_prompt():
+    model()(torch.zeros(1, 0, dtype=torch.long))
+
+
+@probe("model", r"vocab|outside|range")
+def ids_outside_the_vocabulary():
+    model()(torch.tensor([[1, 5000]]))
+
+
+@probe("model", r"position_ids.*(negative|outside)")
+def negative_position_ids():
+    ids = prompt_ids()
+    model()(ids, position_ids=-torch.arange(ids.shape[1])[None])
+
+
+@probe("model", r"attention_mask.*(length|shape|size)")
+def mask_longer_than_ids():
+    ids = prompt_ids()
+    model()(ids, attention_mask=torch.ones(1, ids.shape[1] + 3, dtype=torch.long))
+
+
+@probe("model", r"attention_mask.*only 0.*and 1")
+def mask_holding_two():
+    ids = prompt_ids()
+    model()(ids, attention_mask=torch.full_like(ids, 2))
+
+
+@probe("model", r"attention_mask.*only 0.*and 1")
+def mask_holding_a_half():
+    ids = prompt_ids()
+    model()(ids, attention_mask=torch.full(ids.shape, 0.5))
+
+
+@probe("model", r"attention.mask.*shape.*drop")
+def short_mask_with_cfg():
+    ids = prompt_ids()
+    model().generate(ids, attention_mask=torch.ones(1, ids.shape[1] - 2, dtype=torch.long), cfg_scale=3.0,
+                     do_sample=False, max_new_tokens=4, generate_image=False)
+
+
+@probe("model", r"num_return_sequences")
+def zero_return_sequences_guided():
+    model().generate(prompt_ids(), cfg_scale=3.0, num_return_sequences=0, do_sample=True)
+
+
+@probe("model", r"(context|max_position_embeddings|longer)")
+def prompt_longer_than_the_context():
+    model().generate(torch.ones(1, 1100, dtype=torch.long), max_new_tokens=4, generate_image=False)
+
+
+@probe("model", None)
+def seeded_generation_is_the_same_in_threads():
+    ids = prompt_ids()
+
+    def run(seed):
+        return model().generate(ids, do_sample=True, cfg_scale=3.0, generator=torch.Generator().manual_seed(seed))
+
+    alone = {seed: run(seed) for seed in range(4)}
+    results = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, run(s))) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(not torch.equal(alone[s], results[s]) for s in alone):
+        raise Silent("a seed gave other images in a thread than alone")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def config_with(**kwargs):
+    from cm3leon_hf import HUB_CONFIGS, Cm3LeonConfig
+
+    values = json.loads((HUB_CONFIGS / "cm3leon-tiny" / "config.json").read_text())
+    values.update(kwargs)
+    values.pop("architectures", None), values.pop("transformers_version", None), values.pop("model_type", None)
+    return Cm3LeonConfig(**values)
+
+
+for _name, _field, _value, _pattern in (
+    ("layer_norm_eps_nan", "layer_norm_eps", float("nan"), r"layer_norm_eps"),
+    ("initializer_range_inf", "initializer_range", float("inf"), r"initializer_range"),
+    ("vocab_size_not_an_integer", "vocab_size", 400.5, r"vocab_size"),
+    ("image_token_offset_float", "image_token_offset", 256.0, r"image_token_offset"),
+    ("hidden_act_unknown", "hidden_act", "nope", r"hidden_act"),
+    ("heads_not_dividing_width", "num_attention_heads", 3, r"num_attention_heads|hidden_size"),
+):
+    def _config_probe(field=_field, value=_value):
+        config_with(**{field: value})
+
+    _config_probe.__name__ = f"config_{_name}"
+    probe("config", _pattern)(_config_probe)
+
+
+# ------------------------------------------------------------------------------------------------ guidance
+
+@probe("guidance", None)
+def cfg_with_an_unconditional_minus_inf():
+    from cm3leon_hf.logits_process import BatchedClassifierFreeGuidanceLogitsProcessor
+
+    scores = torch.tensor([[1.0, 2.0], [float("-inf"), 0.0]])
+    out = BatchedClassifierFreeGuidanceLogitsProcessor(3.0)(torch.zeros(1, 2, dtype=torch.long), scores)
+    if torch.isnan(out).any():
+        raise Silent(f"NaN guided logits: {out}")
+
+
+@probe("guidance", r"guidance_scale|scale")
+def negative_guidance_scale():
+    from cm3leon_hf.logits_process import BatchedClassifierFreeGuidanceLogitsProcessor
+
+    BatchedClassifierFreeGuidanceLogitsProcessor(-1.0)
+
+
+@probe("guidance", r"`contrastive_k`")
+def contrastive_k_zero():
+    model().generate(prompt_ids(), contrastive_k=0, do_sample=True)
+
+
+# ------------------------------------------------------------------------------------------------ processor
+
+@probe("processor", r"uint8")
+def image_array_of_floats():
+    processor()("a <break> <image>", images=[np.random.default_rng(0).random((64, 64, 3))])
+
+
+@probe("processor", r"zero size")
+def image_of_zero_size():
+    from PIL import Image
+
+    processor()("a <break> <image>", images=[Image.new("RGB", (0, 64))])
+
+
+@probe("processor", r"cannot decode the image bytes")
+def image_bytes_corrupt():
+    processor()("a <break> <image>", images=[b"not an image"])
+
+
+@probe("processor", r"placeholders")
+def images_and_placeholders_disagree():
+    processor()("a <break> <image> <image>", images=[np.zeros((64, 64, 3), np.uint8)])
+
+
+@probe("processor", r"truncation")
+def truncation_of_an_unknown_kind():
+    processor()("a red star", truncation="sideways", max_length=4)
+
+
+@probe("processor", r"truncation.*max_length")
+def truncation_without_max_length():
+    processor()("a red star", truncation=True)
+
+
+@probe("processor", r"vocab|image_token_offset|text_vocab_size|does not match|disagree")
+def processor_of_another_vocabulary():
+    processor().validate_model_config(config_with(text_vocab_size=2048, image_token_offset=2048, vocab_size=4096))
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+
+def text_to_image():
+    if "pipe" not in _cache:
+        from transformers import pipeline
+
+        import cm3leon_hf.pipelines  # noqa: F401
+
+        _cache["pipe"] = pipeline("text-to-image", model=model(), processor=processor())
+    return _cache["pipe"]
+
+
+@probe("pipeline", r"output_type")
+def pipeline_output_type_unknown():
+    text_to_image()("a red star", output_type="jpeg", progress_bar=False)
+
+
+@probe("pipeline", r"reranker")
+def pooled_without_a_reranker():
+    text_to_image()("a red star", decoding="pooled", num_candidates=4, progress_bar=False)
+
+
+@probe("pipeline", r"decoding")
+def decoding_unknown():
+    text_to_image()("a red star", decoding="beam", progress_bar=False)
+
+
+@probe("pipeline", r"generator")
+def generator_list_of_the_wrong_length():
+    text_to_image()("a red star", num_images_per_prompt=2, generator=[torch.Generator()], progress_bar=False)
+
+
+@probe("pipeline", r"max_new_tokens")
+def max_new_tokens_not_an_image():
+    text_to_image()("a red star", max_new_tokens=5, progress_bar=False)
+
+
+# ------------------------------------------------------------------------------------------------ memory bank
+
+@probe("memory bank", r"batch_size")
+def bank_build_batch_size_zero():
+    from sentence_transformers import SentenceTransformer
+
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+    from cm3leon_hf.pretrained import CLIP_PATH
+    from cm3leon_hf.synthetic import build_task
+
+    pairs = build_task("text_to_image", num_train=8, num_validation=0, num_test=0, num_heldout=0)["train"]
+    Cm3LeonMemoryBank.build(pairs, SentenceTransformer(str(CLIP_PATH)), workdir() / "bank0", text_column="caption",
+                            image_column="images", batch_size=0)
+
+
+@probe("memory bank", r"rows|hash|checksum|sha256|changed|corrupt")
+def bank_rows_file_flipped():
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+
+    bank = bank_copy("flipped")
+    arrow = max((bank / "rows").rglob("*.arrow"), key=lambda p: p.stat().st_size)
+    data = bytearray(arrow.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    arrow.write_bytes(bytes(data))
+    Cm3LeonMemoryBank.load(bank)
+
+
+@probe("memory bank", r"manifest")
+def bank_manifest_truncated():
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+
+    bank = bank_copy("truncated-manifest")
+    text = (bank / "manifest.json").read_text()
+    (bank / "manifest.json").write_text(text[: len(text) // 2])
+    Cm3LeonMemoryBank.load(bank)
+
+
+@probe("memory bank", r"manifest")
+def bank_manifest_missing_a_key():
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+
+    from cm3leon_hf.memory_bank import MANIFEST_KEYS
+
+    bank = bank_copy("missing-key")
+    manifest = json.loads((bank / "manifest.json").read_text())
+    manifest.pop(sorted(MANIFEST_KEYS)[0])
+    (bank / "manifest.json").write_text(json.dumps(manifest))
+    Cm3LeonMemoryBank.load(bank)
+
+
+@probe("memory bank", r"index")
+def bank_index_truncated():
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+
+    bank = bank_copy("truncated-index")
+    index = bank / "index.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    Cm3LeonMemoryBank.load(bank)
+
+
+@probe("memory bank", r"inside|outside|own directory")
+def bank_index_file_outside_its_directory():
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+
+    bank = bank_copy("escape")
+    victim = bank_copy("victim")
+    manifest = json.loads((bank / "manifest.json").read_text())
+    manifest["index_file"] = "../victim/index.faiss"
+    (bank / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        Cm3LeonMemoryBank.load(bank).reindex("Flat")
+    finally:
+        if not (victim / "index.faiss").exists():
+            raise Silent("a file outside the bank was deleted")
+
+
+@probe("memory bank", r"NaN|finite|nan|inf")
+def bank_search_with_nan_queries():
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+
+    bank = Cm3LeonMemoryBank.load(bank_copy("nan-query"))
+    bank.search(np.full((1, bank.index.d), np.nan, np.float32), 2)
+
+
+# ------------------------------------------------------------------------------------------------ collator
+
+@probe("collator", r"flat sequence")
+def collator_nested_ids():
+    from cm3leon_hf.data_collator import Cm3LeonDataCollator
+
+    Cm3LeonDataCollator(model().config, documents=[])([{"input_ids": [[1, 300, 2]], "retrieved_indices": []}])
+
+
+@probe("collator", r"max_length")
+def collator_example_longer_than_the_context():
+    from cm3leon_hf.data_collator import Cm3LeonDataCollator
+
+    Cm3LeonDataCollator(model().config, documents=[])([{"input_ids": [300] * 2000, "retrieved_indices": []}])
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+@probe("commands", r"batch-size|batch_size")
+def train_image_tokenizer_batch_size_zero():
+    command(str(REPO / "training" / "train_image_tokenizer.py"), "--batch-size", "0", "--output-dir", "vq0",
+            "--max-steps", "2")
+
+
+@probe("commands", r"log-every|at least 1|positive")
+def train_image_tokenizer_log_every_zero():
+    command(str(REPO / "training" / "train_image_tokenizer.py"), "--log-every", "0", "--output-dir", "vq1",
+            "--max-steps", "2")
+
+
+@probe("commands", r"checkpoint-every|at least 1|positive")
+def train_image_tokenizer_checkpoint_every_zero():
+    command(str(REPO / "training" / "train_image_tokenizer.py"), "--checkpoint-every", "0", "--output-dir", "vq2",
+            "--max-steps", "2")
+
+
+@probe("commands", r"batch-size|batch_size")
+def build_memory_bank_batch_size_zero():
+    command(str(REPO / "training" / "build_memory_bank.py"), "--synthetic-task", "text_to_image", "--synthetic-rows",
+            "8", "--batch-size", "0", "--output-dir", "bank1")
+
+
+@probe("commands", r"max-texts|at least 1|positive")
+def train_text_tokenizer_on_nothing():
+    from cm3leon_hf import HUB_CONFIGS
+
+    command(str(REPO / "training" / "train_text_tokenizer.py"), "--max-texts", "0", "--output-dir", "bpe0",
+            "--model-config", str(HUB_CONFIGS / "cm3leon-tiny"))
+
+
+@probe("commands", r"num-scenes|at least 1|positive")
+def evaluate_image_tokenizer_on_no_scenes():
+    from cm3leon_hf.pretrained import TINY_PATH
+
+    command(str(REPO / "training" / "evaluate_image_tokenizer.py"), str(TINY_PATH / "image_tokenizer"),
+            "--num-scenes", "0")
+
+
+@probe("commands", r"num-images|at least 1|-n")
+def cli_generate_zero_images():
+    command("-m", "cm3leon_hf.cli", "generate", "a red star", "-n", "0", "-o", "x.png")
+
+
+@probe("commands", r"no word|knows|vocabulary|unknown")
+def cli_generate_a_prompt_of_unknown_words():
+    command("-m", "cm3leon_hf.cli", "generate", "zzqx wvvk", "-o", "x.png")
+
+
+@probe("commands", r"not a complete training checkpoint")
+def bundle_a_checkpoint_that_is_not_one():
+    command(str(REPO / "training" / "train_tiny_model.py"), "--config", str(REPO / "training/recipes/tiny_model.yaml"),
+            "--bundle-checkpoint", str(workdir() / "nowhere"))
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+def classify(expect: str | None, fn, seconds: int) -> tuple[str, str]:
+    try:
+        with time_limit(seconds):
+            fn()
+    except Hang as error:
+        return "hang", str(error)
+    except Silent as error:
+        return "silent", str(error)
+    except SystemExit as error:  # argparse inside a called main()
+        return ("clear", f"usage error {error}") if expect else ("unclear", f"SystemExit {error}")
+    except (ValueError, TypeError, OSError) as error:
+        message = f"{type(error).__name__}: {error}".replace("\n", " ")
+        if expect and re.search(expect, str(error), re.I):
+            return "clear", message[:200]
+        return "unclear", message[:200]
+    except Exception as error:  # noqa: BLE001 - a crash of any kind is what this counts
+        return "unclear", f"{type(error).__name__}: {error}".replace("\n", " ")[:200]
+    if expect:
+        return "silent", "accepted without an error"
+    return "clear", "holds"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="print every probe's outcome")
+    parser.add_argument("--only", help="run the probes whose name matches this regex")
+    parser.add_argument("--time-limit", type=int, default=180, help="seconds before a probe counts as a hang")
+    parser.add_argument("--output", type=Path, help="write every outcome as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    outcomes = []
+    try:
+        for area, name, expect, fn in PROBES:
+            if args.only and not re.search(args.only, name):
+                continue
+            outcome, detail = classify(expect, fn, args.time_limit)
+            outcomes.append({"area": area, "probe": name, "outcome": outcome, "detail": detail})
+            if args.verbose or outcome != "clear":
+                print(f"{outcome:8s} {area:12s} {name}: {detail}", flush=True)
+    finally:
+        shutil.rmtree(_cache.get("dir", "/nonexistent"), ignore_errors=True)
+    counts = Counter(o["outcome"] for o in outcomes)
+    total = len(outcomes)
+    print(f"\n| probes | clear errors (or holds) | unclear crashes | silent | hangs |")
+    print("|---|---|---|---|---|")
+    print(f"| {total} | " + " | ".join(f"{counts[k]} ({counts[k] / max(total, 1):.0%})"
+                                      for k in ("clear", "unclear", "silent", "hang")) + " |")
+    areas = sorted({o["area"] for o in outcomes})
+    print("\n| area | probes | clear | unclear | silent | hang |\n|---|---|---|---|---|---|")
+    for area in areas:
+        c = Counter(o["outcome"] for o in outcomes if o["area"] == area)
+        print(f"| {area} | {sum(c.values())} | {c['clear']} | {c['unclear']} | {c['silent']} | {c['hang']} |")
+    if args.output:
+        args.output.write_text(json.dumps(outcomes, indent=1) + "\n")
+    return outcomes
+
+
+if __name__ == "__main__":
+    main()
