@@ -208,11 +208,13 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
     Example:
 
     ```python
+    >>> import torch
     >>> from transformers import pipeline
-    >>> import cm3leon_hf, torch
-    >>> pipe = pipeline("text-to-image", model=cm3leon_hf.TINY_MODEL_PATH)  # doctest: +SKIP
-    >>> pipe("a red star at the top left", generator=torch.Generator().manual_seed(0))[0]["image"]  # doctest: +SKIP
-    <PIL.Image.Image image mode=RGB size=64x64>
+    >>> from cm3leon_hf.pretrained import TINY_PATH  # the bundled tiny model
+    >>> pipe = pipeline("text-to-image", model=TINY_PATH)
+    >>> image = pipe("a red star at the top left", generator=torch.Generator().manual_seed(0), progress_bar=False)[0]["image"]
+    >>> image.size, image.mode
+    ((64, 64), 'RGB')
 
     ```
     """

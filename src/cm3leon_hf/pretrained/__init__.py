@@ -1,18 +1,23 @@
 """Artifacts shipped inside the package, so that everything works offline on a fresh machine.
 
-`TINY_PATH` is the tiny configuration's trained processor (`Cm3LeonProcessor.from_pretrained(TINY_PATH)`): the text
-BPE (`tokenizer.json`, `tokenizer_config.json`), `processor_config.json` and the VQ image tokenizer in diffusers format
-(`image_tokenizer/`). They are the outputs of the commands in `training/train_text_tokenizer.py`,
-`training/train_image_tokenizer.py` and `training/build_processor.py`.
+`TINY_PATH` is the bundled tiny CM3Leon, a model directory like any on the Hub: the trained model (`config.json`,
+`model.safetensors`, `generation_config.json` with CFG on by default, `README.md` its model card), its processor (the
+text BPE in `tokenizer.json`/`tokenizer_config.json`, `processor_config.json`, the VQ image tokenizer in diffusers
+format in `image_tokenizer/`) and a memory bank of 3,000 training pairs (`memory_bank/`, for retrieval at inference).
+`training/train_tiny_model.py --config training/recipes/tiny_model.yaml` reproduces the model and the bank from the
+processor; `training/train_text_tokenizer.py`, `training/train_image_tokenizer.py` and `training/build_processor.py`
+the processor.
 
 `CLIP_PATH` is the synthetic world's small CLIP, a `sentence_transformers.SentenceTransformer` folder that encodes texts
 and images into one space (the retriever's encoder, the re-ranker and the metric's feature space). It is the output of
 the documented `training/train_clip.py` run (`eval_results.json` inside holds its figures).
 
->>> from cm3leon_hf.processing_cm3leon import Cm3LeonProcessor
->>> processor = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+>>> from transformers import AutoModelForCausalLM, AutoProcessor
+>>> processor = AutoProcessor.from_pretrained(TINY_PATH)
 >>> processor.image_seq_length, processor.image_tokenizer.resolution
 (64, 64)
+>>> AutoModelForCausalLM.from_pretrained(TINY_PATH).generation_config.cfg_scale
+3.0
 >>> from sentence_transformers import SentenceTransformer
 >>> SentenceTransformer(str(CLIP_PATH)).encode(["a red star at the top left on a white background"]).shape
 (1, 128)
