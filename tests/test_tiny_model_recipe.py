@@ -47,7 +47,9 @@ def test_the_recipe_builds_and_bundles_a_model(tmp_path):
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
     assert model.generation_config.cfg_scale == recipe["generation"]["cfg_scale"]
     Cm3LeonProcessor.from_pretrained(bundle, model_config=model.config)
-    assert "48 text-to-image pairs" in (bundle / "README.md").read_text()
+    card = (bundle / "README.md").read_text()
+    assert "48 text-to-image pairs" in card
+    assert "The tiny CM3Leon bundled with" in card and "A miniature for running and testing" in card  # the recipe's
     assert len(Cm3LeonMemoryBank.load(bundle / "memory_bank")) == 16
     assert not list(bundle.glob("*.py")) and not list(bundle.parent.glob(".bundle-*"))
 
