@@ -107,6 +107,30 @@ def test_resize_shorter_side_then_centre_crop(image_tokenizer):
     assert tiny.shape == (1, 3, 16, 16) and torch.equal(tiny[0, 2], torch.ones(16, 16))
 
 
+def reference_preprocess(image: Image.Image, size: int, resample) -> torch.Tensor:
+    """What the tokenizer computed before it used diffusers' VaeImageProcessor, written out: the shorter side resized
+    to `size` (the longer rounded), the centre square cropped, `x / 127.5 - 1`."""
+    if image.size != (size, size):
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((width, height), resample)
+        left, top = (width - size) // 2, (height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (10, 37), (41, 13), (3, 3), (100, 99)])
+def test_preprocessing_through_vae_image_processor_equals_the_written_out_reference(image_tokenizer, shape):
+    """The same pixels, bit for bit, as the hand-written resize/crop/normalise it replaced (so the codes of every
+    pre-tokenized dataset stay valid), on square, wide, tall, tiny and odd-sized random images; and back."""
+    rng = np.random.default_rng(sum(shape))
+    image = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+    expected = reference_preprocess(image, image_tokenizer.resolution, Image.Resampling.BICUBIC)
+    assert torch.equal(image_tokenizer.preprocess([image])[0], expected)
+    back = image_tokenizer.postprocess(expected[None])[0]
+    assert np.array_equal(np.asarray(back), ((expected.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+
+
 def test_save_and_load_in_diffusers_format(image_tokenizer, tmp_path):
     tokenizer = Cm3LeonImageTokenizer(image_tokenizer.vq_model, background_color=(0, 0, 0), resample="lanczos")
     tokenizer.save_pretrained(tmp_path / "image_tokenizer")
@@ -165,6 +189,8 @@ def test_invalid_construction_raises():
         Cm3LeonImageTokenizer(vq, background_color=(0, 0, 256))
     with pytest.raises(ValueError, match="resample"):
         Cm3LeonImageTokenizer(vq, resample="fancy")
+    with pytest.raises(ValueError, match="resample"):  # PIL has it; diffusers' VaeImageProcessor does not
+        Cm3LeonImageTokenizer(vq, resample="box")
     with pytest.raises(ValueError, match="diffusers `VQModel`"):
         Cm3LeonImageTokenizer(torch.nn.Linear(2, 2))
 

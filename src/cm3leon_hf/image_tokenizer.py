@@ -13,8 +13,10 @@ Choices (the paper is silent):
   and palette images with a transparent colour) is composited onto `background_color`, white by default, like a
   browser page. 16-bit grey images (`I;16*` and `I`) are scaled to 8 bits (value / 257), not clipped as PIL's
   `convert("L")` would; `F` images are clipped to 0–255 as PIL does; other modes go through `convert("RGB")`.
-- **Pixels.** Images go in as `x / 127.5 - 1` in [-1, 1]; decoded pixels are clamped to [-1, 1] and rounded to uint8,
-  so decoding the same codes twice gives identical images.
+- **Pixels.** Images go in as `2 * x / 255 - 1` in [-1, 1]; decoded pixels are clamped to [-1, 1] and rounded to
+  uint8, so decoding the same codes twice gives identical images. Resizing, cropping, normalising and the way back
+  are diffusers' `VaeImageProcessor` (`image_processor`, with `resize_mode="crop"`); loading and colour modes are
+  ours, since it converts modes without the choices above.
 - **Inputs** may be PIL images, numpy uint8 arrays `(H, W)`, `(H, W, 3)` or `(H, W, 4)`, encoded bytes, file paths, or
   `datasets` image dicts (`{"bytes": …, "path": …}`). Corrupt bytes, zero-size images and other types raise a
   `ValueError` that names the image's position.
@@ -48,17 +50,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from diffusers import VQModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.pil_utils import PIL_INTERPOLATION
 from huggingface_hub import hf_hub_download
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_TOKENIZER_CONFIG_NAME = "image_tokenizer_config.json"
-RESAMPLE_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "box": Image.Resampling.BOX,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+RESAMPLE_FILTERS = tuple(PIL_INTERPOLATION)  # what diffusers' VaeImageProcessor resizes with
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -73,7 +71,8 @@ class Cm3LeonImageTokenizer:
         background_color (`tuple[int, int, int]`, defaults to `(255, 255, 255)`):
             RGB colour transparent pixels are composited onto.
         resample (`str`, defaults to `"bicubic"`):
-            PIL filter of the resize: one of `"nearest"`, `"box"`, `"bilinear"`, `"bicubic"`, `"lanczos"`.
+            PIL filter of the resize, as diffusers' `VaeImageProcessor` names them: `"nearest"`, `"linear"`/`"bilinear"`,
+            `"bicubic"`, `"lanczos"`.
 
     Codes are `torch.long` tensors of shape `(batch_size, image_seq_length)` in raster order, with values in
     `[0, codebook_size)` (the processor adds `image_token_offset` to put them in the joint vocabulary).
@@ -168,29 +167,27 @@ class Cm3LeonImageTokenizer:
             image = image.convert("L")
         return image.convert("RGB")
 
+    @property
+    def image_processor(self) -> VaeImageProcessor:
+        """diffusers' `VaeImageProcessor` with this tokenizer's settings: it resizes (the shorter side to `resolution`,
+        `resample`), centre-crops, normalises to [-1, 1] and back. (Image loading, modes and transparency, which it
+        does not handle, are `load_image`'s.)"""
+        if getattr(self, "_image_processor", None) is None or self._image_processor.config.resample != self.resample:
+            self._image_processor = VaeImageProcessor(do_resize=True, vae_scale_factor=self.resolution // self.grid_size,
+                                                      resample=self.resample, do_normalize=True)
+        return self._image_processor
+
     def preprocess(self, images) -> torch.Tensor:
         """Images (a list, or one image) → pixel tensor of shape `(batch_size, 3, resolution, resolution)` in [-1, 1],
         on the VQ's device and dtype."""
-        images = _as_list(images)
-        arrays = [np.asarray(self._resize_crop(self.load_image(image, i))) for i, image in enumerate(images)]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (batch, 3, res, res) uint8
-        return (pixels.to(self.dtype) / 127.5 - 1).to(self.device)
-
-    def _resize_crop(self, image: Image.Image) -> Image.Image:
-        size = self.resolution
-        if image.size == (size, size):
-            return image
-        scale = size / min(image.size)
-        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((width, height), RESAMPLE_FILTERS[self.resample])
-        left, top = (width - size) // 2, (height - size) // 2
-        return image.crop((left, top, left + size, top + size))
+        images = [self.load_image(image, i) for i, image in enumerate(_as_list(images))]
+        pixels = self.image_processor.preprocess(images, height=self.resolution, width=self.resolution,
+                                                 resize_mode="crop")
+        return pixels.to(self.device, self.dtype)
 
     def postprocess(self, pixels: torch.Tensor) -> list[Image.Image]:
         """Decoder output `(batch_size, 3, H, W)` in [-1, 1] → RGB PIL images (clamped, rounded to uint8)."""
-        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (batch, H, W, 3)
-        return [Image.fromarray(array, mode="RGB") for array in arrays]
+        return self.image_processor.postprocess(pixels.float().cpu(), output_type="pil")
 
     # ------------------------------------------------------------------------------------------------ codes
 
