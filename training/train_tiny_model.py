@@ -194,7 +194,7 @@ def main(argv=None) -> Path:
                       "--ddp_find_unused_parameters", "false"]  # every parameter is used: skip the extra graph walk
     run("pretrain.py", "--config", str(REPO / recipe["pretrain_config"]), "--train_data", str(train),
         "--eval_data", str(validation), "--output_dir", str(output), "--num_retrieved_docs", str(docs),
-        *overrides, *args.pretrain_args, launcher=launcher)
+        *overrides, *(["--disable_tqdm", "true"] if args.no_progress else []), *args.pretrain_args, launcher=launcher)
     if args.no_retrieval or args.stop_after == "pretrain":
         return output
     return bundle(output, bundle_dir, recipe, quiet)
