@@ -603,3 +603,17 @@ def test_nan_or_inf_query_embeddings_are_refused(bank):
         bank.search(queries, 2)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         bank.search(queries[:1], 0)
+
+
+def test_the_index_wraps_as_a_datasets_faiss_index(bank):
+    """The bank's index is a plain faiss index: `datasets`' own `FaissIndex` searches it and finds what the bank does
+    (the memory_bank docstring says what the bank adds around it)."""
+    from datasets.search import FaissIndex
+
+    queries = bank.embeddings(list(range(5)))
+    scores, rows = bank.search(queries, 3)
+    wrapped = FaissIndex(custom_index=bank.index)
+    for query, expected_rows, expected_scores in zip(queries, rows, scores):
+        result = wrapped.search(query, k=3)
+        assert result.indices.tolist() == expected_rows.tolist()
+        np.testing.assert_allclose(result.scores, expected_scores, rtol=1e-6)

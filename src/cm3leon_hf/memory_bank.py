@@ -36,6 +36,14 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
   probe image; querying with an encoder of another dimension, or whose probe embeddings differ (cosine < 0.999), is an
   error.
 - **Default index** by bank size (`default_index_factory`, justified by `bench/retrieval.py`, see `bench/RESULTS.md`).
+
+Why not `datasets`' own faiss integration (`Dataset.add_faiss_index`, `get_nearest_examples`)? The search itself is
+one `index.search` call either way; everything else here is what it lacks: it trains an IVF index on the *first*
+`train_size` rows (a sorted or sharded dataset gives skewed centroids; we train on a seeded random sample), builds in
+one pass with nothing to resume, keeps no record of the encoder that made the vectors, and saves the index without
+the rows it belongs to or anything that would catch the two drifting apart. The rows themselves are a `datasets`
+Arrow dataset, memory-mapped, and `Cm3LeonMemoryBank.load(...).index` is a plain faiss index that
+`datasets.search.FaissIndex(custom_index=...)` can wrap.
 """
 
 import hashlib
