@@ -419,9 +419,9 @@ def test_bad_generation_arguments(model):
     config = model.config
     ids = torch.tensor(text_prompts(config, [5]))
     cases = [
-        (dict(cfg_scale=-1.0), "guidance_scale"),
-        (dict(cfg_scale=float("nan")), "guidance_scale"),
-        (dict(contrastive_k=0), "`k`"),
+        (dict(cfg_scale=-1.0), "`cfg_scale` must be"),  # named as generate takes it, not as the processor does
+        (dict(cfg_scale=float("nan")), "`cfg_scale` must be"),
+        (dict(contrastive_k=0), "`contrastive_k` must be"),
         (dict(contrastive_k=config.image_vocab_size + 1, generate_image=True), f"larger than the {config.image_vocab_size}"),
         (dict(contrastive_k=5, contrastive_alpha=0.0), "alpha"),
         (dict(contrastive_k=5, contrastive_alpha=1.01), "alpha"),

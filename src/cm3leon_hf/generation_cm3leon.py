@@ -374,23 +374,25 @@ class Cm3LeonGenerationMixin(GenerationMixin):
                     generate_image=generate_image,
                 )
             )
-        if contrastive_k is not None:
-            candidates = config.image_vocab_size if generate_image else config.vocab_size
-            try:
+        try:  # the processors name their own arguments (`k`, `guidance_scale`, ...): name the ones generate takes
+            if contrastive_k is not None:
+                candidates = config.image_vocab_size if generate_image else config.vocab_size
                 processors.append(
                     ContrastiveDecodingLogitsProcessor(
                         settings["contrastive_alpha"], contrastive_k, settings["amateur_temperature"], candidates
                     )
                 )
-            except ValueError as error:  # the processor names its own arguments (`k`, `alpha`): name generate's
-                message = str(error)
-                for own, ours in (("`k`", "`contrastive_k`"), ("`alpha`", "`contrastive_alpha`")):
-                    message = message.replace(own, ours)
-                raise ValueError(message) from None
-        elif image_cfg_scale is not None:
-            processors.append(InstructClassifierFreeGuidanceLogitsProcessor(image_cfg_scale, cfg_scale))
-        elif cfg_scale is not None:
-            processors.append(BatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale))
+            elif image_cfg_scale is not None:
+                processors.append(InstructClassifierFreeGuidanceLogitsProcessor(image_cfg_scale, cfg_scale))
+            elif cfg_scale is not None:
+                processors.append(BatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale))
+        except ValueError as error:
+            message = str(error)
+            for own, ours in (("`k`", "`contrastive_k`"), ("`alpha`", "`contrastive_alpha`"),
+                              ("`image_guidance_scale`", "`image_cfg_scale`"), ("`text_guidance_scale`", "`cfg_scale`"),
+                              ("`guidance_scale`", "`cfg_scale`")):
+                message = message.replace(own, ours)
+            raise ValueError(message) from None
 
         max_new_tokens = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
         if settings["writes_image"] and max_new_tokens is None and kwargs.get("max_length") is None:
