@@ -347,3 +347,17 @@ def test_a_finished_run_is_not_trained_further(tmp_path, train_dir):
     pretrain.main(script_args(train_dir), training_args(tmp_path / "run"))
     again = weights(tmp_path / "run")
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--num_retrieved_docs", "-1", "--num_retrieved_docs must be at least 0, got -1"),
+    ("--max_length", "0", "--max_length must be at least 1"),
+    ("--poisson_lambda", "nan", "--poisson_lambda must be a finite number > 0"),
+    ("--causal_fraction", "1.5", r"--causal_fraction must be in \[0, 1\]"),
+    ("--eval_cfg_scale", "-2", "--eval_cfg_scale must be a finite number >= 0"),
+])
+def test_numbers_are_checked_when_parsed(flag, value, message, tmp_path):
+    """Before any data or model loads, naming the flag (the data directory does not even exist here)."""
+    argv = ["--train_data", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"), flag, value]
+    with pytest.raises(ValueError, match=message):
+        pretrain.make_parser().parse_args_into_dataclasses(argv)

@@ -41,6 +41,7 @@ the one its recipe records.
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -87,6 +88,20 @@ class PretrainArguments:
     eval_cfg_scale: float = field(default=3.0, metadata={"help": "CFG scale of the evaluation images"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (1 is fastest for tiny on 2 cores)"})
     no_resume: bool = field(default=False, metadata={"help": "do not resume from the last checkpoint"})
+
+    def __post_init__(self):
+        """Numbers are checked when parsed, before any data or model loads, with the flag's name."""
+        for name, low in (("num_retrieved_docs", 0), ("eval_num_images", 0), ("max_length", 1),
+                          ("max_eval_examples", 1), ("threads", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name} must be at least {low}, got {value}")
+        if not (self.poisson_lambda > 0 and math.isfinite(self.poisson_lambda)):
+            raise ValueError(f"--poisson_lambda must be a finite number > 0, got {self.poisson_lambda}")
+        if self.causal_fraction is not None and not 0 <= self.causal_fraction <= 1:
+            raise ValueError(f"--causal_fraction must be in [0, 1], got {self.causal_fraction}")
+        if not (self.eval_cfg_scale >= 0 and math.isfinite(self.eval_cfg_scale)):
+            raise ValueError(f"--eval_cfg_scale must be a finite number >= 0, got {self.eval_cfg_scale}")
 
 
 @dataclass
