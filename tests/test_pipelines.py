@@ -247,8 +247,9 @@ def test_text_to_image_bad_input(text_to_image):
         text_to_image("a star", decoding="beam")
     with pytest.raises(ValueError, match="`output_type` must be one of"):
         text_to_image("a star", output_type="latent", progress_bar=False)
-    with pytest.raises(ValueError, match="guidance_scale"):
-        text_to_image("a star", guidance_scale=-2.0)
+    for scale in (-2.0, float("inf")):  # named as the caller passed it (generate would say `cfg_scale`)
+        with pytest.raises(ValueError, match="`guidance_scale` must be a finite number >= 0"):
+            text_to_image("a star", guidance_scale=scale)
 
 
 def test_captioning_runs_in_transformers_image_text_to_text(model_dir, world):

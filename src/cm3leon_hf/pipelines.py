@@ -112,6 +112,14 @@ def _sampling_runs(decoding: str, num_candidates: int, top_p: float, temperature
     return [(n, kwargs) for n, kwargs in runs if n > 0]
 
 
+def _check_scale(name: str, value) -> None:
+    """A guidance scale as the pipeline's caller named it (`generate` would name its own `cfg_scale`)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+
+
 def _rerank(reranker, images: list, prompt: str) -> np.ndarray:
     """CLIP scores (cosine of image and prompt embeddings) with a sentence-transformers CLIP model."""
     image_embeddings = reranker.encode(images, convert_to_numpy=True, normalize_embeddings=True)
@@ -247,6 +255,7 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
         output_type=None,
         **generate_kwargs,
     ):
+        _check_scale("guidance_scale", guidance_scale)
         preprocess = {k: v for k, v in dict(
             negative_prompt=negative_prompt, retriever=retriever, num_retrieved_docs=num_retrieved_docs
         ).items() if v is not None}
@@ -383,6 +392,8 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
         self, template=None, guidance_scale=None, image_guidance_scale="default", num_images_per_prompt=None,
         generator=None, progress_bar=None, output_type=None, **generate_kwargs,
     ):
+        _check_scale("guidance_scale", guidance_scale)
+        _check_scale("image_guidance_scale", None if image_guidance_scale == "default" else image_guidance_scale)
         preprocess = {"template": template} if template is not None else {}
         forward = {k: v for k, v in dict(
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
