@@ -617,3 +617,11 @@ def test_the_index_wraps_as_a_datasets_faiss_index(bank):
         result = wrapped.search(query, k=3)
         assert result.indices.tolist() == expected_rows.tolist()
         np.testing.assert_allclose(result.scores, expected_scores, rtol=1e-6)
+
+
+def test_the_manifest_names_a_local_encoder_without_this_machines_path(bank_dir, encoder_dir):
+    """Banks move between machines (the bundled one ships in the package): a local encoder is recorded by its folder's
+    name, not by an absolute path of the machine that built the bank."""
+    manifest = json.loads((bank_dir / "manifest.json").read_text())
+    assert manifest["encoder"]["name"] == encoder_dir.name
+    assert str(encoder_dir.parent) not in (bank_dir / "manifest.json").read_text()

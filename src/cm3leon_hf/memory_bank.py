@@ -141,9 +141,12 @@ def default_index_factory(num_rows: int, dim: int) -> tuple[str, str]:
 
 
 def _encoder_name(encoder) -> str:
+    """A Hub id as it is; a local directory by its last component (a bank moves between machines: the identity that
+    counts is the probe embeddings, and an absolute path of the building machine means nothing elsewhere)."""
     first = encoder[0]
     model = getattr(first, "model", None) or getattr(first, "auto_model", None)
-    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(encoder).__name__)
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(encoder).__name__)
+    return Path(name).name if os.path.isabs(name) else name
 
 
 def _encoder_dim(encoder) -> int:
