@@ -502,17 +502,20 @@ def cli_generate_a_prompt_of_unknown_words():
     command("-m", "cm3leon_hf.cli", "generate", "zzqx wvvk", "-o", "x.png")
 
 
+def pretrain(*flags: str) -> None:
+    command(str(REPO / "training" / "pretrain.py"), "--config", str(REPO / "training/recipes/pretrain_tiny.yaml"),
+            "--train_data", str(workdir() / "nowhere"), "--output_dir", str(workdir() / "pt"), "--max_steps", "1",
+            *flags)
+
+
 @probe("commands", r"train_data|not a pre-tokenized|does not exist|manifest")
 def pretrain_on_a_missing_dataset():
-    command(str(REPO / "training" / "pretrain.py"), "--config", str(REPO / "training/recipes/pretrain_tiny.yaml"),
-            "--train_data", str(workdir() / "nowhere"), "--output_dir", str(workdir() / "pt0"), "--max_steps", "1")
+    pretrain()
 
 
 @probe("commands", r"num_retrieved_docs")
 def pretrain_with_negative_documents():
-    command(str(REPO / "training" / "pretrain.py"), "--config", str(REPO / "training/recipes/pretrain_tiny.yaml"),
-            "--train_data", str(workdir() / "nowhere"), "--output_dir", str(workdir() / "pt1"),
-            "--num_retrieved_docs", "-1", "--max_steps", "1")
+    pretrain("--num_retrieved_docs", "-1")
 
 
 @probe("commands", r"not a complete training checkpoint")
