@@ -452,22 +452,24 @@ def collator_example_longer_than_the_context():
 
 # ------------------------------------------------------------------------------------------------ commands
 
+def train_image_tokenizer(flag: str, value: str) -> None:
+    command(str(REPO / "training" / "train_image_tokenizer.py"), flag, value, "--output-dir", f"vq{flag}",
+            "--max-steps", "2")
+
+
 @probe("commands", r"batch-size|batch_size")
 def train_image_tokenizer_batch_size_zero():
-    command(str(REPO / "training" / "train_image_tokenizer.py"), "--batch-size", "0", "--output-dir", "vq0",
-            "--max-steps", "2")
+    train_image_tokenizer("--batch-size", "0")
 
 
 @probe("commands", r"log-every|at least 1|positive")
 def train_image_tokenizer_log_every_zero():
-    command(str(REPO / "training" / "train_image_tokenizer.py"), "--log-every", "0", "--output-dir", "vq1",
-            "--max-steps", "2")
+    train_image_tokenizer("--log-every", "0")
 
 
 @probe("commands", r"checkpoint-every|at least 1|positive")
 def train_image_tokenizer_checkpoint_every_zero():
-    command(str(REPO / "training" / "train_image_tokenizer.py"), "--checkpoint-every", "0", "--output-dir", "vq2",
-            "--max-steps", "2")
+    train_image_tokenizer("--checkpoint-every", "0")
 
 
 @probe("commands", r"batch-size|batch_size")
