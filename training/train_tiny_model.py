@@ -102,10 +102,12 @@ def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str], step
         f"The synthetic world of `cm3leon_hf.synthetic`: {recipe['train_rows']:,} text-to-image pairs of its train "
         f"split, each with {recipe['num_retrieved_docs']} documents retrieved from a memory bank of the same pairs; "
         f"retrieval-augmented CM3 pretraining (`training/train_tiny_model.py --config training/recipes/tiny_model.yaml`)"
-        + (f", its checkpoint at step {step:,} of {recipe_steps(recipe):,}." if step is not None else ".")
+        + (f", its checkpoint at step {step:,} of {recipe_steps(recipe):,}."
+           if step is not None and step != recipe_steps(recipe) else f", {recipe_steps(recipe):,} steps.")
     )
     with tempfile.TemporaryDirectory(dir=bundle_dir.parent, prefix=f".{bundle_dir.name}-") as staging:
-        card = {"training_data": training_data}
+        # Named after the bundle, not the checkpoint it came from (whose path means nothing to a user).
+        card = {"training_data": training_data, "repo_id": bundle_dir.name}
         if recipe.get("model_description"):  # a Markdown file of the repository: what the model is, its figures
             card["model_description"] = (REPO / recipe["model_description"]).read_text().strip()
         if recipe.get("limitations"):
