@@ -11,13 +11,17 @@ same prompts, and every row prints its scene accuracy relative to that.
 
 Conditions:
   plain         sampling from the model's distribution (top-p 1, temperature 1), no guidance: the reference
-  top-p+cfg     CFG 3 + top-p 0.8 (the paper's demo setting)
-  temp+cfg      CFG 3 + temperature 0.8 (top-p 1)
+  top-p         top-p 0.8, no guidance (what top-p alone adds, apart from CFG)
+  top-p+cfg     CFG + top-p 0.8 (the paper's demo setting)
+  temp+cfg      CFG + temperature 0.8 (top-p 1)
   cd-k          CD-K, k 5, alpha 0.5, amateur temperature 0.5
   pooled+rerank the paper's "1/2 top-p + 1/2 CD-K": 4 + 4 candidates, the world's CLIP keeps the best
-each with 0, 1 and 2 documents retrieved from `--memory-bank` (query: the prompt). `--baseline` adds the same
-rows for a model trained without retrieved documents (the retrieval ablation), and `--heldout-prompts` the held-out
-split: (shape, colour) pairs never seen in training.
+
+CFG's scale is `--guidance-scale`, by default the `cfg_scale` saved in `--model`'s generation config (the paper's 3
+where it saves none), the same for every model of the run. Each condition runs with 0, 1 and 2 documents retrieved
+from `--memory-bank` (query: the prompt). `--baseline` adds the rows of a model trained without retrieved documents
+(the retrieval ablation) and `--heldout-prompts` those of the held-out split ((shape, colour) pairs never seen in
+training); both without documents, unless `--all-docs` (the no-retrieval model never saw a document in front).
 
     python bench/quality.py --model outputs/tiny-model/pretrain --baseline outputs/tiny-model/pretrain-no-retrieval \\
         --memory-bank outputs/tiny-model/bank --prompts 200 --heldout-prompts 200 --output bench/quality.json
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 
 DECODINGS = {
     "plain": dict(decoding="top-p", top_p=1.0, guidance=False),
+    "top-p": dict(decoding="top-p", top_p=0.8, guidance=False),
     "top-p+cfg": dict(decoding="top-p", top_p=0.8, guidance=True),
     "temp+cfg": dict(decoding="temperature", temperature=0.8, guidance=True),
     "cd-k": dict(decoding="cd-k", guidance=False),
@@ -52,7 +57,10 @@ def parse_args(argv=None):
     parser.add_argument("--heldout-prompts", type=int, default=0, help="prompts of the held-out split")
     parser.add_argument("--decodings", nargs="+", default=list(DECODINGS), choices=list(DECODINGS))
     parser.add_argument("--docs", nargs="+", type=int, default=[0, 1, 2], help="retrieved documents per prompt")
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--all-docs", action="store_true",
+                        help="--docs also for --baseline and the held-out split (default: 0 documents there)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG scale of the guided rows (default: --model's saved cfg_scale, else 3)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -130,13 +138,19 @@ def main(argv=None):
     elif any(args.docs):
         print("no --memory-bank: only the 0-document rows", file=sys.stderr)
         docs_options = [0]
+    if args.guidance_scale is None:
+        from transformers import GenerationConfig
+
+        saved = getattr(GenerationConfig.from_pretrained(args.model), "cfg_scale", None)
+        args.guidance_scale = float(saved) if saved is not None else 3.0
     models = {"retrieval-trained": args.model}
     if args.baseline:
         models["no-retrieval"] = args.baseline
     splits = {"test": args.prompts}
     if args.heldout_prompts:
         splits["heldout"] = args.heldout_prompts
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"CFG {args.guidance_scale}")
     rows = []
     for split, count in splits.items():
         prompts, real, objects = prompts_of(split, count)
@@ -144,7 +158,8 @@ def main(argv=None):
         for model_name, path in models.items():
             pipe = pipeline("text-to-image", model=path)
             reference = None
-            conditions = [(d, k) for d in args.decodings for k in docs_options]
+            docs_here = docs_options if args.all_docs or (split == "test" and model_name == "retrieval-trained") else [0]
+            conditions = [(d, k) for d in args.decodings for k in docs_here]
             if "plain" not in args.decodings:
                 conditions.insert(0, ("plain", 0))
             for decoding, docs in tqdm(conditions, desc=f"{split} / {model_name}"):
