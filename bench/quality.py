@@ -52,6 +52,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved CM3Leon directory with its processor")
     parser.add_argument("--baseline", help="the same recipe trained without retrieval (optional)")
+    parser.add_argument("--label", default="retrieval-trained",
+                        help="--model's name in the rows (e.g. no-retrieval, to score the baseline in a run of its own)")
     parser.add_argument("--memory-bank", help="memory bank for the 1- and 2-document rows (none: only 0 documents)")
     parser.add_argument("--prompts", type=int, default=200, help="prompts of the test split")
     parser.add_argument("--heldout-prompts", type=int, default=0, help="prompts of the held-out split")
@@ -143,7 +145,7 @@ def main(argv=None):
 
         saved = getattr(GenerationConfig.from_pretrained(args.model), "cfg_scale", None)
         args.guidance_scale = float(saved) if saved is not None else 3.0
-    models = {"retrieval-trained": args.model}
+    models = {args.label: args.model}
     if args.baseline:
         models["no-retrieval"] = args.baseline
     splits = {"test": args.prompts}
@@ -158,7 +160,7 @@ def main(argv=None):
         for model_name, path in models.items():
             pipe = pipeline("text-to-image", model=path)
             reference = None
-            docs_here = docs_options if args.all_docs or (split == "test" and model_name == "retrieval-trained") else [0]
+            docs_here = docs_options if args.all_docs or (split == "test" and model_name == args.label) else [0]
             conditions = [(d, k) for d in args.decodings for k in docs_here]
             if "plain" not in args.decodings:
                 conditions.insert(0, ("plain", 0))
