@@ -51,6 +51,17 @@ def test_demo_writes_one_row_per_prompt(model_dir, tmp_path):
     assert Image.open(out).size[1] == 2 * (22 + 128 + 4) + 4
 
 
+def test_demo_draws_best_of_pooled_candidates_and_generate_samples_plainly():
+    """`demo` shows the model at its best (the paper's pooled decoding, 32 candidates re-ranked by CLIP, 4 kept);
+    `generate` defaults to the model's saved sampling, one sample per image."""
+    from cm3leon_hf.cli import build_parser
+
+    demo = build_parser().parse_args(["demo"])
+    assert (demo.decoding, demo.num_candidates, demo.num_images) == ("pooled", 32, 4)
+    generate = build_parser().parse_args(["generate", "a red circle"])
+    assert (generate.decoding, generate.num_candidates, generate.guidance_scale) == ("top-p", None, None)
+
+
 def test_prompt_without_a_known_word_is_refused_with_the_reason(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="none of the words of 'xyzzy quux'"):
         main(["generate", "xyzzy quux", "-o", str(tmp_path / "x.png"), "--model", str(model_dir), "-q"])

@@ -176,7 +176,8 @@ def _bounded(kind, low, name: str, *, inclusive: bool = True, high=None):
     return parse
 
 
-def _add_generation_arguments(parser: argparse.ArgumentParser, num_images: int) -> None:
+def _add_generation_arguments(parser: argparse.ArgumentParser, num_images: int, decoding: str = "top-p",
+                              num_candidates: int | None = None) -> None:
     from .pretrained import TINY_PATH
 
     parser.add_argument("--model", default=str(TINY_PATH), help="a saved CM3Leon directory (default: the bundled tiny)")
@@ -184,11 +185,13 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, num_images: int) 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=_bounded(float, 0, "--guidance-scale"), default=None,
                         help="CFG scale (1: the conditional stream only; default: the model's saved cfg_scale)")
-    parser.add_argument("--decoding", default="top-p", choices=["top-p", "temperature", "cd-k", "pooled"])
+    parser.add_argument("--decoding", default=decoding, choices=["top-p", "temperature", "cd-k", "pooled"],
+                        help=f"sampling strategy (pooled: the paper's ½ top-p + ½ CD-K candidates; default: {decoding})")
     parser.add_argument("--top-p", type=_bounded(float, 0, "--top-p", inclusive=False, high=1), default=0.8)
     parser.add_argument("--temperature", type=_bounded(float, 0, "--temperature", inclusive=False), default=1.0)
-    parser.add_argument("--num-candidates", type=_bounded(int, 1, "--num-candidates"), default=None,
-                        help="generate this many per prompt and keep the best by the world's CLIP (the paper: 8)")
+    parser.add_argument("--num-candidates", type=_bounded(int, 1, "--num-candidates"), default=num_candidates,
+                        help="generate this many per prompt and keep the best by the world's CLIP (the paper: 8; "
+                        f"default: {num_candidates or '--num-images'})")
     parser.add_argument("--rerank", action="store_true", help="order the images by CLIP score")
     parser.add_argument("--retrieve", type=_bounded(int, 0, "--retrieve"), default=0, metavar="K",
                         help="put K documents retrieved from the model's memory bank in front of the prompt")
@@ -205,10 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate_parser.add_argument("-o", "--output", type=Path, default=Path("cm3leon.png"))
     _add_generation_arguments(generate_parser, num_images=4)
     generate_parser.set_defaults(func=generate)
-    demo_parser = commands.add_parser("demo", help="a captioned PNG grid of images for a handful of prompts")
+    demo_parser = commands.add_parser(
+        "demo", help="a captioned PNG grid of images for a handful of prompts",
+        description="A captioned PNG grid, one row per prompt, drawn the way the paper draws its best images: 32 "
+        "candidates per prompt from the pooled ½ top-p + ½ CD-K decoding with CFG, the world's CLIP keeps the 4 that "
+        "match the prompt best (--decoding, --num-candidates and -n change it).")
     demo_parser.add_argument("-o", "--output", type=Path, default=Path("cm3leon-demo.png"))
     demo_parser.add_argument("--prompts", nargs="+", help="instead of the built-in prompts")
-    _add_generation_arguments(demo_parser, num_images=4)
+    _add_generation_arguments(demo_parser, num_images=4, decoding="pooled", num_candidates=32)
     demo_parser.set_defaults(func=demo)
     info_parser = commands.add_parser("info", help="describe a config or saved model directory")
     info_parser.add_argument("path", help="a directory with a config.json, or the name of a shipped configuration (cm3leon-tiny, -350m, -760m, -7b)")
