@@ -35,11 +35,13 @@ def test_loads_offline_through_the_auto_classes(model):
     processor.validate_model_config(model.config)
     # CFG on by default (the scale chosen on validation prompts), with the paper's demo top-p: what every image the
     # model writes uses unless a call says otherwise.
-    assert model.generation_config.cfg_scale == 1.5 and model.generation_config.top_p == 0.8
+    assert model.generation_config.cfg_scale == 1.25 and model.generation_config.top_p == 0.8
     assert model.generation_config.do_sample
     # The card names the data and the recipe; no code copies in the package; no pickle.
     card = (TINY_PATH / "README.md").read_text()
     assert "60,000 text-to-image pairs" in card and "training/recipes/tiny_model.yaml" in card
+    # Named after the bundle, not after the training checkpoint it was copied from.
+    assert "\n# cm3leon-tiny\n" in card and "checkpoint-" not in card
     assert not list(TINY_PATH.glob("*.py"))
     assert not [p for p in TINY_PATH.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pickle")]
 
@@ -74,23 +76,40 @@ def one_object_prompts(count: int) -> tuple[list[str], list[Scene]]:
     return prompts, scenes
 
 
+def _shares(images, scenes) -> dict[str, float]:
+    scores = [score(image, scene) for image, scene in zip(images, scenes)]
+    return {field: float(np.mean([s[field] for s in scores]))
+            for field in ("scene_correct", "count", "position", "color", "shape", "size", "background")}
+
+
 def test_unseen_prompts_give_the_scenes_they_describe(text_to_image):
     """The main job: 24 one-object prompts of the test split, one image each, with the saved decoding defaults (CFG
-    1.5, top-p 0.8), seed 0. Measured on the shipped checkpoint (step 5,000 of 8,000): the evaluator reads the
-    prompt's whole scene back from 10 of 24; the object count 22, the position 24, the colour 18, the shape 15. The
-    bounds are those figures minus a margin; they rise with the checkpoint."""
+    1.25, top-p 0.8), seed 0. Measured on the shipped model (8,000 steps): the evaluator reads the prompt's whole scene
+    back from 12 of 24 (seeds 1 and 2: 10 and 9); the object count, position and background 24, the colour 22, the
+    shape 16. The bounds are those figures minus a margin; they rise with the model."""
     torch.set_num_threads(1)
     prompts, scenes = one_object_prompts(24)
     outputs = text_to_image(prompts, batch_size=24, generator=torch.Generator().manual_seed(0), progress_bar=False)
-    images = [result[0]["image"] for result in outputs]
-    scores = [score(image, scene) for image, scene in zip(images, scenes)]
+    share = _shares([result[0]["image"] for result in outputs], scenes)
+    assert share["scene_correct"] >= 0.33, share
+    assert share["position"] >= 0.9 and share["count"] >= 0.85 and share["background"] >= 0.9, share
+    assert share["color"] >= 0.75 and share["shape"] >= 0.5, share
 
-    def share(field: str) -> float:
-        return float(np.mean([s[field] for s in scores]))
 
-    assert share("scene_correct") >= 0.25, share("scene_correct")
-    assert share("position") >= 0.85 and share("count") >= 0.75 and share("background") >= 0.9
-    assert share("color") >= 0.55 and share("shape") >= 0.4
+def test_reranked_candidates_give_most_scenes(text_to_image):
+    """The paper's best decoding (CL Fig. 4): 8 candidates per prompt, ½ top-p + ½ CD-K, the world's CLIP keeps the
+    best. On the same 24 prompts the evaluator finds the whole scene in most images: measured 16 of 24 (seed 1: 17),
+    against 12 with one sample."""
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(1)
+    prompts, scenes = one_object_prompts(24)
+    outputs = text_to_image(prompts, batch_size=24, decoding="pooled", num_candidates=8,
+                            reranker=SentenceTransformer(str(CLIP_PATH)), generator=torch.Generator().manual_seed(0),
+                            progress_bar=False)
+    share = _shares([result[0]["image"] for result in outputs], scenes)
+    assert share["scene_correct"] >= 0.55, share
+    assert share["color"] >= 0.85 and share["shape"] >= 0.6 and share["size"] >= 0.75, share
 
 
 def test_saved_copy_loads_with_remote_code_where_the_package_is_absent(model, tmp_path):

@@ -17,7 +17,7 @@ the documented `training/train_clip.py` run (`eval_results.json` inside holds it
 >>> processor.image_seq_length, processor.image_tokenizer.resolution
 (64, 64)
 >>> AutoModelForCausalLM.from_pretrained(TINY_PATH).generation_config.cfg_scale
-1.5
+1.25
 >>> from sentence_transformers import SentenceTransformer
 >>> SentenceTransformer(str(CLIP_PATH)).encode(["a red star at the top left on a white background"]).shape
 (1, 128)
