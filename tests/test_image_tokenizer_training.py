@@ -3,6 +3,7 @@ image tokenizer, an interrupted run resumed to exactly the weights of an uninter
 shape, more codes, or widened)."""
 
 import json
+import re
 import sys
 
 import datasets
@@ -214,3 +215,104 @@ def test_freeform_frames_draw_a_shape_that_nearly_fills_the_frame():
         assert (np.abs(image[8:56, 8:56] - background).sum(-1) > 0).mean() > 0.4
     plain = [np.asarray(drawing_image(i, seed=3)) for i in range(5)]
     assert [np.asarray(drawing_image(i, seed=3, frame_fraction=0.0)).tobytes() for i in range(5)] == [p.tobytes() for p in plain]
+
+
+def test_learning_rate_follows_transformers_schedule_and_resumes_on_it(dataset_dir, tmp_path):
+    """The logged learning rates are transformers' cosine-with-min-lr schedule, also after --resume (its state is in
+    the checkpoint), and a longer --max-steps on resume stretches the cosine from the step reached."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    schedule = ("--warmup-steps", "2", "--learning-rate", "1e-3", "--min-learning-rate", "1e-4")
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 4, *schedule))
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 6, *schedule, "--resume"))
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r}
+
+    def expected(max_steps, steps):
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 2, max_steps, min_lr=1e-4)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(scheduler.get_last_lr()[0])
+            optimizer.step()  # no gradient: only keeps the scheduler's order check quiet
+            scheduler.step()
+        return lrs
+
+    assert [logged[s] for s in range(1, 5)] == expected(4, 4)  # step s logs the rate its update used
+    assert logged[1] == 0.0 and logged[3] == 1e-3
+    assert [logged[5], logged[6]] == pytest.approx(expected(6, 6)[4:], rel=1e-12)
+
+
+def test_recipe_sets_defaults_and_options_win(dataset_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("num_codes: 24\nbatch_size: 3\nblock_out_channels: [8, 16]\n")
+    args = train_image_tokenizer.parse_args(["--config", str(recipe), *arguments(dataset_dir, tmp_path, 1)])
+    assert args.batch_size == 4 and args.num_codes == 16  # `arguments` gives both: the command line wins
+    args = train_image_tokenizer.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path)])
+    assert (args.batch_size, args.num_codes, args.block_out_channels) == (3, 24, [8, 16])
+    assert args.output_dir == tmp_path and args.init_from is None
+    recipe.write_text("num_code: 24\n")
+    with pytest.raises(SystemExit):
+        train_image_tokenizer.parse_args(["--config", str(recipe), "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--learning-rate", "nan", "--learning-rate must be at least 0"),
+    ("--block-out-channels", "0", "--block-out-channels must be at least 1"),
+    ("--freeform-frames", "2", r"--freeform-frames must be in \[0, 1\]"),
+    ("--num-codes", "0", "--num-codes must be at least 1"),
+])
+def test_bad_options_are_named(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        train_image_tokenizer.parse_args(["--output-dir", "unused", flag, value])
+    assert re.search(message, capsys.readouterr().err)
+
+
+DDP_WRAPPER = """
+import os, sys
+sys.path.insert(0, {training!r})
+import train_image_tokenizer
+from safetensors.torch import save_file
+
+kept = []
+class Keep(train_image_tokenizer.Cm3LeonImageTokenizer):  # every process's VQ, for the test to compare
+    def __init__(self, vq, *args, **kwargs):
+        super().__init__(vq, *args, **kwargs)
+        kept.append(vq)
+train_image_tokenizer.Cm3LeonImageTokenizer = Keep
+train_image_tokenizer.main(sys.argv[2:])
+save_file({{k: v.contiguous() for k, v in kept[0].state_dict().items()}}, f"{{sys.argv[1]}}/rank{{os.environ.get('RANK', 0)}}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_hold_one_vq_and_match_one_process(dataset_dir, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): with codebook restarts and the GAN, both processes end with the same VQ;
+    without restarts (they draw from the main process's half of the batch), 2 x 2 images train as 1 x 4 do."""
+    import os
+    import subprocess
+
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(DDP_WRAPPER.format(training=str(REPO / "training")))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(wrapper)]
+
+    def run(command, out, steps, *extra):
+        out.mkdir()
+        subprocess.run([*command, str(out), *arguments(dataset_dir, out / "run", steps, "--cpu", *extra)], check=True,
+                       env=env, capture_output=True)
+        return {path.stem: load_file(path) for path in sorted(out.glob("rank*.safetensors"))}
+
+    gan = ("--batch-size", "2", "--disc-weight", "0.1", "--disc-start", "0", "--freeform-fraction", "0.5")
+    ranks = run(torchrun, tmp_path / "gan", 5, *gan)
+    assert sorted(ranks) == ["rank0", "rank1"]
+    assert all(torch.equal(ranks["rank0"][k], ranks["rank1"][k]) for k in ranks["rank0"])
+    log = [json.loads(line) for line in (tmp_path / "gan" / "run" / "log.jsonl").read_text().splitlines()]
+    assert any("restarted_codes" in r for r in log) and any("discriminator" in r for r in log)
+
+    source = ("--init-from", str(tmp_path / "gan" / "run" / "image_tokenizer"), "--restart-every", "0")
+    one = run([sys.executable, str(wrapper)], tmp_path / "one", 4, *source, "--batch-size", "4")["rank0"]
+    two = run(torchrun, tmp_path / "two", 4, *source, "--batch-size", "2")["rank0"]
+    start = load_file(tmp_path / "gan" / "run" / "image_tokenizer" / "diffusion_pytorch_model.safetensors")
+    assert max((one[k] - start[k]).abs().max() for k in one) > 1e-3  # the weights moved ...
+    for name in one:  # ... the same way: Adam turns last-bit differences of the all-reduce into ~1e-5
+        torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-4)
