@@ -316,3 +316,51 @@ def test_two_processes_hold_one_vq_and_match_one_process(dataset_dir, tmp_path):
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-3  # the weights moved ...
     for name in one:  # ... the same way: Adam turns last-bit differences of the all-reduce into ~1e-5
         torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-4)
+
+
+def test_a_chain_replays_stops_resumes_and_init_from_in_one_command(dataset_dir, tmp_path):
+    """A run stopped at step 3 (--stop-at-step) and resumed to 6 ends with exactly the weights of a straight 6-step
+    run; the next stage starts from a kept checkpoint; running the chain again trains nothing more."""
+    (tmp_path / "recipe.yaml").write_text(
+        f"dataset: {dataset_dir}\nresolution: 16\nblock_out_channels: [8, 8]\nnorm_num_groups: 4\nlatent_channels: 8\n"
+        "vq_embed_dim: 4\nnum_codes: 16\nbatch_size: 4\nrestart_every: 2\nwarmup_steps: 1\nlearning_rate: 1.0e-3\n"
+        "min_learning_rate: 1.0e-4\ncheckpoint_every: 3\neval_every: 3\neval_images: 4\nlog_every: 1\n")
+    chain = tmp_path / "chain.yaml"
+    chain.write_text("config: recipe.yaml\nresult: b\nstages:\n"
+                     "  - {name: a, max_steps: 6, stop_at_step: 3}\n"
+                     "  - {name: a, max_steps: 6}\n"
+                     "  - {name: b, init_from: a/checkpoint-3/vq, max_steps: 2, restart_every: 0, bf16: false}\n")
+    runs = tmp_path / "runs"
+    final = train_image_tokenizer.run_chain(["--chain", str(chain), "--output-dir", str(runs)])
+    assert final["step"] == 2 and final["result"] == str(runs / "b" / "image_tokenizer")
+    assert '"stop": "stop_at_step"' in (runs / "a" / "log.jsonl").read_text()
+    straight = arguments(dataset_dir, tmp_path / "straight", 6, "--checkpoint-every", "3", "--min-learning-rate", "1e-4")
+    train_image_tokenizer.main(straight)
+    weights = "vq/diffusion_pytorch_model.safetensors"
+    for step in (3, 6):
+        a, b = load_file(runs / "a" / f"checkpoint-{step}" / weights), load_file(tmp_path / "straight" / f"checkpoint-{step}" / weights)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    trained = [line for line in (runs / "b" / "log.jsonl").read_text().splitlines() if '"lr"' in line]
+    before = load_file(runs / "b" / "checkpoint-2" / weights)
+    train_image_tokenizer.run_chain(["--chain", str(chain), "--output-dir", str(runs)])  # again: nothing left to train
+    after = load_file(runs / "b" / "checkpoint-2" / weights)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [line for line in (runs / "b" / "log.jsonl").read_text().splitlines() if '"lr"' in line] == trained
+
+
+def test_the_shipped_vq_chain_parses_and_each_stage_starts_from_an_earlier_one(tmp_path):
+    import yaml
+
+    path = REPO / "training" / "recipes" / "image_tokenizer_tiny_chain.yaml"
+    chain = yaml.safe_load(path.read_text())
+    seen = []
+    for stage in chain["stages"]:
+        options = {k: v for k, v in stage.items() if k != "name"}
+        args = train_image_tokenizer.parse_args(["--config", str(path.parent / chain["config"]),
+                                                 *train_image_tokenizer.stage_options(options, tmp_path),
+                                                 "--output-dir", str(tmp_path / stage["name"])])
+        if args.init_from is not None:
+            assert args.init_from.relative_to(tmp_path).parts[0] in seen
+        seen.append(stage["name"])
+    assert chain["result"] == seen[-1] == "v4"
+    assert (args.num_codes, args.block_out_channels, args.bf16, args.stop_at_step) == (2048, [16, 32, 64, 128], True, 3000)

@@ -10,10 +10,12 @@ outputs of the current batch, drawn in proportion to their squared quantization 
 Commands:
 
 ```bash
-# The tiny VQ's first stage (64×64, stride 8: 64 tokens per image; the recipe lists the whole chain to the shipped
-# one), 20,000 steps on one CPU thread (~50 min):
+# The tiny VQ's first stage (64×64, stride 8: 64 tokens per image), 20,000 steps on one CPU thread (~50 min):
 flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
     --config training/recipes/image_tokenizer_tiny.yaml --output-dir runs/image_tokenizer_tiny
+
+# The shipped tiny VQ, every run it came from, in one command (run it again after a stop: it continues):
+python training/train_image_tokenizer.py --chain training/recipes/image_tokenizer_tiny_chain.yaml --output-dir runs/vq
 
 # Resume after an interruption (same command + --resume):
 flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
@@ -95,7 +97,7 @@ def _help(text: str, **kwargs) -> dict:
 LOWEST = {"shuffle_buffer": 1, "resolution": 1, "layers_per_block": 1, "latent_channels": 1, "vq_embed_dim": 1,
           "num_codes": 1, "norm_num_groups": 1, "block_out_channels": 1, "batch_size": 1, "log_every": 1, "checkpoint_every": 1, "eval_images": 1,
           "keep_checkpoints": 1, "threads": 1, "max_steps": 0, "warmup_steps": 0, "eval_every": 0, "restart_every": 0,
-          "disc_start": 0, "learning_rate": 0, "min_learning_rate": 0}
+          "disc_start": 0, "learning_rate": 0, "min_learning_rate": 0, "stop_at_step": 0}
 FRACTIONS = ("freeform_fraction", "freeform_frames")
 
 
@@ -105,7 +107,7 @@ class _Checked:
     def __post_init__(self):
         for name, value in vars(self).items():
             flag = f"--{name.replace('_', '-')}"
-            for v in value if isinstance(value, list) else [value]:
+            for v in value if isinstance(value, list) else [] if value is None else [value]:
                 if name in LOWEST and not (v >= LOWEST[name] and math.isfinite(v)):  # NaN fails too
                     raise ValueError(f"{flag} must be at least {LOWEST[name]}, got {value}")
                 if name in FRACTIONS and not 0.0 <= v <= 1.0:
@@ -174,6 +176,9 @@ class VQTrainingArguments(_Checked):
     warmup_steps: int = 100
     max_steps: int = field(default=10_000, **_help("Also the length of the cosine schedule."))
     max_minutes: float | None = field(default=None, **_help("Stop (with a checkpoint and the final eval) after this."))
+    stop_at_step: int | None = field(default=None, **_help(
+        "Stop at this step (with a checkpoint and the final eval) while the schedule still runs to --max-steps: how "
+        "--chain replays a run that was stopped there and resumed, or whose checkpoint of that step was kept."))
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     commitment_weight: float = field(default=0.25, **_help("VQ-VAE's beta."))
@@ -203,7 +208,8 @@ def make_parser():
     from trl import TrlParser
 
     epilog = ("--config RECIPE.yaml  a YAML file of any of these options (training/recipes/image_tokenizer_tiny.yaml); "
-              "options on the command line override it. Options take dashes or underscores.")
+              "options on the command line override it. Options take dashes or underscores.  --chain CHAIN.yaml --output-dir DIR  "
+              "run a chain of runs (training/recipes/image_tokenizer_tiny_chain.yaml: the shipped VQ in one command).")
     return TrlParser((DataArguments, ModelArguments, VQTrainingArguments), description=__doc__.split("\n\n")[0],
                      epilog=epilog)
 
@@ -667,9 +673,11 @@ def main(argv=None) -> dict:
     start_time, start_elapsed = time.perf_counter(), state["elapsed_s"]
     # Every process reads the global batch (N x --batch-size images) and trains on its own slice of it.
     batches = train_batches(image_stream(train, args, state["position"]), args.batch_size * processes)
-    progress = tqdm(total=args.max_steps, initial=state["step"], desc="VQ", dynamic_ncols=True, disable=not main_process)
-    stop_reason = "max_steps"
-    while state["step"] < args.max_steps:
+    stop_reason, last_step = "max_steps", args.max_steps
+    if args.stop_at_step is not None and args.stop_at_step < args.max_steps:
+        stop_reason, last_step = "stop_at_step", args.stop_at_step
+    progress = tqdm(total=last_step, initial=state["step"], desc="VQ", dynamic_ncols=True, disable=not main_process)
+    while state["step"] < last_step:
         elapsed = start_elapsed + time.perf_counter() - start_time
         out_of_time = torch.tensor(args.max_minutes is not None and elapsed >= 60 * args.max_minutes, device=device)
         if broadcast(out_of_time, from_process=0).item():  # the main process's clock: all stop together
@@ -747,5 +755,46 @@ def main(argv=None) -> dict:
     return final
 
 
+def stage_options(options: dict, output_dir: Path) -> list[str]:
+    """A chain stage's options as command-line words; `init_from` is relative to the chain's output directory."""
+    words = []
+    for key, value in options.items():
+        if key == "init_from":
+            value = output_dir / value
+        if value is True:
+            words.append(f"--{key}")
+        elif value is not False:
+            words += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return words
+
+
+def run_chain(argv: list[str]) -> dict:
+    """`--chain CHAIN.yaml --output-dir DIR [options for every stage]`: run a chain's stages in order, each in
+    `DIR/<name>` with `--resume`, so that running the command again continues where it stopped (a finished stage
+    only re-runs its final eval). A chain file holds `config` (a recipe, relative to the chain file), `stages` (a
+    `name` and options each; a name may repeat, to resume that run with other options) and `result` (the stage whose
+    `image_tokenizer/` is the chain's result). Returns the last stage's summary, with `result` (the path)."""
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="train_image_tokenizer.py --chain")
+    parser.add_argument("--chain", type=Path, required=True)
+    parser.add_argument("--output-dir", "--output_dir", type=Path, required=True)
+    known, common = parser.parse_known_args(argv)
+    chain = yaml.safe_load(known.chain.read_text())
+    if not isinstance(chain, dict) or not {"config", "stages", "result"} <= chain.keys():
+        parser.error(f"{known.chain}: a chain needs `config`, `stages` and `result`")
+    final = {}
+    for number, stage in enumerate(chain["stages"], 1):
+        options = dict(stage)
+        name = options.pop("name")
+        print(f"chain stage {number}/{len(chain['stages'])}: {name} {options}", file=sys.stderr)
+        final = main(["--config", str(known.chain.parent / chain["config"]), *stage_options(options, known.output_dir),
+                      *common, "--output-dir", str(known.output_dir / name), "--resume"])
+    return {**final, "result": str(known.output_dir / chain["result"] / "image_tokenizer")}
+
+
 if __name__ == "__main__":
-    main()
+    if "--chain" in sys.argv:
+        print(json.dumps(run_chain(sys.argv[1:])))
+    else:
+        main()
