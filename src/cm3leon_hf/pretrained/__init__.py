@@ -9,8 +9,9 @@ processor; `training/train_text_tokenizer.py`, `training/train_image_tokenizer.p
 the processor.
 
 `CLIP_PATH` is the synthetic world's small CLIP, a `sentence_transformers.SentenceTransformer` folder that encodes texts
-and images into one space (the retriever's encoder, the re-ranker and the metric's feature space). It is the output of
-the documented `training/train_clip.py` run (`eval_results.json` inside holds its figures).
+and images into one space (the retriever's encoder, the re-ranker and the metric's feature space). It was trained by
+`training/train_clip.py` for the documented 5,817 steps, with that script's earlier hand-written loop (`eval_results.json`
+inside holds its figures and arguments).
 
 >>> from transformers import AutoModelForCausalLM, AutoProcessor
 >>> processor = AutoProcessor.from_pretrained(TINY_PATH)
