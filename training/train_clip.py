@@ -321,7 +321,8 @@ class ClipTrainer(SentenceTransformerTrainer):
         pass
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Written under `.staging/`, the heads beside the model, then renamed into place (one process)."""
+        """Written under `.staging/`, the heads beside the model, then renamed into place (one process: see
+        `build_trainer`)."""
         run_dir, name = self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, STAGING_DIR)
         self._get_output_dir = lambda trial=None: staging
@@ -341,7 +342,11 @@ class ClipTrainer(SentenceTransformerTrainer):
 
 
 def build_trainer(script_args: ClipArguments, training_args: ClipTrainingArguments, callbacks=()) -> ClipTrainer:
-    """A fresh CLIP (initialised with `training_args.seed`) as a sentence-transformers model, its loss, its data."""
+    """A fresh CLIP (initialised with `training_args.seed`) as a sentence-transformers model, its loss, its data.
+    One process only: the scene heads live in the loss, outside the model that DDP keeps in sync."""
+    if training_args.world_size > 1:
+        raise ValueError(f"train_clip.py trains in one process, got {training_args.world_size}: the scene heads live in "
+                         "the loss, which DDP does not synchronise (the documented run takes ~14 CPU minutes)")
     torch.set_num_threads(script_args.threads)
     set_seed(training_args.seed)
     tokenizer = build_tokenizer()
