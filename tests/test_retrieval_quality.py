@@ -2,7 +2,7 @@
 bank, and IVF-PQ recall@10 against Flat on the same bank.
 
 The encoder is the synthetic world's CLIP that ships with the package (`cm3leon_hf/pretrained/clip-synthetic`, made by
-the documented `training/train_clip.py` run), or the folder named by `CM3LEON_CLIP_DIR`. Bank: 2,000 text-to-image train pairs (caption + image); queries: 200 captions of the test split, which the
+the earlier hand-written loop of `training/train_clip.py`, 5,817 steps), or the folder named by `CM3LEON_CLIP_DIR`. Bank: 2,000 text-to-image train pairs (caption + image); queries: 200 captions of the test split, which the
 bank does not contain.
 """
 
