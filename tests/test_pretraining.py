@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from cm3leon_hf import Cm3LeonProcessor
+from cm3leon_hf.checkpointing import last_complete_checkpoint
 from cm3leon_hf.pretrained import CLIP_PATH, TINY_PATH
 from cm3leon_hf.synthetic import build_task
 from conftest import REPO
@@ -234,7 +235,7 @@ def test_a_kill_while_saving_leaves_no_checkpoint_that_looks_valid(tmp_path, tra
     run = tmp_path / "run"
     assert (run / ".staging" / "checkpoint-6" / "model.safetensors").exists()  # the partial write
     assert sorted(p for p in os.listdir(run) if p.startswith("checkpoint")) == ["checkpoint-3"]
-    assert pretrain.last_checkpoint(str(run)).endswith("checkpoint-3") and not (run / ".staging").exists()
+    assert last_complete_checkpoint(str(run)).endswith("checkpoint-3") and not (run / ".staging").exists()
     assert (run / "checkpoint-3" / "trainer_state.json").exists()
 
 

@@ -32,7 +32,8 @@ backends are `Trainer`'s and accelerate's. This script adds:
   and, for the synthetic world, the share of generated images whose scene the world's evaluator reads as the caption
   says (`eval_scene_accuracy`, CFG sampling from a few evaluation captions);
 - atomic checkpoints: `Trainer` writes `checkpoint-N` in place, so a kill while saving leaves a partial directory
-  that `get_last_checkpoint` would pick; here every checkpoint is written to `.staging/` and renamed when complete.
+  that `get_last_checkpoint` would pick; here every checkpoint is written to `.staging/` and renamed when complete
+  (`cm3leon_hf.checkpointing`).
 
 The paper's optimiser is the default (`Cm3LeonPretrainingConfig`; CL states only the peak LR and warmup, CM3's recipe
 fills in the rest): AdamW β = (0.9, 0.98), ε = 1e-8, weight decay 0.1, gradient clipping 1.0, linear warmup then
@@ -43,7 +44,6 @@ the one its recipe records.
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,16 +51,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretokenize import check_vocabulary, load_pretokenized  # noqa: E402
 
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM  # noqa: E402
+from cm3leon_hf.checkpointing import AtomicCheckpointsMixin, last_complete_checkpoint  # noqa: E402
 from cm3leon_hf.data_collator import IGNORE_INDEX, Cm3LeonCollatorEpochCallback, Cm3LeonDataCollator  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-STAGING_DIR = ".staging"
 
 
 @dataclass
@@ -200,8 +199,8 @@ def captions_of(examples, processor, count: int) -> list[str]:
 # ------------------------------------------------------------------------------------------------ trainer
 
 
-class Cm3LeonTrainer(Trainer):
-    """`Trainer` with atomic checkpoints and its own evaluation collator (causal samples)."""
+class Cm3LeonTrainer(AtomicCheckpointsMixin, Trainer):
+    """`Trainer` with atomic checkpoints (`AtomicCheckpointsMixin`) and its own evaluation collator (causal samples)."""
 
     def __init__(self, *args, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -221,30 +220,6 @@ class Cm3LeonTrainer(Trainer):
         tied = set(self.model._tied_weights_keys or {}) if self.model.config.tie_word_embeddings else set()
         load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
         super()._issue_warnings_after_load(load_result)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint under `.staging/` (every process writes its part there), then rename it into place."""
-        run_dir = self._get_output_dir(trial=trial)
-        staging = os.path.join(run_dir, STAGING_DIR)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._get_output_dir = lambda trial=None: staging  # Trainer writes to `_get_output_dir()/checkpoint-N`
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()
-        final = os.path.join(run_dir, name)
-        if self.args.should_save:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(self.state.best_model_checkpoint))
-            if not os.listdir(staging):
-                os.rmdir(staging)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        self.accelerator.wait_for_everyone()
 
 
 def resolve(path: str) -> str:
@@ -299,14 +274,6 @@ def build_trainer(script_args: PretrainArguments, training_args: TrainingArgumen
     )
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """The last complete checkpoint of `output_dir` (a partial one never leaves `.staging/`, which is cleared)."""
-    if not os.path.isdir(output_dir):
-        return None
-    shutil.rmtree(os.path.join(output_dir, STAGING_DIR), ignore_errors=True)
-    return get_last_checkpoint(output_dir)
-
-
 def completed_step(checkpoint: str | None, training_args: TrainingArguments) -> int | None:
     """The checkpoint's step if it already reached `max_steps` (Trainer would train one step more on resume)."""
     if checkpoint is None or training_args.max_steps <= 0:
@@ -320,7 +287,7 @@ def main(script_args: PretrainArguments, training_args: TrainingArguments):
     further: its final model is written if a stop came before it (and returns None)."""
     from transformers.trainer_callback import TrainerState
 
-    resume = None if script_args.no_resume else last_checkpoint(training_args.output_dir)
+    resume = None if script_args.no_resume else last_complete_checkpoint(training_args.output_dir)
     done = completed_step(resume, training_args)
     if done is not None:
         if not os.path.exists(os.path.join(training_args.output_dir, "model.safetensors")):

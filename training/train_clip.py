@@ -19,8 +19,8 @@ The loop, AdamW (β2 0.98, ε 1e-6, decay 0.05), transformers' `cosine` schedule
 at 1.0, logging, checkpoints and resume are `SentenceTransformerTrainer`'s; the model's own processor turns the image
 and caption columns into tensors. Ours: the data, the loss, and small adjustments to the trainer: batches read in
 order; weight decay on ≥2-D parameters only (Trainer's default, by name, would decay CLIP's `class_embedding` and
-temperature); the scene heads' gradients clipped with the model's; checkpoints written atomically (as in
-`training/pretrain.py`) with the heads beside the model.
+temperature); the scene heads' gradients clipped with the model's; checkpoints written atomically
+(`cm3leon_hf.checkpointing`, as `training/pretrain.py` writes them) with the heads beside the model.
 
 Data: pairs are drawn on the fly from the world's train distribution (no held-out (shape, colour) pair),
 batch `step` from `numpy.random.default_rng([seed, 0, step])`, each with a short caption from a random
@@ -59,7 +59,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -73,8 +72,9 @@ from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch.utils.data import BatchSampler, SequentialSampler
 from transformers import CLIPModel, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import SchedulerType
 
+from cm3leon_hf.checkpointing import AtomicCheckpointsMixin, last_complete_checkpoint
 from cm3leon_hf.synthetic import caption, render_array, sample_scene
 from cm3leon_hf.synthetic.clip import (build_tokenizer, clip_config, encode_images, encode_texts, load_clip,
                                        retrieval_top1, save_clip)
@@ -82,7 +82,7 @@ from cm3leon_hf.synthetic.scene import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, POSI
                                         allowed_colors, has_heldout_pair, sort_objects, with_object)
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
-STAGING_DIR, HEADS_FILE = ".staging", "scene_heads.safetensors"
+HEADS_FILE = "scene_heads.safetensors"
 MODEL_FIELDS = ("resolution", "patch_size", "hidden_size", "num_layers", "vision_layers", "num_heads", "projection_dim")
 
 
@@ -304,8 +304,8 @@ class ClampLogitScale(TrainerCallback):
             model[0].model.logit_scale.clamp_(0, math.log(100))
 
 
-class ClipTrainer(SentenceTransformerTrainer):
-    """`SentenceTransformerTrainer` with the adjustments of the module docstring, and no automatic model card (its
+class ClipTrainer(AtomicCheckpointsMixin, SentenceTransformerTrainer):
+    """`SentenceTransformerTrainer` with atomic checkpoints and the adjustments of the module docstring, and no automatic model card (its
     dataset statistics would make ~1,000 batches; the final folder gets `save_clip`'s)."""
 
     def get_batch_sampler(self, dataset, batch_size, drop_last, *args, **kwargs):
@@ -320,21 +320,9 @@ class ClipTrainer(SentenceTransformerTrainer):
     def add_model_card_callback(self, default_args_dict) -> None:
         pass
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Written under `.staging/`, the heads beside the model, then renamed into place (one process: see
-        `build_trainer`)."""
-        run_dir, name = self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, STAGING_DIR)
-        self._get_output_dir = lambda trial=None: staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        save_file(self.loss.heads.state_dict(), os.path.join(staging, name, HEADS_FILE))
-        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-        os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
-        os.rmdir(staging)
-        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+    def save_checkpoint_extras(self, checkpoint_dir: str) -> None:
+        """The heads beside the model, in the staged checkpoint (`AtomicCheckpointsMixin`)."""
+        save_file(self.loss.heads.state_dict(), os.path.join(checkpoint_dir, HEADS_FILE))
 
     def _load_from_checkpoint(self, checkpoint_path: str, *args) -> None:
         super()._load_from_checkpoint(checkpoint_path)
@@ -361,18 +349,12 @@ def build_trainer(script_args: ClipArguments, training_args: ClipTrainingArgumen
                        loss=ClipSceneLoss(model, script_args.aux_weight))
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """The last complete checkpoint of `output_dir` (a partial one never leaves `.staging/`, which is cleared)."""
-    shutil.rmtree(os.path.join(output_dir, STAGING_DIR), ignore_errors=True)
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-
-
 def main(script_args: ClipArguments, training_args: ClipTrainingArguments, callbacks=()) -> dict:
     """Train (or resume; a finished run trains no further), save the model as `save_clip` does, evaluate it, and write
     `eval_results.json` beside it (`train_seconds`: this process's training time)."""
     start = time.perf_counter()
     trainer = build_trainer(script_args, training_args, callbacks)
-    resume = None if script_args.no_resume else last_checkpoint(training_args.output_dir)
+    resume = None if script_args.no_resume else last_complete_checkpoint(training_args.output_dir)
     if resume:
         print(f"Resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
