@@ -324,7 +324,7 @@ def test_a_chain_replays_stops_resumes_and_init_from_in_one_command(dataset_dir,
     (tmp_path / "recipe.yaml").write_text(
         f"dataset: {dataset_dir}\nresolution: 16\nblock_out_channels: [8, 8]\nnorm_num_groups: 4\nlatent_channels: 8\n"
         "vq_embed_dim: 4\nnum_codes: 16\nbatch_size: 4\nrestart_every: 2\nwarmup_steps: 1\nlearning_rate: 1.0e-3\n"
-        "min_learning_rate: 1.0e-4\ncheckpoint_every: 3\neval_every: 3\neval_images: 4\nlog_every: 1\n")
+        "min_learning_rate: 1.0e-4\ncheckpoint_every: 3\neval_every: 3\neval_images: 4\nlog_every: 1\nbf16: true\n")
     chain = tmp_path / "chain.yaml"
     chain.write_text("config: recipe.yaml\nresult: b\nstages:\n"
                      "  - {name: a, max_steps: 6, stop_at_step: 3}\n"
@@ -334,7 +334,8 @@ def test_a_chain_replays_stops_resumes_and_init_from_in_one_command(dataset_dir,
     final = train_image_tokenizer.run_chain(["--chain", str(chain), "--output-dir", str(runs)])
     assert final["step"] == 2 and final["result"] == str(runs / "b" / "image_tokenizer")
     assert '"stop": "stop_at_step"' in (runs / "a" / "log.jsonl").read_text()
-    straight = arguments(dataset_dir, tmp_path / "straight", 6, "--checkpoint-every", "3", "--min-learning-rate", "1e-4")
+    straight = arguments(dataset_dir, tmp_path / "straight", 6, "--checkpoint-every", "3", "--min-learning-rate", "1e-4",
+                         "--bf16")
     train_image_tokenizer.main(straight)
     weights = "vq/diffusion_pytorch_model.safetensors"
     for step in (3, 6):
@@ -345,6 +346,8 @@ def test_a_chain_replays_stops_resumes_and_init_from_in_one_command(dataset_dir,
     train_image_tokenizer.run_chain(["--chain", str(chain), "--output-dir", str(runs)])  # again: nothing left to train
     after = load_file(runs / "b" / "checkpoint-2" / weights)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not train_image_tokenizer.parse_args([*train_image_tokenizer.stage_options({"bf16": False}, runs),
+                                                 "--config", str(tmp_path / "recipe.yaml"), "--output-dir", "x"]).bf16
     assert [line for line in (runs / "b" / "log.jsonl").read_text().splitlines() if '"lr"' in line] == trained
 
 

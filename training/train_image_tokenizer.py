@@ -761,10 +761,9 @@ def stage_options(options: dict, output_dir: Path) -> list[str]:
     for key, value in options.items():
         if key == "init_from":
             value = output_dir / value
-        if value is True:
-            words.append(f"--{key}")
-        elif value is not False:
-            words += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+        if isinstance(value, bool):  # the parser's booleans take a value: --bf16 false turns off a recipe's true
+            value = str(value).lower()
+        words += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     return words
 
 
