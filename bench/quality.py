@@ -17,7 +17,7 @@ Conditions:
   cd-k          CD-K, k 5, alpha 0.5, amateur temperature 0.5
   pooled+rerank the paper's "1/2 top-p + 1/2 CD-K": 4 + 4 candidates, the world's CLIP keeps the best
 
-CFG's scale is `--guidance-scale`, by default the `cfg_scale` saved in `--model`'s generation config (the paper's 3
+CFG's scale is `--guidance-scale`, by default the `guidance_scale` saved in `--model`'s generation config (the paper's 3
 where it saves none), the same for every model of the run. Each condition runs with 0, 1 and 2 documents retrieved
 from `--memory-bank` (query: the prompt). `--baseline` adds the rows of a model trained without retrieved documents
 (the retrieval ablation) and `--heldout-prompts` those of the held-out split ((shape, colour) pairs never seen in
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--all-docs", action="store_true",
                         help="--docs also for --baseline and the held-out split (default: 0 documents there)")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale of the guided rows (default: --model's saved cfg_scale, else 3)")
+                        help="CFG scale of the guided rows (default: --model's saved guidance_scale, else 3)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -143,7 +143,7 @@ def main(argv=None):
     if args.guidance_scale is None:
         from transformers import GenerationConfig
 
-        saved = getattr(GenerationConfig.from_pretrained(args.model), "cfg_scale", None)
+        saved = getattr(GenerationConfig.from_pretrained(args.model), "guidance_scale", None)
         args.guidance_scale = float(saved) if saved is not None else 3.0
     models = {args.label: args.model}
     if args.baseline:

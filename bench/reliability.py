@@ -191,13 +191,13 @@ def mask_holding_a_half():
 @probe("model", r"attention.mask.*shape.*drop")
 def short_mask_with_cfg():
     ids = prompt_ids()
-    model().generate(ids, attention_mask=torch.ones(1, ids.shape[1] - 2, dtype=torch.long), cfg_scale=3.0,
+    model().generate(ids, attention_mask=torch.ones(1, ids.shape[1] - 2, dtype=torch.long), guidance_scale=3.0,
                      do_sample=False, max_new_tokens=4, generate_image=False)
 
 
 @probe("model", r"num_return_sequences")
 def zero_return_sequences_guided():
-    model().generate(prompt_ids(), cfg_scale=3.0, num_return_sequences=0, do_sample=True)
+    model().generate(prompt_ids(), guidance_scale=3.0, num_return_sequences=0, do_sample=True)
 
 
 @probe("model", r"(context|max_position_embeddings|longer)")
@@ -210,7 +210,7 @@ def seeded_generation_is_the_same_in_threads():
     ids = prompt_ids()
 
     def run(seed):
-        return model().generate(ids, do_sample=True, cfg_scale=3.0, generator=torch.Generator().manual_seed(seed))
+        return model().generate(ids, do_sample=True, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed))
 
     alone = {seed: run(seed) for seed in range(4)}
     results = {}

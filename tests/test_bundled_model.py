@@ -35,7 +35,7 @@ def test_loads_offline_through_the_auto_classes(model):
     processor.validate_model_config(model.config)
     # CFG on by default (the scale chosen on validation prompts), with the paper's demo top-p: what every image the
     # model writes uses unless a call says otherwise.
-    assert model.generation_config.cfg_scale == 1.25 and model.generation_config.top_p == 0.8
+    assert model.generation_config.guidance_scale == 1.25 and model.generation_config.top_p == 0.8
     assert model.generation_config.do_sample
     # The card names the data and the recipe; no code copies in the package; no pickle.
     card = (TINY_PATH / "README.md").read_text()
@@ -119,7 +119,7 @@ def test_saved_copy_loads_with_remote_code_where_the_package_is_absent(model, tm
     model.save_pretrained(tmp_path / "copy")
     processor.save_pretrained(tmp_path / "copy")
     inputs = processor(["a small blue star in the center on a black background <break>"], return_tensors="pt")
-    expected = model.generate(**inputs, do_sample=False, cfg_scale=3.0)
+    expected = model.generate(**inputs, do_sample=False, guidance_scale=3.0)
     save_file({"input_ids": inputs["input_ids"], "expected": expected}, str(tmp_path / "expected.safetensors"))
     blocker = tmp_path / "no_package"
     blocker.mkdir()
@@ -135,7 +135,7 @@ def test_saved_copy_loads_with_remote_code_where_the_package_is_absent(model, tm
         ref = load_file({str(tmp_path / "expected.safetensors")!r})
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "copy")!r}, trust_remote_code=True)
         out = model.generate(ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]), do_sample=False,
-                             cfg_scale=3.0)
+                             guidance_scale=3.0)
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         assert torch.equal(out, ref["expected"]), (out, ref["expected"])
         print("same ids", out.shape[1] - ref["input_ids"].shape[1])

@@ -91,7 +91,9 @@ def test_caption_grid_keeps_pixels_sharp():
 @pytest.mark.parametrize("flags,message", [
     (["-n", "0"], "--num-images must be at least 1, got 0"),
     (["--num-candidates", "-2"], "--num-candidates must be at least 1"),
-    (["--guidance-scale", "nan"], "--guidance-scale must be at least 0"),
+    (["--guidance-scale", "nan"], "`--guidance-scale` must be a finite number >= 0"),  # the library's one check
+    (["--guidance-scale", "-1"], "`--guidance-scale` must be a finite number >= 0"),
+    (["--guidance-scale", "x"], "--guidance-scale must be a number, got 'x'"),
     (["--top-p", "1.5"], "--top-p must be above 0 and at most 1"),
     (["--temperature", "0"], "--temperature must be above 0"),
     (["--retrieve", "-1"], "--retrieve must be at least 0"),

@@ -70,13 +70,13 @@ def new_ids(model, prompt_ids, **kwargs) -> list[list[int]]:
 def test_generate_ids(golden, model, processor):
     prompt = processor(f"{PROMPT} <break>", return_tensors="pt")["input_ids"]
     check(golden, "generate/saved-decoding", new_ids(model, prompt))
-    check(golden, "generate/cfg-2", new_ids(model, prompt, cfg_scale=2.0))
+    check(golden, "generate/cfg-2", new_ids(model, prompt, guidance_scale=2.0))
     check(golden, "generate/cd-k", new_ids(model, prompt, contrastive_k=5))
     source = build_task("text_to_image", num_train=1, num_validation=0, num_test=0, num_heldout=0)["train"][0]
     template = "Edit the image following the text instruction <break> <image> <break> {} <break>"
     full = processor(template.format("make the circle blue"), images=source["images"], return_tensors="pt")
     image_only = processor(template.format("<mask:0>"), images=source["images"], return_tensors="pt")
-    check(golden, "generate/instruct-cfg", new_ids(model, full["input_ids"], cfg_scale=7.5, image_cfg_scale=1.5,
+    check(golden, "generate/instruct-cfg", new_ids(model, full["input_ids"], guidance_scale=7.5, image_guidance_scale=1.5,
                                                   image_cond_input_ids=image_only["input_ids"]))
 
 

@@ -45,7 +45,7 @@ def test_the_recipe_builds_and_bundles_a_model(tmp_path):
     model = Cm3LeonForCausalLM.from_pretrained(bundle)
     trained = Cm3LeonForCausalLM.from_pretrained(run / "pretrain")
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
-    assert model.generation_config.cfg_scale == recipe["generation"]["cfg_scale"]
+    assert model.generation_config.guidance_scale == recipe["generation"]["guidance_scale"]
     Cm3LeonProcessor.from_pretrained(bundle, model_config=model.config)
     card = (bundle / "README.md").read_text()
     assert "48 text-to-image pairs" in card

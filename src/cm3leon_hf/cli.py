@@ -176,18 +176,37 @@ def _bounded(kind, low, name: str, *, inclusive: bool = True, high=None):
     return parse
 
 
+def _checked(check, flag: str):
+    """An argparse type from a library check (`check(value, name)` raising `ValueError`): a float that the library
+    would refuse is a usage error naming the flag, with the library's own rule."""
+
+    def parse(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        try:
+            return check(value, flag)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
 def _add_generation_arguments(parser: argparse.ArgumentParser, num_images: int, decoding: str = "top-p",
                               num_candidates: int | None = None) -> None:
+    from .logits_process import check_guidance_scale
     from .pretrained import TINY_PATH
 
     parser.add_argument("--model", default=str(TINY_PATH), help="a saved CM3Leon directory (default: the bundled tiny)")
     parser.add_argument("-n", "--num-images", type=_bounded(int, 1, "--num-images"), default=num_images, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=_bounded(float, 0, "--guidance-scale"), default=None,
-                        help="CFG scale (1: the conditional stream only; default: the model's saved cfg_scale)")
+    parser.add_argument("--guidance-scale", type=_checked(check_guidance_scale, "--guidance-scale"), default=None,
+                        help="CFG scale (1: the conditional stream only; default: the model's saved guidance_scale)")
     parser.add_argument("--decoding", default=decoding, choices=["top-p", "temperature", "cd-k", "pooled"],
                         help=f"sampling strategy (pooled: the paper's ½ top-p + ½ CD-K candidates; default: {decoding})")
-    parser.add_argument("--top-p", type=_bounded(float, 0, "--top-p", inclusive=False, high=1), default=0.8)
+    parser.add_argument("--top-p", type=_bounded(float, 0, "--top-p", inclusive=False, high=1), default=None,
+                        help="nucleus sampling's p (default: the model's saved top_p)")
     parser.add_argument("--temperature", type=_bounded(float, 0, "--temperature", inclusive=False), default=1.0)
     parser.add_argument("--num-candidates", type=_bounded(int, 1, "--num-candidates"), default=num_candidates,
                         help="generate this many per prompt and keep the best by the world's CLIP (the paper: 8; "

@@ -4,19 +4,23 @@ decoding defaults a checkpoint's `generation_config.json` carries.
 `Cm3LeonGenerationMixin` is the `GenerationMixin` of `Cm3LeonForCausalLM` (as transformers keeps generation code apart
 from modeling code). It adds to `generate`:
 
-- **Guided decoding** (CL §3.1, §4.1): classifier-free guidance (`cfg_scale`), instruct-CFG for editing
-  (`image_cfg_scale`) and CD-K contrastive decoding (`contrastive_k`). Every stream of a prompt (conditional,
+- **Guided decoding** (CL §3.1, §4.1): classifier-free guidance (`guidance_scale`), instruct-CFG for editing
+  (`image_guidance_scale`) and CD-K contrastive decoding (`contrastive_k`). Every stream of a prompt (conditional,
   unconditional, image-conditional) is a row of ONE forward pass per token, with one KV cache; every stream is fed the
   sampled token; a logits processor combines the rows (`logits_process.py`).
 - **The modality constraint** (`image_token_constraint`, on by default): an image is exactly `image_seq_length` image
   codes and text never holds one, so every generated image decodes. Off, `generate` samples the model's own
   distribution over the whole vocabulary, as any transformers model does (perplexity studies, non-CM3 data).
-- **Decoding defaults in the generation config**: `cfg_scale`, `image_cfg_scale`, `contrastive_k`, `contrastive_alpha`,
-  `amateur_temperature`, `generate_image` and `image_token_constraint` are read from the `generation_config` (the
-  argument, else the model's) when a call does not pass them, as MusicGen keeps its `guidance_scale` there; so a
-  saved model decodes with its own defaults. The guidance defaults apply to image generation only (captioning with
-  the same model stays unguided), and only when the call passes no guidance argument of its own.
-  `cfg_scale=1` is the conditional distribution exactly (`uncond + 1 * (cond - uncond)`): it runs one stream.
+- **One name per setting, from the command line to the logits**: `guidance_scale` (diffusers', MusicGen's and Janus'
+  name; `--guidance-scale` on the command line), `image_guidance_scale`, `contrastive_k`, `contrastive_alpha`,
+  `amateur_temperature`, `generate_image` and `image_token_constraint` are `generate`'s arguments, the generation
+  config's fields and the logits processors' arguments alike, and each is checked once, by its processor. They are
+  read from the `generation_config` (the argument, else the model's) when a call does not pass them, so a saved model
+  decodes with its own defaults; `DECODING_DEFAULTS` (below) is the one table of their starting values. As MusicGen
+  and Janus do, the guidance processor is ours (batched streams) and transformers' own, unbatched one is never added
+  for `guidance_scale`. The guidance defaults apply to image generation only (captioning with the same model stays
+  unguided), and only when the call passes no guidance argument of its own. `guidance_scale=1` is the conditional
+  distribution exactly (`uncond + 1 * (cond - uncond)`): it runs one stream.
 - **Decoding steps without host syncs**: after the first step, preparing the inputs, the forward pass and the stream
   processors read no tensor value on the host (the image phase is counted on the host from the prompt, ids fed back
   are not re-checked, the constraint's table stays on the device), so a step can be captured as a CUDA graph. Image
@@ -30,7 +34,7 @@ Example:
 >>> from cm3leon_hf import HUB_CONFIGS, Cm3LeonConfig, Cm3LeonForCausalLM
 >>> config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
 >>> model = Cm3LeonForCausalLM(config).eval()
->>> model.generation_config.cfg_scale = 3.0  # saved with save_pretrained, in generation_config.json
+>>> model.generation_config.guidance_scale = 3.0  # saved with save_pretrained, in generation_config.json
 >>> prompt = torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>: an image
 >>> image = model.generate(prompt, generator=torch.Generator().manual_seed(0))[0, prompt.shape[1]:]
 >>> len(image) == config.image_seq_length, bool((image >= config.image_token_offset).all())
@@ -58,17 +62,24 @@ from .logits_process import (
     trailing_image_run,
 )
 
-# Decoding settings of ours that a `GenerationConfig` may carry, and their values when it does not.
+# The decoding defaults, written once. A new model's generation config starts from SAMPLING_DEFAULTS (CM3Leon samples
+# with top-p 0.8, its demo's, never with transformers' global top-k 50); the settings of ours that a generation config
+# may carry take DECODING_DEFAULTS when it does not; CONTRASTIVE_K is CD-K's k when a caller asks for CD-K by name
+# (the pipelines' `decoding="cd-k"`) without one. The pipelines and the command line read the model's generation
+# config, so a saved model's own values win over all three.
+SAMPLING_DEFAULTS = {"do_sample": True, "top_p": 0.8, "top_k": 0, "temperature": 1.0}
 DECODING_DEFAULTS = {
-    "cfg_scale": None,
-    "image_cfg_scale": None,
+    "guidance_scale": None,
+    "image_guidance_scale": None,
     "contrastive_k": None,
-    "contrastive_alpha": 0.5,
-    "amateur_temperature": 0.5,
+    "contrastive_alpha": 0.5,  # CM3Leon's evaluation script
+    "amateur_temperature": 0.5,  # CM3Leon's evaluation script
     "generate_image": None,
     "image_token_constraint": True,
 }
-GUIDANCE_SETTINGS = ("cfg_scale", "image_cfg_scale", "contrastive_k")
+CONTRASTIVE_K = 5  # ours, measured (bench/RESULTS.md); the paper does not report k
+GUIDANCE_SETTINGS = ("guidance_scale", "image_guidance_scale", "contrastive_k")
+RENAMED = {"cfg_scale": "guidance_scale", "image_cfg_scale": "image_guidance_scale"}
 
 
 @dataclass
@@ -166,8 +177,8 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         generation_config=None,
         logits_processor: LogitsProcessorList | None = None,
         *,
-        cfg_scale: float | None = None,
-        image_cfg_scale: float | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
         contrastive_k: int | None = None,
         contrastive_alpha: float | None = None,
         amateur_temperature: float | None = None,
@@ -187,7 +198,7 @@ class Cm3LeonGenerationMixin(GenerationMixin):
 
         Every setting below that a call leaves at `None` comes from the generation config (`generation_config`, else
         the model's `generation_config.json`), then from `DECODING_DEFAULTS`; the guidance settings only for image
-        generation and only when the call sets none of `cfg_scale`, `image_cfg_scale` and `contrastive_k`.
+        generation and only when the call sets none of `guidance_scale`, `image_guidance_scale` and `contrastive_k`.
 
         Generation runs in the model's dtype. We keep float32 as the CPU default (as transformers and diffusers do):
         on a CPU with AVX512-BF16 or AMX, loading with `dtype=torch.bfloat16` makes guided decoding 1.45x faster at
@@ -197,12 +208,12 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         Args:
             inputs (`torch.LongTensor` of shape `(batch_size, prompt_length)`):
                 The conditional prompts (`input_ids=` works too), left-padded with `attention_mask`.
-            cfg_scale (`float`, *optional*):
-                Classifier-free guidance `uncond + cfg_scale * (cond - uncond)` (the paper's α_c). Named so on purpose:
-                transformers' `guidance_scale` adds its own two-forward processor. 1 is the conditional distribution:
-                one stream, the unconditional prompt unused.
-            image_cfg_scale (`float`, *optional*):
-                Instruct-CFG for editing: image scale s_I, with `cfg_scale` as the text scale s_T; needs
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance `uncond + guidance_scale * (cond - uncond)` (the paper's α_c), with the
+                streams as rows of one forward pass (transformers' own `guidance_scale` processor, which runs a second
+                forward, is not used). 1 is the conditional distribution: one stream, the unconditional prompt unused.
+            image_guidance_scale (`float`, *optional*):
+                Instruct-CFG for editing: image scale s_I, with `guidance_scale` as the text scale s_T; needs
                 `image_cond_input_ids`.
             contrastive_k (`int`, *optional*):
                 CD-K contrastive decoding with this k (see [`ContrastiveDecodingLogitsProcessor`]), instead of CFG.
@@ -245,7 +256,7 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         >>> config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
         >>> model = Cm3LeonForCausalLM(config).eval()
         >>> prompt = torch.tensor([[config.eos_token_id, 300, 301, config.break_token_id]])  # <eos> text <break>
-        >>> out = model.generate(prompt, cfg_scale=3.0, generate_image=True, do_sample=True, top_p=0.8,
+        >>> out = model.generate(prompt, guidance_scale=3.0, generate_image=True, do_sample=True, top_p=0.8,
         ...                      generator=torch.Generator().manual_seed(0))
         >>> image = out[0, prompt.shape[1]:]
         >>> len(image) == config.image_seq_length, bool((image >= config.image_token_offset).all())
@@ -253,26 +264,24 @@ class Cm3LeonGenerationMixin(GenerationMixin):
 
         ```
         """
+        for old, new in RENAMED.items():
+            if old in kwargs:
+                raise ValueError(f"`{old}` is now `{new}` (one name from the command line to the logits processor).")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         settings = self._decoding_settings(
             generation_config,
             input_ids,
-            cfg_scale=cfg_scale,
-            image_cfg_scale=image_cfg_scale,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
             contrastive_k=contrastive_k,
             contrastive_alpha=contrastive_alpha,
             amateur_temperature=amateur_temperature,
             generate_image=generate_image,
             image_token_constraint=image_token_constraint,
         )
-        guided = any(settings[name] is not None for name in GUIDANCE_SETTINGS)
-        extra_prompts = (uncond_input_ids, uncond_attention_mask, image_cond_input_ids, image_cond_attention_mask)
-        if not guided and any(x is not None for x in extra_prompts) and settings["cfg_scale"] != 1.0:
-            raise ValueError("Unconditional or image-conditional prompts need `cfg_scale` or `contrastive_k`.")
-        if settings["cfg_scale"] == 1.0 and settings["image_cfg_scale"] is None and settings["contrastive_k"] is None:
-            # exactly the conditional stream
-            settings["cfg_scale"], guided = None, False
-            uncond_input_ids = uncond_attention_mask = None
+        streams = {"uncond": (uncond_input_ids, uncond_attention_mask),
+                   "image_cond": (image_cond_input_ids, image_cond_attention_mask)}
+        guided = self._resolve_guidance(settings, streams)
         if (settings["writes_image"] and self.device.type == "cuda" and kwargs.get("cache_implementation") is None
                 and getattr(generation_config or self.generation_config, "cache_implementation", None) is None):
             # An image's length is known, so its cache can be allocated once: on an H200 (350M, bf16, CFG) 4.35 ms per
@@ -283,15 +292,13 @@ class Cm3LeonGenerationMixin(GenerationMixin):
                 raise ValueError("Guided or image-constrained generation needs the prompt `input_ids`.")
         elif guided or settings["image_token_constraint"]:
             kwargs, logits_processor = self._prepare_cm3leon_decoding(
-                input_ids,
-                kwargs,
-                logits_processor,
-                settings,
-                uncond=(uncond_input_ids, uncond_attention_mask),
-                image_cond=(image_cond_input_ids, image_cond_attention_mask),
-                generation_config=generation_config,
+                input_ids, kwargs, logits_processor, settings, streams, generation_config
             )
             input_ids = kwargs.pop("input_ids")
+        return self._sample_from(generator, input_ids, generation_config, logits_processor, kwargs)
+
+    def _sample_from(self, generator, input_ids, generation_config, logits_processor, kwargs):
+        """`GenerationMixin.generate`, every sampled token drawn from `generator` when one is given."""
         source = generation_config if generation_config is not None else self.generation_config
         sampling = kwargs.get("do_sample", source.do_sample)
         if generator is None or not sampling:  # greedy decoding draws nothing
@@ -307,6 +314,20 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             return super().generate(input_ids, generation_config, logits_processor, **kwargs)
+
+    @staticmethod
+    def _resolve_guidance(settings: dict, streams: dict) -> bool:
+        """Whether this call is guided. A scale of 1 without instruct-CFG or CD-K is the conditional stream exactly:
+        it is dropped, with the unconditional prompt, and decoding runs one stream."""
+        guided = any(settings[name] is not None for name in GUIDANCE_SETTINGS)
+        extra_prompts = (*streams["uncond"], *streams["image_cond"])
+        if not guided and any(x is not None for x in extra_prompts):
+            raise ValueError("Unconditional or image-conditional prompts need `guidance_scale` or `contrastive_k`.")
+        if settings["guidance_scale"] == 1.0 and settings["image_guidance_scale"] is None and settings["contrastive_k"] is None:
+            settings["guidance_scale"] = None
+            streams["uncond"] = (None, None)
+            return False
+        return guided
 
     def _decoding_settings(self, generation_config, input_ids, **passed) -> dict:
         """This call's decoding settings: what it passed, else the generation config's, else `DECODING_DEFAULTS`."""
@@ -334,132 +355,140 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         return bool(settings["generate_image"]) or image_steps_ahead(input_ids, self.config, None) > 0
 
     def _prepare_cm3leon_decoding(
-        self, input_ids, kwargs, logits_processor, settings, *, uncond, image_cond, generation_config
+        self, input_ids, kwargs, logits_processor, settings, streams, generation_config
     ) -> tuple[dict, LogitsProcessorList]:
-        """Validate the decoding arguments, build the modality constraint and the guidance processor, and stack the
-        streams of guided decoding."""
-        config = self.config
-        cfg_scale, image_cfg_scale, contrastive_k = (settings[name] for name in GUIDANCE_SETTINGS)
-        generate_image, constrained = settings["generate_image"], settings["image_token_constraint"]
-        guided = cfg_scale is not None or image_cfg_scale is not None or contrastive_k is not None
-        if contrastive_k is not None and (cfg_scale is not None or image_cfg_scale is not None):
-            raise ValueError("Choose one of CD-K (`contrastive_k`) and CFG (`cfg_scale`/`image_cfg_scale`).")
-        if image_cfg_scale is not None and cfg_scale is None:
-            raise ValueError("Instruct-CFG needs both `image_cfg_scale` and `cfg_scale` (the text scale).")
-        if image_cfg_scale is not None and image_cond[0] is None:
-            raise ValueError(
-                "An editing call (`image_cfg_scale`) needs `image_cond_input_ids`: the prompt with the source image "
-                "and without the instruction."
-            )
-        if image_cfg_scale is None and image_cond[0] is not None:
-            raise ValueError("`image_cond_input_ids` is only used by instruct-CFG (`image_cfg_scale`).")
+        """Check the decoding arguments, build the modality constraint and the guidance processor, and stack the
+        streams of guided decoding into a `Cm3LeonDecodingPlan`."""
+        guided = any(settings[name] is not None for name in GUIDANCE_SETTINGS)
+        self._check_guidance(settings, streams["image_cond"][0], kwargs, generation_config, guided)
+        processors = self._stream_processors(settings)
+        max_new_tokens = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+        if settings["writes_image"] and max_new_tokens is None and kwargs.get("max_length") is None:
+            # an image is image_seq_length codes, whatever transformers' default max_length (20) says
+            max_new_tokens = kwargs["max_new_tokens"] = self.config.image_seq_length
+        rows = [(input_ids, kwargs.pop("attention_mask", None))]
         if guided:
-            for name in ("guidance_scale", "assistant_model", "negative_prompt_ids"):
+            num_return_sequences = kwargs.pop("num_return_sequences", None)
+            if num_return_sequences is None:
+                num_return_sequences = getattr(generation_config or self.generation_config, "num_return_sequences", None) or 1
+            rows = self._stream_rows(rows[0], streams, settings["image_guidance_scale"] is not None, num_return_sequences)
+        prompt_length = max(ids.shape[1] for ids, _ in rows)
+        if max_new_tokens is not None and prompt_length + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The prompt ({prompt_length} tokens, the longest of its {len(rows)} stream(s)) plus {max_new_tokens} "
+                f"new tokens exceeds the context of {self.config.max_position_embeddings} tokens."
+            )
+        cond_ids, cond_mask = rows[0]
+        if guided:
+            plan = self._stacked_plan(rows, prompt_length, max_new_tokens, settings)
+        else:
+            plan = Cm3LeonDecodingPlan(None, None, 1, settings["generate_image"], settings["image_token_constraint"])
+        kwargs.update(input_ids=cond_ids, decoding_plan=plan)
+        if cond_mask is not None:
+            kwargs["attention_mask"] = cond_mask
+        return kwargs, LogitsProcessorList([*(logits_processor or []), *processors])
+
+    @staticmethod
+    def _check_guidance(settings, image_cond_ids, kwargs, generation_config, guided) -> None:
+        """Combinations of guidance arguments that cannot run (each value is checked by its processor)."""
+        guidance_scale, image_guidance_scale, contrastive_k = (settings[name] for name in GUIDANCE_SETTINGS)
+        if contrastive_k is not None and (guidance_scale is not None or image_guidance_scale is not None):
+            raise ValueError("Choose one of CD-K (`contrastive_k`) and CFG (`guidance_scale`/`image_guidance_scale`).")
+        if image_guidance_scale is not None and guidance_scale is None:
+            raise ValueError("Instruct-CFG needs both `image_guidance_scale` and `guidance_scale` (the text scale).")
+        if image_guidance_scale is not None and image_cond_ids is None:
+            raise ValueError(
+                "An editing call (`image_guidance_scale`) needs `image_cond_input_ids`: the prompt with the source "
+                "image and without the instruction."
+            )
+        if image_guidance_scale is None and image_cond_ids is not None:
+            raise ValueError("`image_cond_input_ids` is only used by instruct-CFG (`image_guidance_scale`).")
+        if guided:
+            for name in ("assistant_model", "negative_prompt_ids"):
                 if kwargs.get(name) is not None:
                     raise ValueError(f"`{name}` cannot be combined with CM3Leon's guided decoding.")
             num_beams = kwargs.get("num_beams", getattr(generation_config, "num_beams", 1))
             if num_beams not in (None, 1):
                 raise ValueError("Guided decoding samples or decodes greedily; beam search is not supported.")
 
+    def _stream_processors(self, settings) -> list[LogitsProcessor]:
+        """The modality constraint and the guidance processor of this call; each checks its own arguments, which
+        carry `generate`'s names."""
+        config = self.config
         processors = []
-        if constrained:
-            end_of_image = [t for t in (config.break_token_id, config.eos_token_id) if t is not None]
+        if settings["image_token_constraint"]:
             processors.append(
                 ImageTokenConstraintLogitsProcessor(
                     image_token_offset=config.image_token_offset,
                     image_vocab_size=config.image_vocab_size,
                     image_seq_length=config.image_seq_length,
-                    end_of_image_token_ids=end_of_image,
+                    end_of_image_token_ids=[t for t in (config.break_token_id, config.eos_token_id) if t is not None],
                     vocab_size=config.vocab_size,
-                    generate_image=generate_image,
+                    generate_image=settings["generate_image"],
                 )
             )
-        try:  # the processors name their own arguments (`k`, `guidance_scale`, ...): name the ones generate takes
-            if contrastive_k is not None:
-                candidates = config.image_vocab_size if generate_image else config.vocab_size
-                processors.append(
-                    ContrastiveDecodingLogitsProcessor(
-                        settings["contrastive_alpha"], contrastive_k, settings["amateur_temperature"], candidates
-                    )
+        if settings["contrastive_k"] is not None:
+            processors.append(
+                ContrastiveDecodingLogitsProcessor(
+                    contrastive_alpha=settings["contrastive_alpha"],
+                    contrastive_k=settings["contrastive_k"],
+                    amateur_temperature=settings["amateur_temperature"],
+                    vocab_size=config.image_vocab_size if settings["generate_image"] else config.vocab_size,
                 )
-            elif image_cfg_scale is not None:
-                processors.append(InstructClassifierFreeGuidanceLogitsProcessor(image_cfg_scale, cfg_scale))
-            elif cfg_scale is not None:
-                processors.append(BatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale))
-        except ValueError as error:
-            message = str(error)
-            for own, ours in (("`k`", "`contrastive_k`"), ("`alpha`", "`contrastive_alpha`"),
-                              ("`image_guidance_scale`", "`image_cfg_scale`"), ("`text_guidance_scale`", "`cfg_scale`"),
-                              ("`guidance_scale`", "`cfg_scale`")):
-                message = message.replace(own, ours)
-            raise ValueError(message) from None
+            )
+        elif settings["image_guidance_scale"] is not None:
+            processors.append(
+                InstructClassifierFreeGuidanceLogitsProcessor(settings["image_guidance_scale"], settings["guidance_scale"])
+            )
+        elif settings["guidance_scale"] is not None:
+            processors.append(BatchedClassifierFreeGuidanceLogitsProcessor(settings["guidance_scale"]))
+        return processors
 
-        max_new_tokens = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
-        if settings["writes_image"] and max_new_tokens is None and kwargs.get("max_length") is None:
-            # an image is image_seq_length codes, whatever transformers' default max_length (20) says
-            max_new_tokens = kwargs["max_new_tokens"] = config.image_seq_length
-
+    def _stream_rows(self, cond, streams, instruct: bool, num_return_sequences) -> list[tuple]:
+        """The (ids, mask) of every stream, checked against the conditional prompts and repeated for
+        `num_return_sequences` (here rather than by transformers, which does not know the extra streams)."""
+        input_ids = cond[0]
         batch_size = input_ids.shape[0]
-        streams = [(input_ids, kwargs.pop("attention_mask", None))]
-        if guided:
-            uncond_ids, uncond_mask = uncond
-            if uncond_ids is None:  # <eos> <mask:0> <break> (without <eos> for a config that has none)
-                default = [t for t in Cm3LeonLayout.of(config).unconditional_prompt() if t is not None]
-                uncond_ids = torch.tensor([default], device=input_ids.device).expand(batch_size, -1)
-            streams.append((uncond_ids, uncond_mask))
-            if image_cfg_scale is not None:
-                streams.append(image_cond)
-            names = ("input_ids", "uncond_input_ids", "image_cond_input_ids")
-            for i, (ids, mask) in enumerate(streams):
-                if ids.ndim != 2 or ids.shape[0] != batch_size:
-                    raise ValueError(f"`{names[i]}` has shape {tuple(ids.shape)}; it needs ({batch_size}, length): one "
-                                     f"prompt per conditional prompt.")
-                if mask is not None and mask.shape != ids.shape:
-                    raise ValueError(f"The attention mask of `{names[i]}` has shape {tuple(mask.shape)}, its ids "
-                                     f"{tuple(ids.shape)}: a mask of another length would drop or invent tokens.")
-                streams[i] = (ids, torch.ones_like(ids) if mask is None else mask)
-            # Expanded here rather than by transformers, which does not know the extra streams.
-            num_return_sequences = kwargs.pop("num_return_sequences", None)
-            if num_return_sequences is None:
-                num_return_sequences = getattr(generation_config or self.generation_config, "num_return_sequences", None) or 1
-            if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-                raise ValueError(f"`num_return_sequences` must be a positive integer, got {num_return_sequences!r}.")
-            streams = [(i.repeat_interleave(num_return_sequences, 0), m.repeat_interleave(num_return_sequences, 0)) for i, m in streams]
+        uncond_ids, uncond_mask = streams["uncond"]
+        if uncond_ids is None:  # <eos> <mask:0> <break> (without <eos> for a config that has none)
+            default = [t for t in Cm3LeonLayout.of(self.config).unconditional_prompt() if t is not None]
+            uncond_ids = torch.tensor([default], device=input_ids.device).expand(batch_size, -1)
+        rows = [cond, (uncond_ids, uncond_mask), *([streams["image_cond"]] if instruct else [])]
+        names = ("input_ids", "uncond_input_ids", "image_cond_input_ids")
+        for i, (ids, mask) in enumerate(rows):
+            if ids.ndim != 2 or ids.shape[0] != batch_size:
+                raise ValueError(f"`{names[i]}` has shape {tuple(ids.shape)}; it needs ({batch_size}, length): one "
+                                 f"prompt per conditional prompt.")
+            if mask is not None and mask.shape != ids.shape:
+                raise ValueError(f"The attention mask of `{names[i]}` has shape {tuple(mask.shape)}, its ids "
+                                 f"{tuple(ids.shape)}: a mask of another length would drop or invent tokens.")
+            rows[i] = (ids, torch.ones_like(ids) if mask is None else mask)
+        n = num_return_sequences
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`num_return_sequences` must be a positive integer, got {n!r}.")
+        return [(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)) for ids, mask in rows]
 
-        prompt_length = max(ids.shape[1] for ids, _ in streams)
-        if max_new_tokens is not None and prompt_length + max_new_tokens > config.max_position_embeddings:
-            raise ValueError(
-                f"The prompt ({prompt_length} tokens, the longest of its {len(streams)} stream(s)) plus {max_new_tokens} "
-                f"new tokens exceeds the context of {config.max_position_embeddings} tokens."
+    def _stacked_plan(self, rows, prompt_length, max_new_tokens, settings) -> Cm3LeonDecodingPlan:
+        """The streams left-padded to one length and stacked stream-major, with room in the mask for the new tokens."""
+        pad = self.config.pad_token_id
+        padded = [
+            (
+                nn.functional.pad(ids, (prompt_length - ids.shape[1], 0), value=pad),
+                nn.functional.pad(mask, (prompt_length - mask.shape[1], 0), value=0),
             )
-
-        cond_ids, cond_mask = streams[0]
-        if guided:
-            pad = config.pad_token_id
-            padded = [
-                (
-                    nn.functional.pad(ids, (prompt_length - ids.shape[1], 0), value=pad),
-                    nn.functional.pad(mask, (prompt_length - mask.shape[1], 0), value=0),
-                )
-                for ids, mask in streams
-            ]
-            mask = torch.cat([mask for _, mask in padded])
-            room = max_new_tokens if max_new_tokens is not None else config.max_position_embeddings - prompt_length
-            plan = Cm3LeonDecodingPlan(
-                input_ids=torch.cat([ids for ids, _ in padded]),
-                attention_mask=nn.functional.pad(mask, (0, max(room, 1)), value=1),
-                num_streams=len(streams),
-                generate_image=generate_image,
-                constrained=constrained,
-                prompt_length=prompt_length,
-                real_lengths=mask.long().sum(-1),
-            )
-        else:
-            plan = Cm3LeonDecodingPlan(None, None, 1, generate_image, constrained)
-        kwargs.update(input_ids=cond_ids, decoding_plan=plan)
-        if cond_mask is not None:
-            kwargs["attention_mask"] = cond_mask
-        return kwargs, LogitsProcessorList([*(logits_processor or []), *processors])
+            for ids, mask in rows
+        ]
+        mask = torch.cat([mask for _, mask in padded])
+        room = max_new_tokens if max_new_tokens is not None else self.config.max_position_embeddings - prompt_length
+        return Cm3LeonDecodingPlan(
+            input_ids=torch.cat([ids for ids, _ in padded]),
+            attention_mask=nn.functional.pad(mask, (0, max(room, 1)), value=1),
+            num_streams=len(rows),
+            generate_image=settings["generate_image"],
+            constrained=settings["image_token_constraint"],
+            prompt_length=prompt_length,
+            real_lengths=mask.long().sum(-1),
+        )
 
     def prepare_inputs_for_generation(
         self,
@@ -516,6 +545,11 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         # expects one row per prompt. transformers appends custom processors after its own, hence this reordering.
         # The generator's draw comes last, after transformers' warpers (temperature, top-k, top-p), which it appends
         # after the custom processors.
+        # `guidance_scale` is ours (a batched stream processor, built above): as MusicGen and Janus do, clear it so that
+        # transformers does not add its own unbatched CFG processor, which would run a second forward per token.
+        generation_config = kwargs.get("generation_config", args[0] if args else None)
+        if generation_config is not None:
+            generation_config.guidance_scale = None
         processors = super()._get_logits_processor(*args, **kwargs)
         rank = {cls: i for i, cls in enumerate(STREAM_PROCESSORS)}
         first = sorted((p for p in processors if type(p) in rank), key=lambda p: rank[type(p)])
@@ -524,4 +558,4 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         return LogitsProcessorList([*first, *middle, *last])
 
 
-__all__ = ["DECODING_DEFAULTS", "Cm3LeonDecodingPlan", "Cm3LeonGenerationMixin", "GeneratorSamplingLogitsProcessor"]
+__all__ = ["CONTRASTIVE_K", "DECODING_DEFAULTS", "SAMPLING_DEFAULTS", "Cm3LeonDecodingPlan", "Cm3LeonGenerationMixin", "GeneratorSamplingLogitsProcessor"]

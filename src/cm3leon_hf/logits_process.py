@@ -17,7 +17,9 @@ from transformers import LogitsProcessor
 TEXT, IMAGE, END_OF_IMAGE = 0, 1, 2
 
 
-def _check_scale(name: str, value: float) -> float:
+def check_guidance_scale(value: float, name: str = "guidance_scale") -> float:
+    """A guidance scale (`guidance_scale`, `image_guidance_scale`) as a float, or a `ValueError` naming it: the one
+    check of a scale, from the command line to the processors."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
     return float(value)
@@ -203,7 +205,7 @@ class BatchedClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, guidance_scale: float):
-        self.guidance_scale = _check_scale("guidance_scale", guidance_scale)
+        self.guidance_scale = check_guidance_scale(guidance_scale)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         cond, uncond = _split_streams(input_ids, scores, 2)
@@ -221,7 +223,7 @@ class InstructClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
 
     Args:
         image_guidance_scale (`float`): s_I (paper 1.5).
-        text_guidance_scale (`float`): s_T (paper 7.5).
+        guidance_scale (`float`): s_T, the text scale (paper 7.5).
 
     Example:
 
@@ -235,13 +237,13 @@ class InstructClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
     ```
     """
 
-    def __init__(self, image_guidance_scale: float, text_guidance_scale: float):
-        self.image_guidance_scale = _check_scale("image_guidance_scale", image_guidance_scale)
-        self.text_guidance_scale = _check_scale("text_guidance_scale", text_guidance_scale)
+    def __init__(self, image_guidance_scale: float, guidance_scale: float):
+        self.image_guidance_scale = check_guidance_scale(image_guidance_scale, "image_guidance_scale")
+        self.guidance_scale = check_guidance_scale(guidance_scale)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         full, uncond, image = _split_streams(input_ids, scores, 3)
-        guided = uncond + self.image_guidance_scale * (image - uncond) + self.text_guidance_scale * (full - image)
+        guided = uncond + self.image_guidance_scale * (image - uncond) + self.guidance_scale * (full - image)
         return guided.masked_fill(full == float("-inf"), float("-inf"))
 
 
@@ -256,14 +258,15 @@ class ContrastiveDecodingLogitsProcessor(LogitsProcessor):
     k-th largest probability widens it. Sampling then draws from `softmax(score)`. This is not transformers'
     "contrastive search" (`penalty_alpha`), which penalises similarity of hidden states.
 
-    The paper does not report alpha, k or the amateur temperature: the defaults alpha = 0.5 and amateur
-    temperature 0.5 are those of CM3Leon's evaluation script; k = 5 is ours (measured in `bench/RESULTS.md`). Ties at
-    the k-th value are all kept (the set is defined by `>=`).
+    The paper does not report alpha, k or the amateur temperature: `generate`'s defaults (`DECODING_DEFAULTS` and
+    `CONTRASTIVE_K` in `generation_cm3leon.py`) are alpha = 0.5 and amateur temperature 0.5, those of CM3Leon's
+    evaluation script, and k = 5, ours (measured in `bench/RESULTS.md`). Ties at the k-th value are all kept (the set
+    is defined by `>=`). The arguments carry `generate`'s names, so that an error names what the caller passed.
 
     Args:
-        alpha (`float`, defaults to 0.5): plausibility threshold, in (0, 1].
-        k (`int`, defaults to 5): rank of the reference probability, >= 1 and at most `vocab_size`.
-        amateur_temperature (`float`, defaults to 0.5): the amateur's logits are divided by it before the softmax.
+        contrastive_alpha (`float`): plausibility threshold alpha, in (0, 1].
+        contrastive_k (`int`): k, the rank of the reference probability, >= 1 and at most `vocab_size`.
+        amateur_temperature (`float`): the amateur's logits are divided by it before the softmax.
         vocab_size (`int`, *optional*): number of candidate tokens (the image vocabulary in image mode), to validate k.
 
     Example:
@@ -273,20 +276,22 @@ class ContrastiveDecodingLogitsProcessor(LogitsProcessor):
     >>> from cm3leon_hf.logits_process import ContrastiveDecodingLogitsProcessor
     >>> expert = torch.tensor([0.5, 0.3, 0.16, 0.04]).log()  # k = 2: keep p >= 0.5 * 0.3
     >>> amateur = torch.tensor([0.7, 0.1, 0.1, 0.1]).log()
-    >>> cd = ContrastiveDecodingLogitsProcessor(alpha=0.5, k=2, amateur_temperature=1.0)
+    >>> cd = ContrastiveDecodingLogitsProcessor(contrastive_alpha=0.5, contrastive_k=2, amateur_temperature=1.0)
     >>> cd(torch.zeros(1, 3, dtype=torch.long), torch.stack([expert, amateur])).round(decimals=3)
     tensor([[-0.3360,  1.0990,  0.4700,    -inf]])
 
     ```
     """
 
-    def __init__(self, alpha: float = 0.5, k: int = 5, amateur_temperature: float = 0.5, vocab_size: int | None = None):
+    def __init__(self, contrastive_alpha: float, contrastive_k: int, amateur_temperature: float,
+                 vocab_size: int | None = None):
+        alpha, k = contrastive_alpha, contrastive_k
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}.")
+            raise ValueError(f"`contrastive_alpha` must be in (0, 1], got {alpha!r}.")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
+            raise ValueError(f"`contrastive_k` must be an integer >= 1, got {k!r}.")
         if vocab_size is not None and k > vocab_size:
-            raise ValueError(f"`k` ({k}) is larger than the {vocab_size} candidate tokens.")
+            raise ValueError(f"`contrastive_k` ({k}) is larger than the {vocab_size} candidate tokens.")
         if (
             isinstance(amateur_temperature, bool)
             or not isinstance(amateur_temperature, (int, float))

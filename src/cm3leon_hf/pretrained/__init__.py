@@ -17,7 +17,7 @@ inside holds its figures and arguments).
 >>> processor = AutoProcessor.from_pretrained(TINY_PATH)
 >>> processor.image_seq_length, processor.image_tokenizer.resolution
 (64, 64)
->>> AutoModelForCausalLM.from_pretrained(TINY_PATH).generation_config.cfg_scale
+>>> AutoModelForCausalLM.from_pretrained(TINY_PATH).generation_config.guidance_scale
 1.25
 >>> from sentence_transformers import SentenceTransformer
 >>> SentenceTransformer(str(CLIP_PATH)).encode(["a red star at the top left on a white background"]).shape
