@@ -56,7 +56,7 @@ _LAZY = {
     "Cm3LeonMemoryBank": "memory_bank",
     "Cm3LeonRetriever": "retriever",
     "RetrievedDocument": "retriever",
-    "build_retrieval_prompt": "retriever",
+    "build_retrieval_prompt": "layout",
 }
 
 

@@ -114,6 +114,56 @@ def prompt_text(query_text: str | None, retrieved: Sequence[str] = (), *, uncond
     return " ".join(parts)
 
 
+EDIT_TEMPLATE = f"Edit the image following the text instruction {BREAK_TOKEN} {IMAGE_TOKEN} {BREAK_TOKEN} {{prompt}} {BREAK_TOKEN}"
+"""The editing prompt of CL §4.1 (Table 5's prefix): one `<image>`, the instruction in `{prompt}`; instruct-CFG's
+image-conditional stream puts `<mask:0>` in the instruction's place."""
+
+
+def build_retrieval_prompt(documents: Sequence, query_text: str | None = None, *, unconditional: bool = False,
+                           image_field: str = "image", prepend_eos: bool = False) -> tuple[str, list]:
+    """The marker text and images of a retrieval-augmented prompt (`prompt_text` with the documents' texts), for
+    `Cm3LeonProcessor`.
+
+    metaseq's CM3Leon prompt is `[<eos>] + Σ(text <break> image <break>) + query_text <break>`. The `<eos>` is the
+    processor's to add (it starts every document with `<eos>` by default), so the text starts with the first document:
+
+    - conditional: `"{t1} <break> <image> <break> {t2} <break> <image> <break> {query_text} <break>"`;
+    - unconditional (the CFG stream, CL §3.1: documents kept, query text dropped): the query text becomes `<mask:0>`,
+      `"{t1} <break> <image> <break> … <mask:0> <break>"`; with no documents this is `"<mask:0> <break>"`, the
+      no-retrieval unconditional prompt `<eos> <mask:0> <break>` once the processor adds `<eos>`.
+
+    Args:
+        documents: retrieved documents (`cm3leon_hf.retriever.RetrievedDocument`, or anything with `text` and the
+            `image_field` attribute), in prompt order.
+        query_text: the query's text (required for the conditional prompt, ignored by the unconditional one).
+        image_field: `"image"` (PIL images, for the processor) or `"image_ids"` (VQ codes): which document attribute
+            fills the `<image>` markers.
+        prepend_eos: start the text with a literal `"<eos> "` (for a processor called with `prepend_eos=False`).
+
+    Returns:
+        `(text, images)`: `text` with one `<image>` marker per document, `images` the matching images in order.
+
+    >>> from types import SimpleNamespace
+    >>> doc = SimpleNamespace(row=0, text="a red circle", image=None, image_ids=[7, 8])
+    >>> build_retrieval_prompt([doc], "a red square", image_field="image_ids")
+    ('a red circle <break> <image> <break> a red square <break>', [[7, 8]])
+    >>> build_retrieval_prompt([doc], unconditional=True, image_field="image_ids", prepend_eos=True)[0]
+    '<eos> a red circle <break> <image> <break> <mask:0> <break>'
+    """
+    if image_field not in ("image", "image_ids"):
+        raise ValueError(f"image_field must be 'image' or 'image_ids', got {image_field!r}.")
+    if not unconditional and query_text is None:
+        raise ValueError("The conditional prompt needs a query_text.")
+    images = []
+    for doc in documents:
+        image = getattr(doc, image_field)
+        if image is None:
+            raise ValueError(f"Document at bank row {doc.row} has no {image_field!r}.")
+        images.append(image)
+    texts = [doc.text for doc in documents]
+    return prompt_text(query_text, texts, unconditional=unconditional, prepend_eos=prepend_eos), images
+
+
 # -------------------------------------------------------------------------------------------- ids
 
 

@@ -9,11 +9,13 @@
   `AutoModelForImageTextToText`, the processor's chat template writes the CM3 infill prompt, and transformers'
   own `pipeline("image-text-to-text")` runs it.
 
-Arguments follow diffusers (`prompt`, `negative_prompt`, `guidance_scale`, `num_images_per_prompt`, `generator`,
-`output_type`); inside, each maps onto `Cm3LeonForCausalLM.generate`'s own names (`cfg_scale`, …), so transformers'
-two-forward `guidance_scale` processor is never triggered. Prompts of different lengths are batched together with
-`batch_size=`. A pipeline saved with `save_pretrained` carries its code and loads elsewhere with
-`pipeline(task, model=path, trust_remote_code=True)`.
+Arguments follow diffusers (`prompt`, `negative_prompt`, `guidance_scale`, `image_guidance_scale`,
+`num_images_per_prompt`, `generator`, `output_type`) and are `Cm3LeonForCausalLM.generate`'s names too; every argument
+is checked in `check_inputs` before any work (as diffusers' pipelines do), and the prompt's streams come from
+`Cm3LeonProcessor.encode_prompt`. Defaults the call leaves out come from the model's generation config (its saved
+`guidance_scale`, `top_p`, CD-K settings). Prompts of different lengths are batched together with `batch_size=`. A
+pipeline saved with `save_pretrained` carries its code and loads elsewhere with `pipeline(task, model=path,
+trust_remote_code=True)`.
 """
 
 import math
@@ -25,11 +27,16 @@ from transformers import AutoModelForCausalLM, Pipeline
 from transformers.generation.streamers import BaseStreamer
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .layout import MASK_TOKEN, prompt_text
+from .generation_cm3leon import CONTRASTIVE_K, DECODING_DEFAULTS
+from .layout import EDIT_TEMPLATE
+from .logits_process import check_guidance_scale
 
 DECODING_STRATEGIES = ("top-p", "temperature", "cd-k", "pooled")
 OUTPUT_TYPES = ("pil", "np", "ids")
-EDIT_TEMPLATE = "Edit the image following the text instruction <break> <image> <break> {prompt} <break>"
+# The paper's scales where a model saved none: its text-to-image demo (CL §3.1) and its editing (CL §4.1: text 7.5,
+# image 1.5). A saved model's `generation_config.guidance_scale` wins for text-to-image.
+PAPER_GUIDANCE_SCALE = 3.0
+PAPER_EDIT_GUIDANCE_SCALES = {"guidance_scale": 7.5, "image_guidance_scale": 1.5}
 
 
 class TokenProgressBar(BaseStreamer):
@@ -65,59 +72,53 @@ class _StreamerPair(BaseStreamer):
             streamer.end()
 
 
-def _image_generate_kwargs(config, generate_kwargs: dict | None) -> tuple[dict, object]:
-    """The caller's `generate` keywords without those the pipeline owns: an image is exactly `image_seq_length`
-    tokens (a `max_new_tokens` of another length is refused), and a `streamer` is fed alongside the progress bar."""
-    kwargs = dict(generate_kwargs or {})
+def _check_generate_kwargs(config, generate_kwargs: dict | None) -> None:
+    """The caller's `generate` keywords may not change an image's length: exactly `image_seq_length` tokens."""
     for name in ("max_new_tokens", "min_new_tokens"):
-        value = kwargs.pop(name, None)
+        value = (generate_kwargs or {}).get(name)
         if value is not None and value != config.image_seq_length:
             raise ValueError(f"An image is exactly {config.image_seq_length} tokens; got {name}={value}.")
-    if kwargs.pop("max_length", None) is not None:
+    if (generate_kwargs or {}).get("max_length") is not None:
         raise ValueError(f"`max_length` does not apply: an image is exactly {config.image_seq_length} tokens.")
-    streamer = kwargs.pop("streamer", None)
-    return kwargs, streamer
 
 
-def _generators(generator, count: int):
-    """`count` generators, one per image, from a list of that length (diffusers' convention: image i is reproducible
-    from generator i alone), or `None` for one shared generator (or none)."""
-    if not isinstance(generator, (list, tuple)):
-        return None
-    if len(generator) != count or not all(isinstance(g, torch.Generator) for g in generator):
+def _image_generate_kwargs(generate_kwargs: dict | None) -> tuple[dict, object]:
+    """The caller's `generate` keywords without those the pipeline owns (the image's length), and its `streamer`,
+    which is fed alongside the progress bar."""
+    kwargs = {k: v for k, v in (generate_kwargs or {}).items() if k not in ("max_new_tokens", "min_new_tokens", "max_length")}
+    return kwargs, kwargs.pop("streamer", None)
+
+
+def _check_generator(generator, count: int) -> None:
+    """One generator, none, or a list of `count` (one per image; diffusers' convention)."""
+    if isinstance(generator, (list, tuple)) and (
+        len(generator) != count or not all(isinstance(g, torch.Generator) for g in generator)
+    ):
         raise ValueError(f"`generator` must be one torch.Generator or a list of {count} (one per image), got "
                          f"{len(generator)} items.")
-    return list(generator)
 
 
-def _encode(processor, text: str, images=None) -> dict:
-    encoded = processor(text, images=images, return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+def _check_common(config, params: dict, num_images: int) -> None:
+    """What both pipelines take: guidance scales, the output type, generators, `generate` keywords."""
+    for name in ("guidance_scale", "image_guidance_scale"):
+        if params.get(name) is not None:
+            check_guidance_scale(params[name], name)
+    if params.get("output_type", "pil") not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {params['output_type']!r}.")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images!r}.")
+    _check_generate_kwargs(config, params.get("generate_kwargs"))
 
 
-def _sampling_runs(decoding: str, num_candidates: int, top_p: float, temperature: float, cd_kwargs: dict) -> list:
-    """(number of candidates, generate kwargs) per decoding strategy. "pooled" is the paper's ½ top-p + ½ CD-K pool
-    (CL Fig. 4): ceil(n/2) top-p candidates and floor(n/2) CD-K candidates, re-ranked together."""
-    if decoding not in DECODING_STRATEGIES:
-        raise ValueError(f"`decoding` must be one of {DECODING_STRATEGIES}, got {decoding!r}.")
-    top_p_run = {"do_sample": True, "top_p": top_p, "top_k": 0, "temperature": 1.0}
-    temperature_run = {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": temperature}
-    cd_run = {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": 1.0, **cd_kwargs}
-    runs = {
-        "top-p": [(num_candidates, top_p_run)],
-        "temperature": [(num_candidates, temperature_run)],
-        "cd-k": [(num_candidates, cd_run)],
-        "pooled": [(math.ceil(num_candidates / 2), top_p_run), (num_candidates // 2, cd_run)],
-    }[decoding]
-    return [(n, kwargs) for n, kwargs in runs if n > 0]
-
-
-def _check_scale(name: str, value) -> None:
-    """A guidance scale as the pipeline's caller named it (`generate` would name its own `cfg_scale`)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+def _merged(pipe: Pipeline, *stages: dict) -> dict:
+    """This call's parameters over those given at construction (as transformers merges them after
+    `_sanitize_parameters`), so that `check_inputs` sees what will run."""
+    merged = {}
+    for name in ("_preprocess_params", "_forward_params", "_postprocess_params"):
+        merged.update(getattr(pipe, name, None) or {})
+    for stage in stages:
+        merged.update(stage)
+    return merged
 
 
 def _rerank(reranker, images: list, prompt: str) -> np.ndarray:
@@ -130,8 +131,6 @@ def _rerank(reranker, images: list, prompt: str) -> np.ndarray:
 def _image_outputs(pipe: Pipeline, image_ids: torch.Tensor, prompt: str, output_type: str, reranker, keep: int) -> list:
     """(candidates, image_seq_length) image ids → the `keep` best images as dicts, CLIP-ranked when a reranker is
     given (best first)."""
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
     scores = None
     order = list(range(keep))
     if reranker is not None:
@@ -187,7 +186,7 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
             Text of the unconditional stream instead of the paper's `<mask:0>`.
         guidance_scale (`float`, *optional*):
             CFG scale α_c (the paper's demo uses 3, its evaluation 4); 1 samples the conditional distribution alone.
-            Defaults to the model's `generation_config.cfg_scale`, else 3.0. Ignored by `decoding="cd-k"`.
+            Defaults to the model's `generation_config.guidance_scale`, else 3.0. Ignored by `decoding="cd-k"`.
         decoding (`str`, defaults to `"top-p"`):
             `"top-p"` (CFG + nucleus sampling, `top_p`), `"temperature"` (CFG + temperature sampling), `"cd-k"` (CD-K
             contrastive decoding: `contrastive_k`, `contrastive_alpha`, `amateur_temperature`) or `"pooled"` (the
@@ -255,7 +254,6 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
         output_type=None,
         **generate_kwargs,
     ):
-        _check_scale("guidance_scale", guidance_scale)
         preprocess = {k: v for k, v in dict(
             negative_prompt=negative_prompt, retriever=retriever, num_retrieved_docs=num_retrieved_docs
         ).items() if v is not None}
@@ -270,30 +268,55 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
         postprocess = {k: v for k, v in dict(
             reranker=reranker, output_type=output_type, num_images_per_prompt=num_images_per_prompt
         ).items() if v is not None}
+        self.check_inputs(_merged(self, preprocess, forward, postprocess))
         return preprocess, forward, postprocess
+
+    def check_inputs(self, params: dict) -> None:
+        """Every argument of a call, checked before any work (diffusers' `check_inputs`): a mistake is named before a
+        generation, not after it. The guidance scale goes through the same check as `generate`'s."""
+        num_images = params.get("num_images_per_prompt", 1)
+        _check_common(self.model.config, params, num_images)
+        if params.get("decoding", "top-p") not in DECODING_STRATEGIES:
+            raise ValueError(f"`decoding` must be one of {DECODING_STRATEGIES}, got {params['decoding']!r}.")
+        num_candidates = params.get("num_candidates", num_images)
+        if num_candidates < num_images:
+            raise ValueError(f"Need 1 <= num_images_per_prompt ({num_images}) <= num_candidates ({num_candidates}).")
+        if num_candidates > num_images and params.get("reranker") is None:
+            raise ValueError("Generating more candidates than images to return needs a `reranker` (a CLIP model).")
+        _check_generator(params.get("generator"), num_candidates)
+        num_retrieved_docs = params.get("num_retrieved_docs", 0)
+        if num_retrieved_docs < 0:
+            raise ValueError(f"`num_retrieved_docs` must be >= 0, got {num_retrieved_docs}.")
+        if num_retrieved_docs and params.get("retriever") is None:
+            raise ValueError("`num_retrieved_docs` > 0 needs a `retriever` (a Cm3LeonRetriever).")
 
     def preprocess(self, prompt: str, negative_prompt: str | None = None, retriever=None, num_retrieved_docs: int = 0):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"The prompt must be a non-empty string, got {prompt!r}.")
-        if num_retrieved_docs < 0:
-            raise ValueError(f"`num_retrieved_docs` must be >= 0, got {num_retrieved_docs}.")
-        if num_retrieved_docs and retriever is None:
-            raise ValueError("`num_retrieved_docs` > 0 needs a `retriever` (a Cm3LeonRetriever).")
-        unconditional = negative_prompt is None  # the paper's stream: the text replaced by <mask:0>
-        if num_retrieved_docs:
-            try:  # in a try block: transformers does not require `cm3leon_hf` to load this file as remote code
-                from cm3leon_hf.retriever import build_retrieval_prompt
-            except ImportError as error:
-                raise ImportError("Retrieval needs `pip install cm3leon-hf[retrieval]`.") from error
-            documents = retriever.retrieve(texts=[prompt], k=num_retrieved_docs)[0]
-            text, images = build_retrieval_prompt(documents, prompt)
-            uncond_text, uncond_images = build_retrieval_prompt(documents, negative_prompt, unconditional=unconditional)
-        else:
-            text, images = prompt_text(prompt), None
-            uncond_text, uncond_images = prompt_text(negative_prompt, unconditional=unconditional), None
-        cond, uncond = _encode(self.processor, text, images), _encode(self.processor, uncond_text, uncond_images)
-        return {**cond, "uncond_input_ids": uncond["input_ids"], "uncond_attention_mask": uncond["attention_mask"],
-                "prompt": prompt}
+        documents = retriever.retrieve(texts=[prompt], k=num_retrieved_docs)[0] if num_retrieved_docs else ()
+        streams = self.processor.encode_prompt(prompt, negative_prompt, retrieved_documents=documents)
+        return {**streams, "prompt": prompt}
+
+    def _sampling_runs(self, decoding: str, num_candidates: int, top_p, temperature: float, contrastive: dict) -> list:
+        """(number of candidates, generate kwargs) per decoding strategy, with the model's saved top-p and CD-K
+        settings where the call gives none. "pooled" is the paper's ½ top-p + ½ CD-K pool (CL Fig. 4): ceil(n/2)
+        top-p candidates and floor(n/2) CD-K candidates, re-ranked together."""
+        saved = self.model.generation_config
+        top_p = saved.top_p if top_p is None else top_p
+        for name, default in (("contrastive_k", CONTRASTIVE_K), ("contrastive_alpha", DECODING_DEFAULTS["contrastive_alpha"]),
+                              ("amateur_temperature", DECODING_DEFAULTS["amateur_temperature"])):
+            if contrastive.get(name) is None:
+                contrastive[name] = getattr(saved, name, None) or default
+        top_p_run = {"do_sample": True, "top_p": top_p, "top_k": 0, "temperature": 1.0}
+        temperature_run = {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": temperature}
+        cd_run = {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": 1.0, **contrastive}
+        runs = {
+            "top-p": [(num_candidates, top_p_run)],
+            "temperature": [(num_candidates, temperature_run)],
+            "cd-k": [(num_candidates, cd_run)],
+            "pooled": [(math.ceil(num_candidates / 2), top_p_run), (num_candidates // 2, cd_run)],
+        }[decoding]
+        return [(n, kwargs) for n, kwargs in runs if n > 0]
 
     def _forward(
         self,
@@ -302,11 +325,11 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
         decoding: str = "top-p",
         num_images_per_prompt: int = 1,
         num_candidates: int | None = None,
-        top_p: float = 0.8,
+        top_p: float | None = None,
         temperature: float = 1.0,
-        contrastive_k: int = 5,
-        contrastive_alpha: float = 0.5,
-        amateur_temperature: float = 0.5,
+        contrastive_k: int | None = None,
+        contrastive_alpha: float | None = None,
+        amateur_temperature: float | None = None,
         generator: torch.Generator | None = None,
         progress_bar: bool = True,
         reranker=None,
@@ -314,22 +337,16 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
     ):
         num_candidates = num_images_per_prompt if num_candidates is None else num_candidates
         if guidance_scale is None:
-            guidance_scale = getattr(self.model.generation_config, "cfg_scale", None) or 3.0
-        if num_images_per_prompt < 1 or num_candidates < num_images_per_prompt:
-            raise ValueError(
-                f"Need 1 <= num_images_per_prompt ({num_images_per_prompt}) <= num_candidates ({num_candidates})."
-            )
-        if num_candidates > num_images_per_prompt and reranker is None:
-            raise ValueError("Generating more candidates than images to return needs a `reranker` (a CLIP model).")
-        cd_kwargs = dict(contrastive_k=contrastive_k, contrastive_alpha=contrastive_alpha,
-                         amateur_temperature=amateur_temperature)
+            guidance_scale = getattr(self.model.generation_config, "guidance_scale", None) or PAPER_GUIDANCE_SCALE
+        contrastive = dict(contrastive_k=contrastive_k, contrastive_alpha=contrastive_alpha,
+                           amateur_temperature=amateur_temperature)
         config = self.model.config
-        generate_kwargs, streamer = _image_generate_kwargs(config, generate_kwargs)
-        per_image = _generators(generator, num_candidates)
+        generate_kwargs, streamer = _image_generate_kwargs(generate_kwargs)
+        per_image = list(generator) if isinstance(generator, (list, tuple)) else None
         batch_size = model_inputs["input_ids"].shape[0]
         images, used = [], 0
-        for count, sampling in _sampling_runs(decoding, num_candidates, top_p, temperature, cd_kwargs):
-            guidance = {} if "contrastive_k" in sampling else {"cfg_scale": guidance_scale}
+        for count, sampling in self._sampling_runs(decoding, num_candidates, top_p, temperature, contrastive):
+            guidance = {} if "contrastive_k" in sampling else {"guidance_scale": guidance_scale}
             # One call for all `count` images, or one per image when each has its own generator.
             calls = [(count, generator)] if per_image is None else [(1, g) for g in per_image[used : used + count]]
             used += count
@@ -392,8 +409,6 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
         self, template=None, guidance_scale=None, image_guidance_scale="default", num_images_per_prompt=None,
         generator=None, progress_bar=None, output_type=None, **generate_kwargs,
     ):
-        _check_scale("guidance_scale", guidance_scale)
-        _check_scale("image_guidance_scale", None if image_guidance_scale == "default" else image_guidance_scale)
         preprocess = {"template": template} if template is not None else {}
         forward = {k: v for k, v in dict(
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
@@ -404,32 +419,29 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
         if generate_kwargs:
             forward["generate_kwargs"] = generate_kwargs
         postprocess = {k: v for k, v in dict(output_type=output_type, num_images_per_prompt=num_images_per_prompt).items() if v is not None}
+        self.check_inputs(_merged(self, preprocess, forward, postprocess))
         return preprocess, forward, postprocess
+
+    def check_inputs(self, params: dict) -> None:
+        """Every argument of a call, checked before any work (diffusers' `check_inputs`)."""
+        _check_common(self.model.config, params, params.get("num_images_per_prompt", 1))
+        _check_generator(params.get("generator"), 1)
+        template = params.get("template", EDIT_TEMPLATE)
+        if "{prompt}" not in template or template.count("<image>") != 1:
+            raise ValueError("`template` needs exactly one `<image>` and a `{prompt}` field.")
 
     def preprocess(self, inputs, template: str = EDIT_TEMPLATE):
         if inputs.get("image") is None:
             raise ValueError("Image-to-image needs the source image (`images`).")
         if not isinstance(inputs.get("prompt"), str) or not inputs["prompt"].strip():
             raise ValueError(f"Image-to-image needs an instruction (`prompt`), got {inputs.get('prompt')!r}.")
-        if "{prompt}" not in template or template.count("<image>") != 1:
-            raise ValueError("`template` needs exactly one `<image>` and a `{prompt}` field.")
-        image = [inputs["image"]]
-        full = _encode(self.processor, template.format(prompt=inputs["prompt"]), image)
-        image_only = _encode(self.processor, template.format(prompt=MASK_TOKEN), image)
-        uncond = _encode(self.processor, prompt_text(None, unconditional=True))
-        return {
-            **full,
-            "image_cond_input_ids": image_only["input_ids"],
-            "image_cond_attention_mask": image_only["attention_mask"],
-            "uncond_input_ids": uncond["input_ids"],
-            "uncond_attention_mask": uncond["attention_mask"],
-        }
+        return self.processor.encode_prompt(inputs["prompt"], image=inputs["image"], template=template)
 
     def _forward(
         self,
         model_inputs,
-        guidance_scale: float = 7.5,
-        image_guidance_scale: float | None = 1.5,
+        guidance_scale: float = PAPER_EDIT_GUIDANCE_SCALES["guidance_scale"],
+        image_guidance_scale: float | None = PAPER_EDIT_GUIDANCE_SCALES["image_guidance_scale"],
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         progress_bar: bool = True,
@@ -442,16 +454,17 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
         }
         if image_guidance_scale is not None:
             streams.update(
-                image_cfg_scale=image_guidance_scale,
+                image_guidance_scale=image_guidance_scale,
                 image_cond_input_ids=model_inputs["image_cond_input_ids"],
                 image_cond_attention_mask=model_inputs["image_cond_attention_mask"],
             )
-        sampling = {"do_sample": True, "top_p": 0.8, "top_k": 0, **(generate_kwargs or {})}
+        sampling = {"do_sample": True, "top_p": self.model.generation_config.top_p, "top_k": 0,
+                    **_image_generate_kwargs(generate_kwargs)[0]}
         bar = TokenProgressBar(config.image_seq_length, "image tokens", disable=not progress_bar)
         out = self.model.generate(
             input_ids=model_inputs["input_ids"],
             attention_mask=model_inputs["attention_mask"],
-            cfg_scale=guidance_scale,
+            guidance_scale=guidance_scale,
             generate_image=True,
             max_new_tokens=config.image_seq_length,
             num_return_sequences=num_images_per_prompt,

@@ -58,8 +58,7 @@ from transformers.utils.hub import hf_api
 
 from .atomic import atomic_directory
 from .image_tokenizer import Cm3LeonImageTokenizer
-from .layout import INFILL_CHAT_TEMPLATE
-from .layout import Cm3LeonLayout
+from .layout import EDIT_TEMPLATE, INFILL_CHAT_TEMPLATE, MASK_TOKEN, Cm3LeonLayout, build_retrieval_prompt, prompt_text
 from .tokenization_cm3leon import (
     BREAK_TOKEN,
     EOSS_TOKEN,
@@ -314,37 +313,62 @@ class Cm3LeonProcessor(ProcessorMixin):
         """Images → ids of the joint vocabulary, `(batch_size, image_seq_length)`: `image_token_offset + code`."""
         return self.image_tokenizer.encode(images) + self.image_token_offset
 
-    def unconditional_prompt(self, retrieved=None, images=None, return_tensors: str | None = None):
-        """The prompt of CFG's unconditional stream: `<eos> <mask:0> <break>` (CL §3.1, metaseq's demo).
+    def encode_prompt(self, prompt: str, negative_prompt: str | None = None, *, retrieved_documents: Sequence = (),
+                      image=None, template: str = EDIT_TEMPLATE) -> BatchFeature:
+        """Every stream of a generation prompt, as `Cm3LeonForCausalLM.generate` takes them (as diffusers'
+        `encode_prompt` returns the prompt's and the negative prompt's embeddings together). The layout is
+        `layout.py`'s:
 
-        With retrieval, the retrieved documents stay in front and only the query text is replaced by `<mask:0>`
-        `<eos> docs <mask:0> <break>`. (The CM3Leon demo drops the `<mask:0> <break>` tail in that case;
-        we keep it, so that the unconditional stream always ends where image generation starts.)
+        - **text-to-image**: `input_ids` = `<eos> [doc1 <break> … docN <break>] prompt <break>`; `uncond_input_ids`
+          (CFG's stream, CL §3.1) = the same with `<mask:0>` in the prompt's place, or `negative_prompt` when given;
+          retrieved documents stay in front of both.
+        - **image-conditioned** (`image` given; editing, CL §4.1): `input_ids` = `template` (one `<image>`, the
+          instruction in `{prompt}`) with `image`; `image_cond_input_ids` (instruct-CFG's image-only stream) = the same
+          with `<mask:0>` in the instruction's place; `uncond_input_ids` = `<eos> <mask:0> <break>`.
 
         Args:
-            retrieved: the retrieved documents, either as text in the document format (e.g.
-                `"a red star <break> <image> <break>"`, with their `images`) or as ids (without a leading `<eos>`);
-                either way one run `doc1 <break> … docN <break>`, each document followed by `<break>`.
-            images: the images of `retrieved`'s `<image>` placeholders.
-            return_tensors: `None` for a list of ids, `"pt"` for a `(1, sequence_length)` tensor.
+            prompt (`str`): the text (or the instruction, with `image`).
+            negative_prompt (`str`, *optional*): the unconditional stream's text instead of `<mask:0>`.
+            retrieved_documents (*optional*): documents put in front (`RetrievedDocument`s: `text` and `image`).
+            image (*optional*): the source image of an image-conditioned prompt.
+            template (`str`, defaults to `EDIT_TEMPLATE`): the image-conditioned prompt's form.
 
+        Returns:
+            `BatchFeature` of `(1, length)` tensors: `input_ids`, `attention_mask`, `uncond_input_ids`,
+            `uncond_attention_mask`, and with `image` also `image_cond_input_ids`, `image_cond_attention_mask`.
+
+        Example:
+
+        ```python
         >>> from cm3leon_hf.pretrained import TINY_PATH
-        >>> Cm3LeonProcessor.from_pretrained(TINY_PATH).unconditional_prompt()
-        [1, 4, 2]
+        >>> processor = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+        >>> streams = processor.encode_prompt("a red star")
+        >>> streams["uncond_input_ids"].tolist()  # <eos> <mask:0> <break>
+        [[1, 4, 2]]
+        >>> processor.decode(streams["input_ids"][0])
+        ['<eos> a red star <break>']
+
+        ```
         """
-        if retrieved is None:
-            documents = []
-        elif isinstance(retrieved, str):
-            documents = self(retrieved, images=images, prepend_eos=False)["input_ids"][0]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"The prompt must be a non-empty string, got {prompt!r}.")
+        if image is not None:
+            if retrieved_documents:
+                raise ValueError("An image-conditioned prompt takes no retrieved documents.")
+            if "{prompt}" not in template or template.count(IMAGE_TOKEN) != 1:
+                raise ValueError(f"`template` needs exactly one `{IMAGE_TOKEN}` and a `{{prompt}}` field.")
+            streams = {"": (template.format(prompt=prompt), [image]),
+                       "image_cond_": (template.format(prompt=MASK_TOKEN), [image]),
+                       "uncond_": (prompt_text(None, unconditional=True), None)}
         else:
-            if images is not None:
-                raise ValueError("`images` go with a text `retrieved`, not with ids.")
-            documents = [int(i) for i in retrieved]
-        if documents and documents[-1] != self.break_token_id:
-            raise ValueError("The retrieved documents end with `<break>` (`text <break> <image> <break>` each).")
-        # One flat run of laid-out documents `doc1 <break> … docN <break>`: the layout adds the last `<break>` back.
-        ids = self.layout.unconditional_prompt([documents[:-1]] if documents else [])
-        return ids if return_tensors is None else BatchFeature({"input_ids": [ids]}, tensor_type=return_tensors)["input_ids"]
+            unconditional = negative_prompt is None  # the paper's stream: the text replaced by <mask:0>
+            streams = {"": build_retrieval_prompt(retrieved_documents, prompt),
+                       "uncond_": build_retrieval_prompt(retrieved_documents, negative_prompt, unconditional=unconditional)}
+        encoded = {}
+        for prefix, (text, images) in streams.items():
+            batch = self(text, images=images or None, return_tensors="pt")
+            encoded.update({f"{prefix}input_ids": batch["input_ids"], f"{prefix}attention_mask": batch["attention_mask"]})
+        return BatchFeature(encoded)
 
     # -------------------------------------------------------------------------------------------- decoding
 

@@ -29,7 +29,7 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
   image, merges them without duplicates (topping up from the next-ranked candidates when the two lists overlap), and
   samples 3 in random order with a seeded generator. `training/pretokenize.py` does it once for a whole training set
   (resumably, storing the documents' rows for `Cm3LeonDataCollator`).
-- **Prompt layout** (metaseq's CM3Leon prompt builder), written once in `layout.py` (`prompt_text`): conditional
+- **Prompt layout** (metaseq's CM3Leon prompt builder), written once in `layout.py` (`build_retrieval_prompt`): conditional
   `<eos> t1 <break> <image> <break> t2 <break> <image> <break> query <break>`; unconditional (CFG) keeps the documents
   and replaces the query text by `<mask:0>`: `<eos> t1 <break> <image> <break> … <mask:0> <break>`, which is exactly
   the no-retrieval unconditional prompt `<eos> <mask:0> <break>` with the documents in front, so both streams end with
@@ -45,7 +45,7 @@ from itertools import zip_longest
 import numpy as np
 from PIL import Image
 
-from .layout import prompt_text
+from .layout import build_retrieval_prompt  # noqa: F401  (re-exported: the prompt of retrieved documents)
 from .memory_bank import CONTENT_HASH_COLUMN, SOURCE_INDEX_COLUMN, Cm3LeonMemoryBank, content_hash
 
 
@@ -311,47 +311,3 @@ def _distinct(documents, limit, seen=()):
             out.append(doc)
             keys.update((doc.row, doc.content_hash))
     return out
-
-
-def build_retrieval_prompt(documents: Sequence[RetrievedDocument], query_text: str | None = None, *,
-                           unconditional: bool = False, image_field: str = "image",
-                           prepend_eos: bool = False) -> tuple[str, list]:
-    """The marker text and images of a retrieval-augmented prompt, for `Cm3LeonProcessor` (`layout.prompt_text`).
-
-    metaseq's CM3Leon prompt is `[<eos>] + Σ(text <break> image <break>) + query_text <break>`. The `<eos>` is the
-    processor's to add (it starts every document with `<eos>` by default), so the text starts with the first document:
-
-    - conditional: `"{t1} <break> <image> <break> {t2} <break> <image> <break> {query_text} <break>"`;
-    - unconditional (the CFG stream, CL §3.1: documents kept, query text dropped): the query text becomes `<mask:0>`,
-      `"{t1} <break> <image> <break> … <mask:0> <break>"`; with no documents this is `"<mask:0> <break>"`, the
-      no-retrieval unconditional prompt `<eos> <mask:0> <break>` once the processor adds `<eos>`.
-
-    Args:
-        documents: retrieved documents, in prompt order.
-        query_text: the query's text (required for the conditional prompt, ignored by the unconditional one).
-        image_field: `"image"` (PIL images, for the processor) or `"image_ids"` (VQ codes): which document attribute
-            fills the `<image>` markers.
-        prepend_eos: start the text with a literal `"<eos> "` (for a processor called with `prepend_eos=False`).
-
-    Returns:
-        `(text, images)`: `text` with one `<image>` marker per document, `images` the matching images in order.
-
-    >>> doc = RetrievedDocument(row=0, score=0.8, text="a red circle", image=None, image_ids=[7, 8], input_ids=None,
-    ...                         source_index=0, content_hash="", query_modality="text")
-    >>> build_retrieval_prompt([doc], "a red square", image_field="image_ids")
-    ('a red circle <break> <image> <break> a red square <break>', [[7, 8]])
-    >>> build_retrieval_prompt([doc], unconditional=True, image_field="image_ids", prepend_eos=True)[0]
-    '<eos> a red circle <break> <image> <break> <mask:0> <break>'
-    """
-    if image_field not in ("image", "image_ids"):
-        raise ValueError(f"image_field must be 'image' or 'image_ids', got {image_field!r}.")
-    if not unconditional and query_text is None:
-        raise ValueError("The conditional prompt needs a query_text.")
-    images = []
-    for doc in documents:
-        image = getattr(doc, image_field)
-        if image is None:
-            raise ValueError(f"Document at bank row {doc.row} has no {image_field!r}.")
-        images.append(image)
-    texts = [doc.text for doc in documents]
-    return prompt_text(query_text, texts, unconditional=unconditional, prepend_eos=prepend_eos), images
