@@ -11,16 +11,12 @@ ours / OPT (≥ 1.0 means we are at least as fast).
 import argparse
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_modeling_cm3leon import to_opt  # noqa: E402  (the parity test's weight mapping)
-
-from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM  # noqa: E402
+from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
+from cm3leon_hf.convert_opt import to_opt  # the parity test's weight mapping
 
 OPT_125M_DIMS = dict(
     text_vocab_size=41_952,  # + 8,192 image codes = 50,144, about OPT's 50,272

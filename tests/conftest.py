@@ -1,4 +1,5 @@
-"""Test settings: offline, one torch thread (tiny models run slower with two on this 2-core machine), determinism."""
+"""Test settings (offline, one torch thread: tiny models run slower with two on this 2-core machine, determinism) and
+the helpers several test files share (`random_model`, `left_padded`)."""
 
 import os
 
@@ -21,6 +22,27 @@ def tiny_config():
     from cm3leon_hf import Cm3LeonConfig
 
     return Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")
+
+
+def random_model(config, seed: int = 0, std: float = 0.05):
+    """A `Cm3LeonForCausalLM` with every weight drawn from N(0, std). The paper's init zeroes the residual projections,
+    which would make attention and feed-forward invisible in the logits and the tests blind to them."""
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    torch.manual_seed(seed)
+    model = Cm3LeonForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, std)
+    return model
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded batch: `(input_ids, attention_mask)`."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
 
 
 def transformers_environments() -> list[tuple[str, dict]]:

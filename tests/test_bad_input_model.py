@@ -6,8 +6,7 @@ import torch
 
 from cm3leon_hf import Cm3LeonConfig
 from cm3leon_hf.logits_process import BatchedClassifierFreeGuidanceLogitsProcessor
-from conftest import HUB_CONFIGS
-from test_modeling_cm3leon import random_model
+from conftest import HUB_CONFIGS, random_model
 
 
 @pytest.fixture(scope="module")

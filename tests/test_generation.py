@@ -13,7 +13,7 @@ from cm3leon_hf.logits_process import (
     ImageTokenConstraintLogitsProcessor,
     InstructClassifierFreeGuidanceLogitsProcessor,
 )
-from test_modeling_cm3leon import left_padded, random_model
+from conftest import left_padded, random_model
 
 NEG_INF = float("-inf")
 

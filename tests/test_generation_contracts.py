@@ -11,8 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
-from conftest import HUB_CONFIGS
-from test_modeling_cm3leon import random_model
+from conftest import HUB_CONFIGS, random_model
 
 
 @pytest.fixture

@@ -3,65 +3,11 @@ initialisation, and clear errors."""
 
 import pytest
 import torch
-from transformers import DynamicCache, OPTConfig, OPTForCausalLM
+from transformers import DynamicCache
 
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
-
-
-def random_model(config: Cm3LeonConfig, seed: int = 0, std: float = 0.05) -> Cm3LeonForCausalLM:
-    """Our model with every weight drawn from N(0, std). The paper's init zeroes the residual projections, which
-    would make attention and feed-forward invisible in the logits and these tests blind to them."""
-    torch.manual_seed(seed)
-    model = Cm3LeonForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, std)
-    return model
-
-
-def to_opt(model: Cm3LeonForCausalLM) -> OPTForCausalLM:
-    """transformers' OPT configured as CM3Leon (pre-LN, no bias, no LN affine, ReLU, tied head) with our weights."""
-    c = model.config
-    opt_config = OPTConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        word_embed_proj_dim=c.hidden_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        ffn_dim=c.intermediate_size,
-        max_position_embeddings=c.max_position_embeddings,
-        activation_function="relu",
-        do_layer_norm_before=True,
-        enable_bias=False,
-        layer_norm_elementwise_affine=False,
-        dropout=0.0,
-        attention_dropout=0.0,
-        tie_word_embeddings=True,
-        pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-    )
-    opt = OPTForCausalLM(opt_config).eval()
-    ours = model.state_dict()
-    positions = opt.model.decoder.embed_positions.weight.detach().clone()
-    positions[2:] = ours["model.embed_positions.weight"]  # OPT keeps two spare rows in front
-    mapped = {
-        "model.decoder.embed_tokens.weight": ours["model.embed_tokens.weight"],
-        "model.decoder.embed_positions.weight": positions,
-        "lm_head.weight": ours["lm_head.weight"],
-    }
-    for key, value in ours.items():
-        if key.startswith("model.layers."):
-            mapped["model.decoder.layers." + key.removeprefix("model.layers.")] = value
-    opt.load_state_dict(mapped, strict=True)
-    return opt
-
-
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
+from cm3leon_hf.convert_opt import to_opt
+from conftest import left_padded, random_model
 
 
 @pytest.fixture

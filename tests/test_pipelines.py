@@ -23,8 +23,7 @@ from cm3leon_hf.pipelines import TokenProgressBar, _sampling_runs
 from cm3leon_hf.pretrained import CLIP_PATH
 from cm3leon_hf.synthetic import build_task
 from cm3leon_hf.tokenization_cm3leon import train_text_tokenizer
-from conftest import HUB_CONFIGS, transformers_environments
-from test_modeling_cm3leon import random_model
+from conftest import HUB_CONFIGS, random_model, transformers_environments
 
 
 @pytest.fixture(scope="module")

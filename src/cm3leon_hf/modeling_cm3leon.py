@@ -5,7 +5,8 @@ Read top to bottom: position embedding → attention → decoder layer → `Cm3L
 The paper's changes to OPT are all here: no bias terms, no dropout, LayerNorm without learnable parameters, sequence
 length 4096, truncated-normal init (std 0.006, ±3σ), zero-initialised output projections and learned absolute
 positions initialised with std 0.0002. With those switches, transformers' `OPTForCausalLM` computes the same function
-(`tests/test_modeling_cm3leon.py` maps the weights across and compares logits); two differences are ours on purpose:
+(`convert_opt.to_opt` maps the weights across; `tests/test_modeling_cm3leon.py` compares logits); two differences are
+ours on purpose:
 position ids of a packed row restart per document and the mask keeps each document to itself, and padded positions
 embed position 0 instead of OPT's spare row.
 """
