@@ -11,8 +11,6 @@ position ids of a packed row restart per document and the mask keeps each docume
 embed position 0 instead of OPT's spare row.
 """
 
-import os
-import tempfile
 from collections.abc import Callable
 
 import torch
@@ -30,15 +28,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .atomic import atomic_directory
 from .configuration_cm3leon import Cm3LeonConfig
 from .generation_cm3leon import Cm3LeonDecodingPlan, Cm3LeonGenerationMixin
-
-
-def _is_weights_file(name: str) -> bool:
-    """Weights of an earlier save (maybe sharded otherwise): not carried over into a new save's directory."""
-    return name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")) and not name.startswith(
-        "diffusion_pytorch_model")
+from .hub import Cm3LeonHubMixin
 
 
 class Cm3LeonLearnedPositionalEmbedding(nn.Embedding):
@@ -342,7 +334,7 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
-class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, Cm3LeonGenerationMixin):
+class Cm3LeonForCausalLM(Cm3LeonHubMixin, Cm3LeonPreTrainedModel, Cm3LeonGenerationMixin):
     r"""
     CM3Leon with its LM head (tied to the token embeddings): next-token logits over text, special tokens and image
     codes.
@@ -447,77 +439,6 @@ class Cm3LeonForCausalLM(Cm3LeonPreTrainedModel, Cm3LeonGenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        is_main_process: bool = True,
-        *args,
-        model_card_kwargs: dict | None = None,
-        **kwargs,
-    ) -> None:
-        """`PreTrainedModel.save_pretrained` (config, safetensors weights, and this code with `auto_map` for
-        `trust_remote_code`) plus a `README.md` model card rendered from the package's `model_card.md`.
-
-        The directory is written as a whole (`atomic.atomic_directory`): a kill while saving over an earlier copy leaves
-        that copy, not new files beside old ones. Files of other savers already there (a processor's) are kept;
-        weights of an earlier save are replaced.
-
-        Args:
-            model_card_kwargs (`dict`, *optional*):
-                Passed to `cm3leon_hf.modelcard.build_model_card` (e.g. `training_data`, `repo_id`, `license`).
-        """
-        if self._auto_class is not None:  # the saved code also serves `AutoModel` and image-text-to-text
-            self.config.auto_map = {
-                **(getattr(self.config, "auto_map", None) or {}),
-                "AutoModel": "modeling_cm3leon.Cm3LeonModel",
-                "AutoModelForImageTextToText": "modeling_cm3leon.Cm3LeonForCausalLM",
-            }
-        if not is_main_process or kwargs.get("push_to_hub"):
-            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-            return
-        with atomic_directory(save_directory, skip=_is_weights_file) as staging:
-            super().save_pretrained(staging, is_main_process, *args, **kwargs)
-            try:  # the template ships with the package; this file loaded as remote code without it saves no card
-                from cm3leon_hf.modelcard import build_model_card, save_model_card
-            except ImportError:
-                return
-            save_model_card(build_model_card(self, **(model_card_kwargs or {})), staging)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-        model_card_kwargs: dict | None = None,
-    ) -> str:
-        """Upload the model with `save_pretrained`'s files to the Hub in one commit. Unlike
-        `PreTrainedModel.push_to_hub`, the README is this model's card (`model_card.md`), not transformers' generic
-        one; `tags` are added to the card's metadata."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
-        card_kwargs["tags"] = [*card_kwargs.get("tags", []), *(tags or [])]
-        with tempfile.TemporaryDirectory() as work_dir:
-            self.save_pretrained(work_dir, max_shard_size=max_shard_size, model_card_kwargs=card_kwargs)
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=work_dir,
-                commit_message=commit_message or f"Upload {type(self).__name__}",
-                commit_description=commit_description,
-                revision=revision,
-                create_pr=create_pr,
-            )
-        return commit
 
 
 __all__ = ["Cm3LeonDecodingPlan", "Cm3LeonForCausalLM", "Cm3LeonModel", "Cm3LeonPreTrainedModel"]
