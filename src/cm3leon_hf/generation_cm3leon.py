@@ -56,6 +56,7 @@ from .logits_process import (
     STREAM_PROCESSORS,
     BatchedClassifierFreeGuidanceLogitsProcessor,
     ContrastiveDecodingLogitsProcessor,
+    GeneratorSamplingLogitsProcessor,
     ImageTokenConstraintLogitsProcessor,
     InstructClassifierFreeGuidanceLogitsProcessor,
     next_token_modality,
@@ -131,41 +132,6 @@ def image_steps_ahead(input_ids: torch.LongTensor, config, generate_image: bool 
     run = trailing_image_run(input_ids, config.image_token_offset, config.image_vocab_size)
     left = torch.where(state == IMAGE, config.image_seq_length - run % config.image_seq_length, 0)
     return int(left.min())
-
-
-class GeneratorSamplingLogitsProcessor(LogitsProcessor):
-    r"""Draws each sampled token from the caller's `torch.Generator` (Gumbel-max: `argmax(scores + G)` with
-    `G = -log(-log(U))` is a draw from `softmax(scores)`), so that a seed means the same tokens whatever else uses the
-    process-wide RNG at the same time (other threads of a server, other libraries), as diffusers pipelines draw from
-    theirs. It runs last, after temperature, top-k and top-p, and returns 0 at the drawn token and `-inf` elsewhere:
-    transformers' sampling step then returns that token, whatever its own RNG draws.
-
-    Args:
-        generator (`torch.Generator`): the stream to draw from; it advances, so successive calls differ.
-
-    Example:
-
-    ```python
-    >>> import torch
-    >>> from cm3leon_hf.generation_cm3leon import GeneratorSamplingLogitsProcessor
-    >>> scores = torch.tensor([[0.0, 2.0, float("-inf")]])
-    >>> draw = lambda seed: GeneratorSamplingLogitsProcessor(torch.Generator().manual_seed(seed))(None, scores)
-    >>> [int(draw(seed).argmax()) for seed in range(6)]  # token 1 is e^2 ≈ 7.4 times as likely as token 0; 2 never
-    [1, 1, 1, 1, 1, 0]
-
-    ```
-    """
-
-    def __init__(self, generator: torch.Generator):
-        if not isinstance(generator, torch.Generator):
-            raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
-        self.generator = generator
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
-        drawn = (scores.float() + gumbel.to(scores.device)).argmax(dim=-1, keepdim=True)
-        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
 
 
 class Cm3LeonGenerationMixin(GenerationMixin):
@@ -558,4 +524,4 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         return LogitsProcessorList([*first, *middle, *last])
 
 
-__all__ = ["CONTRASTIVE_K", "DECODING_DEFAULTS", "SAMPLING_DEFAULTS", "Cm3LeonDecodingPlan", "Cm3LeonGenerationMixin", "GeneratorSamplingLogitsProcessor"]
+__all__ = ["CONTRASTIVE_K", "DECODING_DEFAULTS", "SAMPLING_DEFAULTS", "Cm3LeonDecodingPlan", "Cm3LeonGenerationMixin"]

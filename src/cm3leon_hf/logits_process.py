@@ -1,5 +1,5 @@
 """Logits processors for CM3Leon decoding (CL §3.1, §4.1): batched classifier-free guidance, instruct-CFG for
-editing, CD-K contrastive decoding, and the image-token constraint.
+editing, CD-K contrastive decoding, the image-token constraint, and sampling from a caller's `torch.Generator`.
 
 Guided decoding runs several *streams* of the same prompt in one batch — conditional, unconditional (`<mask>` instead
 of the text), and for editing image-conditional — and feeds every stream the same sampled token. The model stacks the
@@ -311,6 +311,41 @@ class ContrastiveDecodingLogitsProcessor(LogitsProcessor):
         kth = log_p_expert.topk(k, dim=-1).values[:, -1:]  # (batch, 1)
         plausible = (log_p_expert >= kth + math.log(self.alpha)) & log_p_expert.isfinite()
         return torch.where(plausible, log_p_expert - log_p_amateur, float("-inf"))
+
+
+class GeneratorSamplingLogitsProcessor(LogitsProcessor):
+    r"""Draws each sampled token from the caller's `torch.Generator` (Gumbel-max: `argmax(scores + G)` with
+    `G = -log(-log(U))` is a draw from `softmax(scores)`), so that a seed means the same tokens whatever else uses the
+    process-wide RNG at the same time (other threads of a server, other libraries), as diffusers pipelines draw from
+    theirs. It runs last, after temperature, top-k and top-p, and returns 0 at the drawn token and `-inf` elsewhere:
+    transformers' sampling step then returns that token, whatever its own RNG draws.
+
+    Args:
+        generator (`torch.Generator`): the stream to draw from; it advances, so successive calls differ.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from cm3leon_hf.logits_process import GeneratorSamplingLogitsProcessor
+    >>> scores = torch.tensor([[0.0, 2.0, float("-inf")]])
+    >>> draw = lambda seed: GeneratorSamplingLogitsProcessor(torch.Generator().manual_seed(seed))(None, scores)
+    >>> [int(draw(seed).argmax()) for seed in range(6)]  # token 1 is e^2 ≈ 7.4 times as likely as token 0; 2 never
+    [1, 1, 1, 1, 1, 0]
+
+    ```
+    """
+
+    def __init__(self, generator: torch.Generator):
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+        drawn = (scores.float() + gumbel.to(scores.device)).argmax(dim=-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
 
 
 STREAM_PROCESSORS = (
