@@ -65,9 +65,18 @@ def test_cfg_formula_and_masked_tokens():
 
 
 def test_instruct_cfg_formula():
-    full, uncond, image = torch.randn(3, 2, 5).unbind(0)
-    out = InstructClassifierFreeGuidanceLogitsProcessor(1.5, 7.5)(IDS, torch.cat([full, uncond, image]))
-    torch.testing.assert_close(out, uncond + 1.5 * (image - uncond) + 7.5 * (full - image))
+    full = torch.tensor([[3.0, 0.0, NEG_INF], [1.0, 2.0, 0.5]])
+    uncond = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.5]])
+    image = torch.tensor([[2.0, 0.0, 1.0], [0.0, 2.0, 0.5]])
+    streams = torch.cat([full, uncond, image])
+    out = InstructClassifierFreeGuidanceLogitsProcessor(1.5, 7.5)(IDS, streams)
+    # uncond + 1.5 (image - uncond) + 7.5 (full - image); a token the full prompt rules out stays ruled out
+    expected = torch.tensor([[10.0, 0.0, NEG_INF], [7.0, 3.0, 0.5]])
+    torch.testing.assert_close(out, expected)
+    assert not out.isnan().any()
+    # Both scales 1: the full prompt alone; both 0: the unconditional stream alone.
+    torch.testing.assert_close(InstructClassifierFreeGuidanceLogitsProcessor(1.0, 1.0)(IDS, streams), full)
+    torch.testing.assert_close(InstructClassifierFreeGuidanceLogitsProcessor(0.0, 0.0)(IDS, streams)[1], uncond[1])
 
 
 def test_contrastive_decoding_formula_ties_and_edges():

@@ -62,10 +62,11 @@ def random_spans(rng, layout, ids, max_spans):
 
 
 def test_layout_of_config_and_processor_agree(layout, processor):
-    assert layout == Cm3LeonLayout.of(processor) == processor.layout
-    specials = (layout.eos_token_id, layout.break_token_id, layout.eoss_token_id, layout.pad_token_id)
-    assert specials == (EOS, BREAK, EOSS, PAD)
-    assert layout.mask_token_id == MASK and layout.sentinel_token_ids == tuple(range(4, 20))
+    for source in (layout, processor.layout):  # the tiny configuration's and its shipped processor's
+        specials = (source.eos_token_id, source.break_token_id, source.eoss_token_id, source.pad_token_id)
+        assert specials == (EOS, BREAK, EOSS, PAD)
+        assert source.mask_token_id == MASK and source.sentinel_token_ids == tuple(range(4, 20))
+        assert (source.image_token_offset, source.image_vocab_size, source.image_seq_length) == (1024, 2048, 64)
     assert layout.structural_token_ids == frozenset(range(20))
     assert layout.is_image_token(1024) and layout.is_image_token(3071)
     assert not layout.is_image_token(1023) and not layout.is_image_token(3072)
@@ -82,9 +83,8 @@ def test_documents_sequences_and_prompts_have_the_documented_forms(layout):
     assert layout.prompt(query) == [EOS, *query, BREAK]  # <eos> text <break>
     assert layout.prompt(query, retrieved) == [EOS, *retrieved[0], BREAK, *retrieved[1], BREAK, *query, BREAK]
     assert layout.unconditional_prompt() == [EOS, MASK, BREAK]  # <eos> <mask:0> <break>
-    assert layout.unconditional_prompt(retrieved) == [EOS, *retrieved[0], BREAK, *retrieved[1], BREAK, MASK, BREAK]
     # The unconditional stream is the conditional one with the text replaced by <mask:0>; both continue with an image.
-    assert layout.unconditional_prompt(retrieved) == layout.prompt([MASK], retrieved)
+    assert layout.unconditional_prompt(retrieved) == [EOS, *retrieved[0], BREAK, *retrieved[1], BREAK, MASK, BREAK]
     # A training sample whose query is the prompt continued by its image and <eos>.
     assert layout.sequence(layout.document(query, image), retrieved) == [*layout.prompt(query, retrieved), *image, EOS]
 
