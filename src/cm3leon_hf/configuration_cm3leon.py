@@ -161,6 +161,13 @@ class Cm3LeonConfig(PreTrainedConfig):
 
     def _validate_layout(self) -> None:
         """Raise a `ValueError` naming the field for every invalid size or overlapping id range."""
+        self._check_field_types()
+        self._check_sizes()
+        self._check_special_ids()
+
+    def _check_field_types(self) -> None:
+        """Sizes are positive integers, offsets integers, initialisation scales finite positive numbers, and the
+        activation one transformers knows."""
         positive = (
             "text_vocab_size",
             "image_vocab_size",
@@ -186,6 +193,10 @@ class Cm3LeonConfig(PreTrainedConfig):
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` {self.hidden_act!r} is not an activation transformers knows (e.g. 'relu', "
                              f"'gelu', 'silu').")
+
+    def _check_sizes(self) -> None:
+        """The heads divide the width, the image ids follow the text ids inside the vocabulary, a prompt and an image
+        fit the context, and there is at least one sentinel."""
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` ({self.hidden_size})."
@@ -210,6 +221,10 @@ class Cm3LeonConfig(PreTrainedConfig):
             raise ValueError(
                 f"`num_sentinel_tokens` must be at least 1 (`<mask:0>` is CFG's `<mask>`), got {self.num_sentinel_tokens}."
             )
+
+    def _check_special_ids(self) -> None:
+        """Every special id lies in the text range; `<pad>`, `<eos>`, `<break>`, `<eoss>` are distinct and outside the
+        sentinels; `<bos>` is `<eos>` or an id of its own."""
         singles = {
             "pad_token_id": self.pad_token_id,
             "eos_token_id": self.eos_token_id,
