@@ -125,85 +125,111 @@ def _scan(text: str) -> list[_Item]:
     toks = _tokens(text)
     items: list[_Item] = []
     i = 0
-
-    def at(k: int):
-        return toks[k] if k < len(toks) else None
-
     while i < len(toks):
-        t = toks[i]
-        if isinstance(t, tuple):
-            items.append(_Item("box", t))
-            i += 1
-            continue
-        # relations ("to the left of" before positions: it contains "the left")
-        rel = next((name for words, name in _RELATIONS if tuple(toks[i : i + len(words)]) == words), None)
-        if rel is not None:
-            items.append(_Item("relation", rel))
-            i += len(next(w for w, n in _RELATIONS if n == rel and tuple(toks[i : i + len(w)]) == w))
-            continue
-        # positions: [prep] the <position> [corner|edge|side|cell]
-        j, prep = i, None
-        if t in ("at", "on", "in", "to") and at(i + 1) == "the":
-            prep, j = t, i + 1
-        if at(j) == "the":
-            words = next((w for w in _POSITION_WORDS if tuple(toks[j + 1 : j + 1 + len(w)]) == w), None)
-            if words is not None:
-                k = j + 1 + len(words)
-                if at(k) in ("corner", "edge", "side", "cell"):
-                    k += 1
-                items.append(_Item("position", " ".join(words), prep))
-                i = k
-                continue
-        # background
-        if t in BACKGROUNDS and at(i + 1) == "background":
-            items.append(_Item("background", t))
-            i += 2
-            continue
-        if t == "background" and at(i + 1) == "is" and at(i + 2) in BACKGROUNDS:
-            items.append(_Item("background", at(i + 2)))
-            i += 3
-            continue
-        # objects: [det] [size] [color] noun [in color]
-        k, det = i, None
-        if t in _DETERMINERS:
-            det, k = t, i + 1
-        size = at(k) if at(k) in SIZES else None
-        k += size is not None
-        color = at(k) if at(k) in COLORS else None
-        k += color is not None
-        noun = at(k)
-        if isinstance(noun, str) and (noun in SHAPES or noun in _SINGULAR or noun in _GENERIC):
-            k += 1
-            if color is None and at(k) == "in" and at(k + 1) in COLORS:
-                color, k = at(k + 1), k + 2
-            plural = noun in _SINGULAR or _GENERIC.get(noun, False)
-            shape = noun if noun in SHAPES else _SINGULAR.get(noun)
-            number = _NUMBERS.get(det) if det is not None else None
-            if number is not None and (number > 1) != plural:
-                raise ValueError(f"cannot parse {text!r}: {det!r} does not agree with {noun!r}")
-            words = _ObjectWords(size, color, shape, number, plural)
-            if not words.has_attributes and det in _NUMBERS:
-                items.append(_Item("count", words))  # "two shapes": a summary
-            elif not words.has_attributes and plural:
-                pass  # "all the objects": no particular object
-            else:
-                items.append(_Item("object", words))
-            i = k
-            continue
+        # The first reader that recognises the words at i wins: relations before positions ("to the left of"
+        # contains "the left"), objects last before single words.
+        for read in (_read_box, _read_relation, _read_position, _read_background, _read_object):
+            step = read(text, toks, i)
+            if step is not None:
+                item, i = step
+                break
+        else:
+            item, i = _read_word(text, toks, i), i + 1
+        if item is not None:
+            items.append(item)
+    return items
+
+
+# Each reader looks at the words from `i`: None if they are not its kind, else `(item or None, index after them)`.
+_Step = tuple[_Item | None, int] | None
+
+
+def _at(toks: list, k: int):
+    return toks[k] if k < len(toks) else None
+
+
+def _read_box(text: str, toks: list, i: int) -> _Step:
+    """`(x1, y1) -> (x2, y2)`, already one token."""
+    return (_Item("box", toks[i]), i + 1) if isinstance(toks[i], tuple) else None
+
+
+def _read_relation(text: str, toks: list, i: int) -> _Step:
+    """The longest relation phrase starting at `i` ("to the left of" before "left of")."""
+    words, name = next(((w, n) for w, n in _RELATIONS if tuple(toks[i : i + len(w)]) == w), (None, None))
+    return (_Item("relation", name), i + len(words)) if words is not None else None
+
+
+def _read_position(text: str, toks: list, i: int) -> _Step:
+    """`[at|on|in|to] the <position> [corner|edge|side|cell]`."""
+    j, prep = i, None
+    if toks[i] in ("at", "on", "in", "to") and _at(toks, i + 1) == "the":
+        prep, j = toks[i], i + 1
+    if _at(toks, j) != "the":
+        return None
+    words = next((w for w in _POSITION_WORDS if tuple(toks[j + 1 : j + 1 + len(w)]) == w), None)
+    if words is None:
+        return None
+    k = j + 1 + len(words)
+    if _at(toks, k) in ("corner", "edge", "side", "cell"):
+        k += 1
+    return _Item("position", " ".join(words), prep), k
+
+
+def _read_background(text: str, toks: list, i: int) -> _Step:
+    """`<colour> background` or `background is <colour>`."""
+    t = toks[i]
+    if t in BACKGROUNDS and _at(toks, i + 1) == "background":
+        return _Item("background", t), i + 2
+    if t == "background" and _at(toks, i + 1) == "is" and _at(toks, i + 2) in BACKGROUNDS:
+        return _Item("background", _at(toks, i + 2)), i + 3
+    return None
+
+
+def _read_object(text: str, toks: list, i: int) -> _Step:
+    """`[det] [size] [color] noun [in color]`: an object, a count ("two shapes") or nothing in particular ("all the
+    objects"). A determiner with a size or colour but no noun is an error."""
+    k, det = i, None
+    if toks[i] in _DETERMINERS:
+        det, k = toks[i], i + 1
+    size = _at(toks, k) if _at(toks, k) in SIZES else None
+    k += size is not None
+    color = _at(toks, k) if _at(toks, k) in COLORS else None
+    k += color is not None
+    noun = _at(toks, k)
+    if not (isinstance(noun, str) and (noun in SHAPES or noun in _SINGULAR or noun in _GENERIC)):
         if det is not None and (size is not None or color is not None):
             raise ValueError(f"cannot parse {text!r}: {' '.join(map(str, toks[i:k + 1]))!r} names no shape")
-        if t in COLORS:
-            items.append(_Item("color", t))
-        elif t in BACKGROUNDS:
-            raise ValueError(f"cannot parse {text!r}: {t!r} is a background colour, not an object colour")
-        elif t in _SEPARATORS:
-            items.append(_Item("sep"))
-        elif t in SIZES or t in _NUMBERS:
-            raise ValueError(f"cannot parse {text!r}: {t!r} does not describe an object")
-        elif t not in _FILLERS:
-            raise ValueError(f"cannot parse {text!r}: unknown word {t!r}")
-        i += 1
-    return items
+        return None
+    k += 1
+    if color is None and _at(toks, k) == "in" and _at(toks, k + 1) in COLORS:
+        color, k = _at(toks, k + 1), k + 2
+    plural = noun in _SINGULAR or _GENERIC.get(noun, False)
+    shape = noun if noun in SHAPES else _SINGULAR.get(noun)
+    number = _NUMBERS.get(det) if det is not None else None
+    if number is not None and (number > 1) != plural:
+        raise ValueError(f"cannot parse {text!r}: {det!r} does not agree with {noun!r}")
+    words = _ObjectWords(size, color, shape, number, plural)
+    if not words.has_attributes and det in _NUMBERS:
+        return _Item("count", words), k  # "two shapes": a summary
+    if not words.has_attributes and plural:
+        return None, k  # "all the objects": no particular object
+    return _Item("object", words), k
+
+
+def _read_word(text: str, toks: list, i: int) -> _Item | None:
+    """One word no reader took: a bare colour, a separator or a filler (None); anything else is an error."""
+    t = toks[i]
+    if t in COLORS:
+        return _Item("color", t)
+    if t in BACKGROUNDS:
+        raise ValueError(f"cannot parse {text!r}: {t!r} is a background colour, not an object colour")
+    if t in _SEPARATORS:
+        return _Item("sep")
+    if t in SIZES or t in _NUMBERS:
+        raise ValueError(f"cannot parse {text!r}: {t!r} does not describe an object")
+    if t not in _FILLERS:
+        raise ValueError(f"cannot parse {text!r}: unknown word {t!r}")
+    return None
 
 
 def _box_object(words: _ObjectWords, box: tuple[int, int, int, int]) -> SceneObject:
