@@ -1,16 +1,22 @@
-"""Directories written as a whole: a reader, or a kill, sees the old directory or the new one, never a mix.
+"""Files and directories written as a whole: a reader, or a kill, sees the old copy or the new one, never a mix.
 
 Saving a model, a processor or a memory bank writes several files; transformers and `datasets` write them in place, so a
 kill in the middle leaves a new `config.json` beside old weights. `atomic_directory` writes into a temporary sibling
-and swaps it in. Standard library only: the saved models' remote code imports it.
+and swaps it in; `atomic_file` does the same for one file (a faiss index, a manifest: `atomic_write_json`), as
+huggingface_hub downloads into a process-unique `.incomplete` file and renames it. `read_manifest` opens the
+`manifest.json` that such a build writes last, as its commit point. Standard library only: the saved models' remote
+code imports it.
 """
 
 import contextlib
 import ctypes
 import errno
+import glob
+import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,7 +91,7 @@ def atomic_directory(path, keep_existing: bool = True, skip: Callable[[str], boo
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # killed writes
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # killed writes
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     if path.is_dir():
@@ -104,4 +110,90 @@ def atomic_directory(path, keep_existing: bool = True, skip: Callable[[str], boo
         raise
 
 
-__all__ = ["atomic_directory", "exchange_paths", "replace_directory"]
+@contextlib.contextmanager
+def atomic_file(path):
+    """Write a file as a whole: yields a temporary sibling path, `.<name>.tmp-<random>`, for the block to create
+    (with any writer that takes a path: `faiss.write_index`, `save_file`, `Path.write_text`) and, when the block ends
+    without an error, renames it to `path` (`os.replace`: readers see the old file or the new one). The name is unique
+    per write, so two writers never write into one file; a failed write removes its file, and leftovers of killed
+    writes are removed by the next write of `path`. The file gets the mode its writer gives it.
+
+    Example:
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "index.bin"
+    >>> with atomic_file(path) as tmp:
+    ...     _ = tmp.write_bytes(b"new")
+    >>> path.read_bytes(), [p.name for p in path.parent.iterdir()]
+    (b'new', ['index.bin'])
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # killed writes
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_json(path: Path, payload: dict) -> None:
+    """Write `payload` to `path` as indented JSON with sorted keys, with `atomic_file`: readers see the old file or
+    the new one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def read_manifest(directory, what: str, resume_hint: str, *, format_version: int, name: str,
+                  required: tuple = (), redo: str = "Rebuild it.", file_name: str = "manifest.json",
+                  partial: str = "shards") -> dict:
+    """The manifest of a directory that a resumable build writes last (`atomic_write_json`, its commit point), with
+    errors that say what is wrong: the manifest is missing (and, where `directory / partial` exists, that the build is
+    unfinished: `resume_hint`), is not a JSON object, is of another `format_version`, or lacks a `required` key.
+
+    Args:
+        what: the directory's kind after "is not", with its article (`"a memory bank"`, `"pre-tokenized data"`).
+        resume_hint: how to finish an unfinished build (`"an unfinished build: re-run the build to resume"`).
+        name: the kind in the other errors (`"memory bank"`: "Unsupported memory bank format ...", "Memory bank DIR:
+            ...").
+        redo: what to do about a damaged manifest.
+
+    Example:
+
+    >>> import tempfile
+    >>> directory = Path(tempfile.mkdtemp())
+    >>> (directory / "shards").mkdir()
+    >>> read_manifest(directory, "a memory bank", "an unfinished build: re-run it", format_version=1,
+    ...               name="memory bank")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ... is not a memory bank: manifest.json is missing (an unfinished build: re-run it).
+    >>> atomic_write_json(directory / "manifest.json", {"format_version": 1, "rows": 3})
+    >>> read_manifest(directory, "a memory bank", "", format_version=1, name="memory bank", required=("rows",))
+    {'format_version': 1, 'rows': 3}
+    """
+    directory = Path(directory)
+    path = directory / file_name
+    title = name[:1].upper() + name[1:]
+    if not path.exists():
+        unfinished = f" ({resume_hint})" if (directory / partial).exists() else ""
+        raise ValueError(f"{directory} is not {what}: {file_name} is missing{unfinished}.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{title} {directory}: {file_name} is not valid JSON ({error}). {redo}") from error
+    if not isinstance(manifest, dict) or manifest.get("format_version") != format_version:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ValueError(f"Unsupported {name} format {version!r} in {directory}.")
+    missing = [key for key in required if key not in manifest]
+    if missing:
+        raise ValueError(f"{title} {directory}: {file_name} lacks {missing}. {redo}")
+    return manifest
+
+
+__all__ = ["atomic_directory", "atomic_file", "atomic_write_json", "exchange_paths", "read_manifest",
+           "replace_directory"]

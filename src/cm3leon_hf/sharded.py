@@ -1,7 +1,7 @@
 """Resumable, sharded builds of Arrow datasets, written atomically: what the memory bank and pre-tokenization share.
 
 `datasets.Dataset.map` caches a finished result but starts over after a kill. A build here maps a dataset shard by
-shard into `shards_dir/shard-00000`, … (each written under a temporary name and renamed), so that re-running the same
+shard into `shards_dir/shard-00000`, … (each written as a whole: `atomic.atomic_directory`), so that re-running the same
 build skips the finished shards; `shards_dir/build.json` records the settings, and a re-run with other settings is an
 error instead of a silent mix of two builds.
 """
@@ -9,8 +9,6 @@ error instead of a silent mix of two builds.
 import contextlib
 import json
 import math
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,17 +16,10 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
-from .atomic import replace_directory
+from .atomic import atomic_directory, atomic_write_json
 
 BUILD_FILE = "build.json"
 SHARD_INFO_FILE = "shard.json"
-
-
-def atomic_write_json(path: Path, payload: dict) -> None:
-    """Write `payload` to `path` through a temporary file and a rename: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -43,14 +34,17 @@ def datasets_progress_bars_off():
             enable_progress_bars()
 
 
-def save_dataset_atomically(dataset: Dataset, path: Path) -> Dataset:
-    """`save_to_disk` under `path.tmp`, then swap it in for `path`; returns the saved dataset, memory-mapped."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+def save_dataset(dataset: Dataset, path: Path) -> None:
+    """`save_to_disk` without `datasets`' progress bar (one file for an empty dataset, which `datasets` needs)."""
     with datasets_progress_bars_off():
-        dataset.save_to_disk(str(tmp), num_shards=1 if len(dataset) == 0 else None)
-    replace_directory(tmp, path)
+        dataset.save_to_disk(str(path), num_shards=1 if len(dataset) == 0 else None)
+
+
+def save_dataset_atomically(dataset: Dataset, path: Path) -> Dataset:
+    """`save_to_disk` into `path` as a whole (`atomic_directory`: a kill leaves the earlier copy, not a mix); returns
+    the saved dataset, memory-mapped."""
+    with atomic_directory(path, keep_existing=False) as tmp:
+        save_dataset(dataset, tmp)
     return load_from_disk(str(path))
 
 
@@ -100,13 +94,9 @@ def build_in_shards(
         start = i * shard_size
         result = encode_shard(dataset.select(range(start, min(len(dataset), start + shard_size))), start, progress)
         shard, info = result if isinstance(result, tuple) else (result, {})
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        with datasets_progress_bars_off():
-            shard.save_to_disk(str(tmp), num_shards=1 if len(shard) == 0 else None)
-        atomic_write_json(tmp / SHARD_INFO_FILE, info)
-        os.replace(tmp, path)
+        with atomic_directory(path, keep_existing=False) as tmp:
+            save_dataset(shard, tmp)
+            atomic_write_json(tmp / SHARD_INFO_FILE, info)
     progress.close()
     infos = [json.loads((p / SHARD_INFO_FILE).read_text()) for p in paths]
     return concatenate_datasets([load_from_disk(str(p)) for p in paths]), infos
