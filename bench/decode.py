@@ -35,7 +35,7 @@ from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
 from cm3leon_hf.logits_process import ImageTokenConstraintLogitsProcessor
 
 HUB_CONFIGS = Path(__file__).resolve().parent.parent / "hub_configs"
-OPT_125M_DIMS = dict(  # OPT-125M's transformer with the paper's vocabulary
+OPT_125M_DIMS_PAPER_VOCAB = dict(  # OPT-125M's transformer with the paper's vocabulary (56,320 + 8,192 = 64,512)
     text_vocab_size=56320,
     image_vocab_size=8192,
     image_seq_length=1024,
@@ -67,7 +67,7 @@ def timed(fn) -> float:
 
 def build(size: str, dtype: torch.dtype, device: str = "cpu") -> Cm3LeonForCausalLM:
     if size == "opt-125m":
-        config = Cm3LeonConfig(**OPT_125M_DIMS)
+        config = Cm3LeonConfig(**OPT_125M_DIMS_PAPER_VOCAB)
     else:
         config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / f"cm3leon-{size}")
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import torch
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
 from cm3leon_hf.convert_opt import to_opt  # the parity test's weight mapping
 
-OPT_125M_DIMS = dict(
+OPT_125M_DIMS_OPT_VOCAB = dict(  # OPT-125M's transformer with about OPT's own vocabulary size
     text_vocab_size=41_952,  # + 8,192 image codes = 50,144, about OPT's 50,272
     image_vocab_size=8192,
     image_seq_length=1024,
@@ -58,7 +58,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    config = Cm3LeonConfig(**OPT_125M_DIMS)
+    config = Cm3LeonConfig(**OPT_125M_DIMS_OPT_VOCAB)
     ours = Cm3LeonForCausalLM(config)
     with torch.no_grad():
         for p in ours.parameters():
