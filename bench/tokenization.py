@@ -10,7 +10,7 @@ Each measurement is compared, in the same run, with a reference that does the sa
   reference: the image tokenizer's `encode` of the same images plus one batched call of the text tokenizer.
 
 Runs of ours and the reference are interleaved; each figure is the median over `--repeats` pairs of runs, after one
-warm-up. VQs: the shipped tiny one (64², f=8, 512 codes) and one of the paper's shape with random weights (256², f=8,
+warm-up. VQs: the shipped tiny one (64², f=8, 2,048 codes) and one of the paper's shape with random weights (256², f=8,
 8192 codes: LDM's VQ-f8 widths 128-128-256-512, 2 layers per block).
 
 Commands:

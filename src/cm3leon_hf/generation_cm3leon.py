@@ -78,7 +78,7 @@ DECODING_DEFAULTS = {
     "generate_image": None,
     "image_token_constraint": True,
 }
-CONTRASTIVE_K = 5  # ours, measured (bench/RESULTS.md); the paper does not report k
+CONTRASTIVE_K = 5  # ours, not tuned: the paper does not report k (bench/RESULTS.md has CD-K at this k)
 GUIDANCE_SETTINGS = ("guidance_scale", "image_guidance_scale", "contrastive_k")
 RENAMED = {"cfg_scale": "guidance_scale", "image_cfg_scale": "image_guidance_scale"}
 

@@ -260,8 +260,9 @@ class ContrastiveDecodingLogitsProcessor(LogitsProcessor):
 
     The paper does not report alpha, k or the amateur temperature: `generate`'s defaults (`DECODING_DEFAULTS` and
     `CONTRASTIVE_K` in `generation_cm3leon.py`) are alpha = 0.5 and amateur temperature 0.5, those of CM3Leon's
-    evaluation script, and k = 5, ours (measured in `bench/RESULTS.md`). Ties at the k-th value are all kept (the set
-    is defined by `>=`). The arguments carry `generate`'s names, so that an error names what the caller passed.
+    evaluation script, and k = 5, ours and not tuned (the figures of `bench/RESULTS.md` use it). Ties at the k-th
+    value are all kept (the set is defined by `>=`). The arguments carry `generate`'s names, so that an error names
+    what the caller passed.
 
     Args:
         contrastive_alpha (`float`): plausibility threshold alpha, in (0, 1].
