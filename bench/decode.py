@@ -2,7 +2,7 @@
 floor, interleaved in one process with the same weights.
 
 Contenders (every run writes `--new-tokens` image tokens per prompt, CFG scale 3, top-p 0.8):
-  ours        `Cm3LeonForCausalLM.generate(cfg_scale=3, generate_image=True)` with a dynamic cache: conditional and
+  ours        `Cm3LeonForCausalLM.generate(guidance_scale=3, generate_image=True)` with a dynamic cache: conditional and
               unconditional streams as rows of ONE forward per token; the LM head computes only the image columns.
   static      the same with `cache_implementation="static"` (the default for images on CUDA; slower on CPU).
   unbatched   `generate(guidance_scale=3, negative_prompt_ids=...)`: transformers'
@@ -127,9 +127,9 @@ def main():
                     config.image_token_offset, config.image_vocab_size, config.image_seq_length,
                     [config.break_token_id, config.eos_token_id], config.vocab_size, generate_image=True)])
                 runs = {
-                    "ours": lambda: model.generate(prompt, cfg_scale=3.0, generate_image=True,
+                    "ours": lambda: model.generate(prompt, guidance_scale=3.0, generate_image=True,
                                                    cache_implementation="dynamic", **sampling),
-                    "static": lambda: model.generate(prompt, cfg_scale=3.0, generate_image=True,
+                    "static": lambda: model.generate(prompt, guidance_scale=3.0, generate_image=True,
                                                      cache_implementation="static", **sampling),
                     "unbatched": lambda: GenerationMixin.generate(
                         model, prompt, guidance_scale=3.0, negative_prompt_ids=uncond,
