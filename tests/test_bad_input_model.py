@@ -72,14 +72,14 @@ def test_a_wrong_attention_mask_is_refused_not_used(model):
 def test_guided_decoding_refuses_masks_that_would_drop_prompt_tokens(model, config):
     ids = torch.tensor([[1, 300, 301, 302, config.break_token_id]])
     with pytest.raises(ValueError, match=r"The attention mask of `input_ids` has shape \(1, 3\), its ids \(1, 5\)"):
-        model.generate(ids, attention_mask=torch.ones(1, 3, dtype=torch.long), cfg_scale=3.0)
+        model.generate(ids, attention_mask=torch.ones(1, 3, dtype=torch.long), guidance_scale=3.0)
     uncond = torch.tensor([[1, config.mask_token_id, config.break_token_id]])
     with pytest.raises(ValueError, match="The attention mask of `uncond_input_ids`"):
-        model.generate(ids, cfg_scale=3.0, uncond_input_ids=uncond, uncond_attention_mask=torch.ones(1, 2))
+        model.generate(ids, guidance_scale=3.0, uncond_input_ids=uncond, uncond_attention_mask=torch.ones(1, 2))
     with pytest.raises(ValueError, match="`uncond_input_ids` has shape"):
-        model.generate(ids, cfg_scale=3.0, uncond_input_ids=uncond[0])
+        model.generate(ids, guidance_scale=3.0, uncond_input_ids=uncond[0])
     with pytest.raises(ValueError, match="`num_return_sequences` must be a positive integer, got 0"):
-        model.generate(ids, cfg_scale=3.0, num_return_sequences=0)
+        model.generate(ids, guidance_scale=3.0, num_return_sequences=0)
 
 
 @pytest.mark.parametrize("kwargs,message", [

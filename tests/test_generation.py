@@ -141,12 +141,12 @@ def test_image_constraint_states():
         (lambda: BatchedClassifierFreeGuidanceLogitsProcessor(float("nan")), "guidance_scale"),
         (lambda: BatchedClassifierFreeGuidanceLogitsProcessor(float("inf")), "guidance_scale"),
         (lambda: InstructClassifierFreeGuidanceLogitsProcessor(float("nan"), 7.5), "image_guidance_scale"),
-        (lambda: InstructClassifierFreeGuidanceLogitsProcessor(1.5, -2), "text_guidance_scale"),
-        (lambda: ContrastiveDecodingLogitsProcessor(alpha=0.0), "alpha"),
-        (lambda: ContrastiveDecodingLogitsProcessor(alpha=1.5), "alpha"),
-        (lambda: ContrastiveDecodingLogitsProcessor(k=0), "`k`"),
-        (lambda: ContrastiveDecodingLogitsProcessor(k=513, vocab_size=512), "larger than the 512"),
-        (lambda: ContrastiveDecodingLogitsProcessor(amateur_temperature=0), "amateur_temperature"),
+        (lambda: InstructClassifierFreeGuidanceLogitsProcessor(1.5, -2), "`guidance_scale`"),
+        (lambda: ContrastiveDecodingLogitsProcessor(0.0, 5, 0.5), "`contrastive_alpha`"),
+        (lambda: ContrastiveDecodingLogitsProcessor(1.5, 5, 0.5), "`contrastive_alpha`"),
+        (lambda: ContrastiveDecodingLogitsProcessor(0.5, 0, 0.5), "`contrastive_k`"),
+        (lambda: ContrastiveDecodingLogitsProcessor(0.5, 513, 0.5, vocab_size=512), "larger than the 512"),
+        (lambda: ContrastiveDecodingLogitsProcessor(0.5, 5, 0), "amateur_temperature"),
     ],
 )
 def test_processor_arguments_are_validated(make, message):
@@ -160,7 +160,7 @@ def test_processors_do_not_edit_their_input():
     ids = torch.tensor([[1, 5, 2], [1, 5, 9]])
     for proc in (
         BatchedClassifierFreeGuidanceLogitsProcessor(3.0),
-        ContrastiveDecodingLogitsProcessor(0.5, 2),
+        ContrastiveDecodingLogitsProcessor(0.5, 2, 0.5),
         ImageTokenConstraintLogitsProcessor(8, 4, 2, [2, 1], 12, generate_image=True),
     ):
         proc(ids, scores)
@@ -230,7 +230,7 @@ def test_batched_cfg_equals_separate_forwards_greedy(model, generate_image):
     uncond = uncond_prompts(config, 3)
     steps = 12
     out = model.generate(
-        ids, attention_mask=mask, cfg_scale=3.0, generate_image=generate_image, do_sample=False,
+        ids, attention_mask=mask, guidance_scale=3.0, generate_image=generate_image, do_sample=False,
         max_new_tokens=steps, output_scores=True, return_dict_in_generate=True,
     )
     constraint = constraint_for(config, generate_image)  # None: the layout decides (here `text <break>` → image)
@@ -242,16 +242,20 @@ def test_batched_cfg_equals_separate_forwards_greedy(model, generate_image):
 
 
 def test_batched_cfg_equals_transformers_unbatched_cfg(model):
-    """transformers' own two-forward CFG (log-prob mixing, a second cache) picks the same tokens."""
+    """transformers' own two-forward CFG (log-prob mixing, a second cache; what its `guidance_scale` runs for other
+    models) picks the same tokens."""
+    from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
     config = model.config
     ids, mask = left_padded(text_prompts(config, [4, 8]), config.pad_token_id)
     uncond = uncond_prompts(config, 2)
     ours = model.generate(
-        ids, attention_mask=mask, cfg_scale=2.0, do_sample=False, max_new_tokens=10,
+        ids, attention_mask=mask, guidance_scale=2.0, do_sample=False, max_new_tokens=10,
         output_scores=True, return_dict_in_generate=True,
     )
+    unbatched = UnbatchedClassifierFreeGuidanceLogitsProcessor(2.0, model, unconditional_ids=uncond)
     theirs = model.generate(
-        ids, attention_mask=mask, guidance_scale=2.0, negative_prompt_ids=uncond, do_sample=False,
+        ids, attention_mask=mask, logits_processor=LogitsProcessorList([unbatched]), do_sample=False,
         max_new_tokens=10, output_scores=True, return_dict_in_generate=True,
     )
     assert torch.equal(ours.sequences, theirs.sequences)
@@ -264,7 +268,7 @@ def test_batched_cfg_equals_separate_forwards_sampling(model):
     uncond = uncond_prompts(config, 2)
     steps = config.image_seq_length
     out = model.generate(
-        ids, attention_mask=mask, cfg_scale=3.0, generate_image=True, do_sample=True, top_p=0.8,
+        ids, attention_mask=mask, guidance_scale=3.0, generate_image=True, do_sample=True, top_p=0.8,
         generator=torch.Generator().manual_seed(7), output_scores=True, return_dict_in_generate=True,
     )
     _, sequences = reference_decode(
@@ -283,7 +287,7 @@ def test_other_processors_run_after_guidance_on_one_row_per_prompt(model):
     ids, mask = left_padded(text_prompts(config, [4, 7]), config.pad_token_id)
     uncond = uncond_prompts(config, 2)
     out = model.generate(
-        ids, attention_mask=mask, cfg_scale=2.0, repetition_penalty=1.5, do_sample=False, max_new_tokens=10,
+        ids, attention_mask=mask, guidance_scale=2.0, repetition_penalty=1.5, do_sample=False, max_new_tokens=10,
         output_scores=True, return_dict_in_generate=True,
     )
     scores, sequences = reference_decode(
@@ -324,7 +328,7 @@ def test_instruct_cfg_equals_separate_forwards(model):
     ids, image_cond = torch.tensor([full]), torch.tensor([image_only])
     uncond = uncond_prompts(config, 1)
     out = model.generate(
-        ids, cfg_scale=7.5, image_cfg_scale=1.5, image_cond_input_ids=image_cond, generate_image=True,
+        ids, guidance_scale=7.5, image_guidance_scale=1.5, image_cond_input_ids=image_cond, generate_image=True,
         do_sample=False, max_new_tokens=6, output_scores=True, return_dict_in_generate=True,
     )
 
@@ -345,9 +349,9 @@ def test_mixed_length_batch_gives_each_prompt_its_own_image(model):
     config = model.config
     prompts = text_prompts(config, [3, 11, 6], seed=3)
     ids, mask = left_padded(prompts, config.pad_token_id)
-    batched = model.generate(ids, attention_mask=mask, cfg_scale=3.0, generate_image=True, do_sample=False)
+    batched = model.generate(ids, attention_mask=mask, guidance_scale=3.0, generate_image=True, do_sample=False)
     for row, prompt in enumerate(prompts):
-        alone = model.generate(torch.tensor([prompt]), cfg_scale=3.0, generate_image=True, do_sample=False)
+        alone = model.generate(torch.tensor([prompt]), guidance_scale=3.0, generate_image=True, do_sample=False)
         assert batched[row, ids.shape[1] :].tolist() == alone[0, len(prompt) :].tolist()
 
 
@@ -359,9 +363,9 @@ def test_mixed_length_batch_gives_each_prompt_its_own_image(model):
     [
         {"do_sample": False},
         {"do_sample": True, "top_p": 0.9},
-        {"do_sample": True, "temperature": 1.5, "cfg_scale": 4.0},
+        {"do_sample": True, "temperature": 1.5, "guidance_scale": 4.0},
         {"do_sample": True, "contrastive_k": 5},
-        {"do_sample": False, "cfg_scale": 3.0, "num_return_sequences": 2},
+        {"do_sample": False, "guidance_scale": 3.0, "num_return_sequences": 2},
     ],
 )
 def test_every_strategy_writes_exactly_one_image(model, decoding):
@@ -384,7 +388,7 @@ def test_text_generation_never_emits_image_codes(model):
     with torch.no_grad():  # unconstrained, this random model would write codes: a third of its mass is on them
         mass = model(ids).logits[:, -1].softmax(-1)[:, image_ids.start : image_ids.stop].sum(-1)
     assert (mass > 0.2).all()
-    text = model.generate(ids, generate_image=False, do_sample=True, max_new_tokens=40, cfg_scale=2.0,
+    text = model.generate(ids, generate_image=False, do_sample=True, max_new_tokens=40, guidance_scale=2.0,
                           generator=torch.Generator().manual_seed(0))
     assert not (text[:, 6:] >= config.image_token_offset).any()
 
@@ -411,7 +415,7 @@ def test_generator_makes_sampling_reproducible(model):
     ids = torch.tensor(text_prompts(model.config, [5]))
 
     def sample(seed):
-        return model.generate(ids, cfg_scale=3.0, generate_image=True, do_sample=True, generator=torch.Generator().manual_seed(seed))
+        return model.generate(ids, guidance_scale=3.0, generate_image=True, do_sample=True, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
@@ -428,18 +432,19 @@ def test_bad_generation_arguments(model):
     config = model.config
     ids = torch.tensor(text_prompts(config, [5]))
     cases = [
-        (dict(cfg_scale=-1.0), "`cfg_scale` must be"),  # named as generate takes it, not as the processor does
-        (dict(cfg_scale=float("nan")), "`cfg_scale` must be"),
+        (dict(guidance_scale=-1.0), "`guidance_scale` must be"),  # named as generate takes it, not as the processor does
+        (dict(guidance_scale=float("nan")), "`guidance_scale` must be"),
         (dict(contrastive_k=0), "`contrastive_k` must be"),
         (dict(contrastive_k=config.image_vocab_size + 1, generate_image=True), f"larger than the {config.image_vocab_size}"),
         (dict(contrastive_k=5, contrastive_alpha=0.0), "alpha"),
         (dict(contrastive_k=5, contrastive_alpha=1.01), "alpha"),
-        (dict(contrastive_k=5, cfg_scale=3.0), "Choose one"),
-        (dict(cfg_scale=7.5, image_cfg_scale=1.5), "needs `image_cond_input_ids`"),
-        (dict(image_cfg_scale=1.5), "needs both"),
-        (dict(uncond_input_ids=ids), "need `cfg_scale`"),
-        (dict(cfg_scale=3.0, guidance_scale=3.0), "guidance_scale"),
-        (dict(cfg_scale=3.0, num_beams=2), "beam search"),
+        (dict(contrastive_k=5, guidance_scale=3.0), "Choose one"),
+        (dict(guidance_scale=7.5, image_guidance_scale=1.5), "needs `image_cond_input_ids`"),
+        (dict(image_guidance_scale=1.5), "needs both"),
+        (dict(uncond_input_ids=ids), "need `guidance_scale`"),
+        (dict(cfg_scale=3.0), "`cfg_scale` is now `guidance_scale`"),  # the old name, named
+        (dict(image_cfg_scale=1.5), "`image_cfg_scale` is now `image_guidance_scale`"),
+        (dict(guidance_scale=3.0, num_beams=2), "beam search"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -450,10 +455,10 @@ def test_prompt_longer_than_context_after_streams_and_image(model):
     config = model.config
     room = config.max_position_embeddings - config.image_seq_length
     fits = torch.full((1, room), 300)
-    model.generate(fits, cfg_scale=3.0, generate_image=True, max_new_tokens=1)
+    model.generate(fits, guidance_scale=3.0, generate_image=True, max_new_tokens=1)
     too_long = torch.full((1, room + 1), 300)
     with pytest.raises(ValueError, match=rf"\({room + 1} tokens.*plus {config.image_seq_length} new tokens exceeds"):
-        model.generate(too_long, cfg_scale=3.0, generate_image=True)
+        model.generate(too_long, guidance_scale=3.0, generate_image=True)
     # The unconditional stream counts too.
     with pytest.raises(ValueError, match="longest of its 2 stream"):
-        model.generate(torch.full((1, 10), 300), cfg_scale=3.0, generate_image=True, uncond_input_ids=too_long)
+        model.generate(torch.full((1, 10), 300), guidance_scale=3.0, generate_image=True, uncond_input_ids=too_long)

@@ -76,7 +76,7 @@ def test_a_config_without_eos_builds_a_generation_config_without_none(config):
     config.eos_token_id = None
     model = random_model(config)
     assert model.generation_config.eos_token_id == [config.eoss_token_id]
-    image = model.generate(prompt, cfg_scale=3.0, do_sample=False)
+    image = model.generate(prompt, guidance_scale=3.0, do_sample=False)
     assert image.shape[1] == 4 + config.image_seq_length
 
 
@@ -129,25 +129,25 @@ def test_decoding_defaults_live_in_the_generation_config(model, config, tmp_path
     def sample(m, **kwargs):
         return m.generate(ids, do_sample=True, generator=torch.Generator().manual_seed(3), **kwargs)
 
-    explicit = sample(model, cfg_scale=3.0)
+    explicit = sample(model, guidance_scale=3.0)
     plain = sample(model)
     assert explicit.shape == plain.shape == (1, 4 + config.image_seq_length)  # an image: its length, no max_new_tokens
-    model.generation_config.cfg_scale = 3.0
+    model.generation_config.guidance_scale = 3.0
     assert sample(model).tolist() == explicit.tolist()  # the default applies
     # Saved with the model, in generation_config.json, and used by the reloaded model.
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "generation_config.json").read_text())["cfg_scale"] == 3.0
+    assert json.loads((tmp_path / "generation_config.json").read_text())["guidance_scale"] == 3.0
     reloaded = Cm3LeonForCausalLM.from_pretrained(tmp_path).eval()
     assert sample(reloaded).tolist() == explicit.tolist()
-    # cfg_scale=1 is the conditional distribution: one stream, as without guidance.
-    assert sample(reloaded, cfg_scale=1.0).tolist() == plain.tolist()
+    # guidance_scale=1 is the conditional distribution: one stream, as without guidance.
+    assert sample(reloaded, guidance_scale=1.0).tolist() == plain.tolist()
     # A guidance argument of the call replaces the saved guidance instead of conflicting with it.
     cd = sample(reloaded, contrastive_k=5)
     assert cd.shape == explicit.shape
     # Text continuations (captioning) are not guided by the image default.
     text = torch.tensor(TEXT_PROMPT)
     guided_text = reloaded.generate(text, do_sample=True, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
-    reloaded.generation_config.cfg_scale = None
+    reloaded.generation_config.guidance_scale = None
     plain_text = reloaded.generate(text, do_sample=True, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
     assert guided_text.tolist() == plain_text.tolist()
 
@@ -171,7 +171,7 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}, {"contrastive_k": 5}])
+@pytest.mark.parametrize("guidance", [{}, {"guidance_scale": 3.0}, {"contrastive_k": 5}])
 def test_a_decoding_step_makes_no_host_sync(model, config, monkeypatch, guidance):
     """Our part of every decoding step after the first (preparing the inputs, the forward pass, the stream processors)
     reads no tensor value on the host, so that it can run as a CUDA graph. transformers' loop around it is not ours."""
@@ -205,7 +205,7 @@ def test_a_decoding_step_makes_no_host_sync(model, config, monkeypatch, guidance
 
 
 @pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, top_p=0.8)])
-@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}])
+@pytest.mark.parametrize("guidance", [{}, {"guidance_scale": 3.0}])
 def test_static_cache_gives_the_dynamic_caches_ids(model, config, sampling, guidance):
     prompts = torch.tensor([[0, 1, 300, 2], [1, 300, 301, 2]])  # left-padded batch of two image prompts
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
@@ -223,14 +223,14 @@ def test_threads_with_their_own_seeds_get_their_single_thread_images(model, conf
 
     prompt = image_prompt(config)
     seeds = [11, 12, 13, 14]
-    alone = {s: model.generate(prompt, cfg_scale=3.0, generator=torch.Generator().manual_seed(s)).tolist() for s in seeds}
+    alone = {s: model.generate(prompt, guidance_scale=3.0, generator=torch.Generator().manual_seed(s)).tolist() for s in seeds}
     results, barrier = {}, threading.Barrier(len(seeds))
 
     def work(seed):
         barrier.wait()
         for trial in range(3):
             torch.manual_seed(1000 + seed + trial)  # another user of the global RNG, in the middle of it all
-            results[seed, trial] = model.generate(prompt, cfg_scale=3.0, generator=torch.Generator().manual_seed(seed)).tolist()
+            results[seed, trial] = model.generate(prompt, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed)).tolist()
 
     threads = [threading.Thread(target=work, args=(s,)) for s in seeds]
     for t in threads:
@@ -242,7 +242,7 @@ def test_threads_with_their_own_seeds_get_their_single_thread_images(model, conf
 
 
 def test_the_generators_draws_follow_the_distribution():
-    from cm3leon_hf.generation_cm3leon import GeneratorSamplingLogitsProcessor
+    from cm3leon_hf.logits_process import GeneratorSamplingLogitsProcessor
 
     scores = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]]).expand(20000, -1)
     draws = GeneratorSamplingLogitsProcessor(torch.Generator().manual_seed(0))(None, scores).argmax(-1)
@@ -252,6 +252,40 @@ def test_the_generators_draws_follow_the_distribution():
     torch.testing.assert_close(frequencies[:3], expected, atol=0.012, rtol=0)  # ~4 standard errors at n = 20,000
 
 
-def test_cfg_scale_one_with_cd_k_is_still_a_conflict(model, config):
+def test_guidance_scale_one_with_cd_k_is_still_a_conflict(model, config):
     with pytest.raises(ValueError, match="Choose one of CD-K"):
-        model.generate(image_prompt(config), cfg_scale=1.0, contrastive_k=5)
+        model.generate(image_prompt(config), guidance_scale=1.0, contrastive_k=5)
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_guidance_scale_is_ours_one_forward_per_token(model, config, monkeypatch, saved):
+    """`guidance_scale` (passed, or saved in the generation config) runs CM3Leon's batched CFG: one forward per token
+    with both streams as rows, and transformers' own unbatched CFG processor (a second forward per token) is never
+    added, as MusicGen and Janus keep it out."""
+    from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+    calls, rows = {"n": 0}, set()
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        rows.add(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    built = []
+    get_processors = model._get_logits_processor
+    monkeypatch.setattr(model, "_get_logits_processor", lambda *a, **k: built.append(get_processors(*a, **k)) or built[-1])
+    if saved:
+        model.generation_config.guidance_scale = 2.0
+        guidance = {}
+    else:
+        guidance = {"guidance_scale": 2.0}
+    out = model.generate(image_prompt(config), generator=torch.Generator().manual_seed(0), **guidance)
+    assert out.shape[1] == 4 + config.image_seq_length
+    assert calls["n"] == config.image_seq_length and rows == {2}  # one forward per new token, 2 stream rows each
+    names = [type(p).__name__ for p in built[0]]
+    assert "BatchedClassifierFreeGuidanceLogitsProcessor" in names
+    assert not any(isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor) for p in built[0])
+    assert model.generation_config.guidance_scale == (2.0 if saved else None)  # the model's own config is untouched

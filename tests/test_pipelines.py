@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonProcessor
 from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
-from cm3leon_hf.pipelines import TokenProgressBar, _sampling_runs
+from cm3leon_hf.pipelines import TokenProgressBar
 from cm3leon_hf.pretrained import CLIP_PATH
 from cm3leon_hf.synthetic import build_task
 from cm3leon_hf.tokenization_cm3leon import train_text_tokenizer
@@ -67,8 +67,8 @@ def test_text_to_image_returns_images_and_matches_generate(text_to_image):
     # The same streams through generate directly: <eos> prompt <break> and <eos> <mask:0> <break>.
     processor, model = pipe.processor, pipe.model
     cond = processor("a red star at the top left <break>", return_tensors="pt")
-    uncond = processor.unconditional_prompt(return_tensors="pt")
-    ids = model.generate(**cond, uncond_input_ids=uncond, cfg_scale=3.0, generate_image=True, do_sample=False)
+    uncond = torch.tensor([[processor.eos_token_id, processor.mask_token_id, processor.break_token_id]])
+    ids = model.generate(**cond, uncond_input_ids=uncond, guidance_scale=3.0, generate_image=True, do_sample=False)
     via_pipe = image_ids_of(pipe, "a red star at the top left", do_sample=False)[0]["image"]
     assert via_pipe.tolist() == ids[0, -model.config.image_seq_length :].tolist()
     assert ((via_pipe >= model.config.image_token_offset) & (via_pipe < model.config.vocab_size)).all()
@@ -94,7 +94,7 @@ def test_negative_prompt_replaces_the_mask_stream(text_to_image):
     processor, model = pipe.processor, pipe.model
     cond = processor("a red star <break>", return_tensors="pt")
     negative = processor("a blue circle <break>", return_tensors="pt")
-    ids = model.generate(**cond, uncond_input_ids=negative["input_ids"], cfg_scale=3.0, generate_image=True,
+    ids = model.generate(**cond, uncond_input_ids=negative["input_ids"], guidance_scale=3.0, generate_image=True,
                          do_sample=False)
     via_pipe = image_ids_of(pipe, "a red star", negative_prompt="a blue circle", do_sample=False)[0]["image"]
     assert via_pipe.tolist() == ids[0, -model.config.image_seq_length :].tolist()
@@ -119,11 +119,15 @@ def test_clip_reranking_keeps_the_best_candidates(text_to_image):
 
 
 def test_pooled_strategy_splits_candidates_between_top_p_and_cd_k(text_to_image):
-    runs = _sampling_runs("pooled", 5, top_p=0.8, temperature=1.0, cd_kwargs={"contrastive_k": 5})
+    runs = text_to_image._sampling_runs("pooled", 5, top_p=0.7, temperature=1.0, contrastive={"contrastive_k": 4})
     assert [n for n, _ in runs] == [3, 2]
-    assert runs[0][1]["top_p"] == 0.8 and "contrastive_k" not in runs[0][1]
-    assert runs[1][1]["contrastive_k"] == 5 and runs[1][1]["top_p"] == 1.0
-    assert [n for n, _ in _sampling_runs("pooled", 1, 0.8, 1.0, {})] == [1]
+    assert runs[0][1]["top_p"] == 0.7 and "contrastive_k" not in runs[0][1]
+    assert runs[1][1]["contrastive_k"] == 4 and runs[1][1]["top_p"] == 1.0
+    # What the call leaves out is the model's saved decoding, else generate's defaults (k 5, alpha 0.5, amateur 0.5).
+    (_, top_p_run), (_, cd_run) = text_to_image._sampling_runs("pooled", 2, None, 1.0, {})
+    assert top_p_run["top_p"] == text_to_image.model.generation_config.top_p == 0.8
+    assert (cd_run["contrastive_k"], cd_run["contrastive_alpha"], cd_run["amateur_temperature"]) == (5, 0.5, 0.5)
+    assert [n for n, _ in text_to_image._sampling_runs("pooled", 1, 0.8, 1.0, {})] == [1]
     clip = SentenceTransformer(str(CLIP_PATH))
     out = text_to_image("a star", decoding="pooled", num_candidates=4, reranker=clip,
                         generator=torch.Generator().manual_seed(0), progress_bar=False)
@@ -155,7 +159,7 @@ def test_retrieved_documents_go_in_front_of_both_streams(text_to_image, world, r
     cond = processor(text, images=images, return_tensors="pt")
     uncond = processor(uncond_text, images=uncond_images, return_tensors="pt")
     assert uncond["input_ids"][0, -2:].tolist() == [processor.mask_token_id, processor.break_token_id]
-    ids = model.generate(**cond, uncond_input_ids=uncond["input_ids"], cfg_scale=3.0, generate_image=True,
+    ids = model.generate(**cond, uncond_input_ids=uncond["input_ids"], guidance_scale=3.0, generate_image=True,
                          do_sample=False)
     via_pipe = image_ids_of(pipe, prompt, retriever=retriever, num_retrieved_docs=2, do_sample=False)[0]["image"]
     assert via_pipe.tolist() == ids[0, -model.config.image_seq_length :].tolist()
@@ -163,18 +167,14 @@ def test_retrieved_documents_go_in_front_of_both_streams(text_to_image, world, r
         pipe(prompt, num_retrieved_docs=1)
 
 
-def test_every_prompt_is_the_layouts(text_to_image, model_dir, world, retriever):
-    """The processor, `generate`'s default unconditional stream, both pipelines' preprocess and build_retrieval_prompt
-    (through the processor) all give `Cm3LeonLayout`'s prompts: `<eos> [docs] text <break>` and `<eos> [docs] <mask:0>
-    <break>`."""
-    from cm3leon_hf.layout import Cm3LeonLayout
-    from cm3leon_hf.retriever import build_retrieval_prompt
-
+def test_encode_prompt_gives_the_layouts_streams(text_to_image, model_dir, world, retriever):
+    """`Cm3LeonProcessor.encode_prompt`, which both pipelines call, gives `Cm3LeonLayout`'s prompts: `<eos> [docs] text
+    <break>` and `<eos> [docs] <mask:0> <break>`, and the editing streams; `generate`'s default unconditional stream is
+    `<eos> <mask:0> <break>` too."""
     pipe = text_to_image
     processor, model = pipe.processor, pipe.model
-    layout = Cm3LeonLayout.of(model.config)
-    assert processor.layout == layout
-    assert layout.unconditional_prompt() == [1, 4, 2]  # <eos> <mask:0> <break> on the tiny vocabulary
+    layout = processor.layout
+    EOS, BREAK, MASK = 1, 2, 4  # the tiny vocabulary's
 
     def words(text):
         return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -185,70 +185,72 @@ def test_every_prompt_is_the_layouts(text_to_image, model_dir, world, retriever)
     def ids(encoded, name="input_ids"):  # one prompt's ids without padding
         return encoded[name][0][encoded[name.replace("input_ids", "attention_mask")][0].bool()].tolist()
 
-    # The processor.
-    assert processor.unconditional_prompt() == layout.unconditional_prompt()
-    # generate's default unconditional stream.
-    cond = processor("a red star <break>", return_tensors="pt")["input_ids"]
-    settings = model._decoding_settings(None, cond, cfg_scale=3.0, image_cfg_scale=None, contrastive_k=None,
-                                        contrastive_alpha=None, amateur_temperature=None, generate_image=True,
-                                        image_token_constraint=None)
-    kwargs, _ = model._prepare_cm3leon_decoding(
-        cond, {}, None, settings, uncond=(None, None), image_cond=(None, None), generation_config=None
-    )
-    plan = kwargs["decoding_plan"]
-    assert plan.input_ids[1][plan.attention_mask[1, : plan.prompt_length].bool()].tolist() == layout.unconditional_prompt()
-    # The text-to-image pipeline: no documents, a negative prompt, retrieved documents.
     prompt = world["test"][0]["caption"]
     plain = pipe.preprocess(prompt)
-    assert ids(plain) == layout.prompt(words(prompt))
-    assert ids(plain, "uncond_input_ids") == layout.unconditional_prompt()
-    negative = pipe.preprocess(prompt, negative_prompt="a blue circle")
-    assert ids(negative, "uncond_input_ids") == layout.prompt(words("a blue circle"))
+    assert ids(plain) == [EOS, *words(prompt), BREAK]
+    assert ids(plain, "uncond_input_ids") == [EOS, MASK, BREAK]
+    negative = processor.encode_prompt(prompt, negative_prompt="a blue circle")
+    assert ids(negative, "uncond_input_ids") == [EOS, *words("a blue circle"), BREAK]
     docs = retriever.retrieve(texts=[prompt], k=2)[0]
-    documents = [layout.document(words(d.text), codes(d.image)) for d in docs]
+    documents = [[*words(d.text), BREAK, *codes(d.image), BREAK] for d in docs]
     with_docs = pipe.preprocess(prompt, retriever=retriever, num_retrieved_docs=2)
-    assert ids(with_docs) == layout.prompt(words(prompt), documents)
-    assert ids(with_docs, "uncond_input_ids") == layout.unconditional_prompt(documents)
-    # build_retrieval_prompt through the processor, and the processor's own unconditional prompt with documents.
-    text, images = build_retrieval_prompt(docs, prompt)
-    assert processor(text, images=images, padding=False)["input_ids"][0] == layout.prompt(words(prompt), documents)
-    uncond_text, uncond_images = build_retrieval_prompt(docs, unconditional=True)
-    assert processor(uncond_text, images=uncond_images, padding=False)["input_ids"][0] == \
-        layout.unconditional_prompt(documents)
-    documents_only = text[: text.rindex(prompt)]
-    assert processor.unconditional_prompt(documents_only, images=images) == layout.unconditional_prompt(documents)
-    assert processor.unconditional_prompt([i for d in documents for i in (*d, layout.break_token_id)]) == \
-        layout.unconditional_prompt(documents)
+    assert ids(with_docs) == [EOS, *documents[0], *documents[1], *words(prompt), BREAK]
+    assert ids(with_docs, "uncond_input_ids") == [EOS, *documents[0], *documents[1], MASK, BREAK]
+    # generate's own unconditional stream, when none is given, is <eos> <mask:0> <break>.
+    cond = processor(f"{prompt} <break>", return_tensors="pt")["input_ids"]
+    given = torch.tensor([[EOS, MASK, BREAK]])
+    assert torch.equal(model.generate(cond, guidance_scale=3.0, do_sample=False),
+                       model.generate(cond, uncond_input_ids=given, guidance_scale=3.0, do_sample=False))
     # The image-text-to-image pipeline: the source image is a document in front of the instruction (or <mask:0>).
     edit = pipeline("image-text-to-image", model=str(model_dir))
     image = world["test"][1]["images"][0]
     streams = edit.preprocess({"image": image, "prompt": "make the star blue"})
-    source = layout.document(words("Edit the image following the text instruction"), codes(image))
-    assert ids(streams) == layout.prompt(words("make the star blue"), [source])
-    assert ids(streams, "image_cond_input_ids") == layout.unconditional_prompt([source])
-    assert ids(streams, "uncond_input_ids") == layout.unconditional_prompt()
+    source = [*words("Edit the image following the text instruction"), BREAK, *codes(image), BREAK]
+    assert ids(streams) == [EOS, *source, *words("make the star blue"), BREAK]
+    assert ids(streams, "image_cond_input_ids") == [EOS, *source, MASK, BREAK]
+    assert ids(streams, "uncond_input_ids") == [EOS, MASK, BREAK]
+    assert layout.unconditional_prompt() == [EOS, MASK, BREAK]
+    with pytest.raises(ValueError, match="non-empty string"):
+        processor.encode_prompt("  ")
+    with pytest.raises(ValueError, match="exactly one `<image>`"):
+        processor.encode_prompt("make it blue", image=image, template="{prompt} <break>")
 
 
 def test_progress_bar_counts_generated_tokens(text_to_image):
     model, processor = text_to_image.model, text_to_image.processor
     bar = TokenProgressBar(model.config.image_seq_length, "test", disable=True)
-    model.generate(**processor("a star <break>", return_tensors="pt"), cfg_scale=3.0, generate_image=True,
+    model.generate(**processor("a star <break>", return_tensors="pt"), guidance_scale=3.0, generate_image=True,
                    streamer=bar, do_sample=False)
     assert bar.steps == model.config.image_seq_length
 
 
-def test_text_to_image_bad_input(text_to_image):
+def test_text_to_image_bad_input_is_named_before_any_work(text_to_image, model_dir, monkeypatch):
+    """Every argument is checked before the prompt is encoded or a token generated (diffusers' `check_inputs`)."""
+    edit = pipeline("image-text-to-image", model=str(model_dir))
+    for pipe in (text_to_image, edit):
+        monkeypatch.setattr(pipe.model, "generate", lambda *a, **k: pytest.fail("generated before checking"))
+        monkeypatch.setattr(pipe.processor, "encode_prompt", lambda *a, **k: pytest.fail("encoded before checking"))
     with pytest.raises(ValueError, match="non-empty string"):
-        text_to_image("   ")
-    with pytest.raises(ValueError, match="needs a `reranker`"):
-        text_to_image("a star", num_candidates=4)
-    with pytest.raises(ValueError, match="`decoding` must be one of"):
-        text_to_image("a star", decoding="beam")
-    with pytest.raises(ValueError, match="`output_type` must be one of"):
-        text_to_image("a star", output_type="latent", progress_bar=False)
-    for scale in (-2.0, float("inf")):  # named as the caller passed it (generate would say `cfg_scale`)
-        with pytest.raises(ValueError, match="`guidance_scale` must be a finite number >= 0"):
-            text_to_image("a star", guidance_scale=scale)
+        text_to_image.preprocess("   ")
+    cases = [
+        (dict(num_candidates=4), "needs a `reranker`"),
+        (dict(decoding="beam"), "`decoding` must be one of"),
+        (dict(output_type="latent"), "`output_type` must be one of"),
+        (dict(guidance_scale=-2.0), "`guidance_scale` must be a finite number >= 0"),
+        (dict(guidance_scale=float("inf")), "`guidance_scale` must be a finite number >= 0"),
+        (dict(num_retrieved_docs=1), "needs a `retriever`"),
+        (dict(generator=[torch.Generator()] * 3, num_images_per_prompt=2), "a list of 2"),
+        (dict(max_new_tokens=5), "exactly 64 tokens"),
+        (dict(num_images_per_prompt=0), "positive integer"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            text_to_image("a star", **kwargs)
+    image = Image.new("RGB", (64, 64))
+    for kwargs, message in [(dict(output_type="latent"), "`output_type`"), (dict(image_guidance_scale=-1.0), "`image_guidance_scale`"),
+                            (dict(template="{prompt}"), "exactly one `<image>`")]:
+        with pytest.raises(ValueError, match=message):
+            edit(image, prompt="make it blue", **kwargs)
 
 
 def test_captioning_runs_in_transformers_image_text_to_text(model_dir, world):
@@ -281,7 +283,7 @@ def test_image_to_image_editing_streams(model_dir, world):
     template = "Edit the image following the text instruction <break> <image> <break> {} <break>"
     full = processor(template.format("make the star blue"), images=[image], return_tensors="pt")
     image_only = processor(template.format("<mask:0>"), images=[image], return_tensors="pt")
-    ids = model.generate(**full, image_cond_input_ids=image_only["input_ids"], cfg_scale=7.5, image_cfg_scale=1.5,
+    ids = model.generate(**full, image_cond_input_ids=image_only["input_ids"], guidance_scale=7.5, image_guidance_scale=1.5,
                          generate_image=True, do_sample=False)
     via_pipe = pipe(image, prompt="make the star blue", do_sample=False, output_type="ids", progress_bar=False)
     assert via_pipe[0]["image"].tolist() == ids[0, -model.config.image_seq_length :].tolist()

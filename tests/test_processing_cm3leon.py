@@ -192,19 +192,19 @@ def test_image_token_helpers(processor, rows):
         processor.decode(torch.tensor([[1, 2, 3]]))
 
 
-def test_unconditional_prompt(processor, rows):
-    assert processor.unconditional_prompt() == [1, 4, 2]  # <eos> <mask:0> <break>
-    assert processor.unconditional_prompt(return_tensors="pt").tolist() == [[1, 4, 2]]
-    document = "a red star <break> <image> <break>"
-    doc_ids = processor(document, images=rows[0]["images"], prepend_eos=False)["input_ids"][0]
-    with_docs = processor.unconditional_prompt(document, images=rows[0]["images"])
-    assert with_docs == [1, *doc_ids, 4, 2]
-    assert processor.unconditional_prompt(doc_ids) == with_docs
-    with pytest.raises(ValueError, match="`images` go with a text"):
-        processor.unconditional_prompt(doc_ids, images=rows[0]["images"])
-    assert with_docs == processor.layout.unconditional_prompt([doc_ids[:-1]])  # the layout adds the <break> back
-    with pytest.raises(ValueError, match="end with `<break>`"):
-        processor.unconditional_prompt(doc_ids[:-1])
+def test_encode_prompt_returns_every_stream(processor, rows):
+    """diffusers' `encode_prompt` habit: one call gives the conditional and the unconditional stream (and the
+    image-only stream of an editing prompt), with masks, in the layout's form."""
+    text = processor.tokenizer("a red star", add_special_tokens=False)["input_ids"]
+    streams = processor.encode_prompt("a red star")
+    assert streams["input_ids"].tolist() == [[1, *text, 2]]  # <eos> a red star <break>
+    assert streams["uncond_input_ids"].tolist() == [[1, 4, 2]]  # <eos> <mask:0> <break>
+    assert streams["attention_mask"].tolist() == [[1] * (len(text) + 2)] and "image_cond_input_ids" not in streams
+    codes = processor.get_image_tokens(rows[0]["images"])[0].tolist()
+    edit = processor.encode_prompt("a red star", image=rows[0]["images"][0], template="{prompt} <break> <image> <break>")
+    assert edit["input_ids"].tolist() == [[1, *text, 2, *codes, 2]]
+    assert edit["image_cond_input_ids"].tolist() == [[1, 4, 2, *codes, 2]]
+    assert edit["uncond_input_ids"].tolist() == [[1, 4, 2]]
 
 
 def test_save_then_auto_processor_gives_identical_ids(processor, rows, tmp_path):

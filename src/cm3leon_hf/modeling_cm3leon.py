@@ -29,7 +29,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_cm3leon import Cm3LeonConfig
-from .generation_cm3leon import Cm3LeonDecodingPlan, Cm3LeonGenerationMixin
+from .generation_cm3leon import SAMPLING_DEFAULTS, Cm3LeonDecodingPlan, Cm3LeonGenerationMixin
 from .hub import Cm3LeonHubMixin
 
 
@@ -371,10 +371,8 @@ class Cm3LeonForCausalLM(Cm3LeonHubMixin, Cm3LeonPreTrainedModel, Cm3LeonGenerat
         # default of top-k 50, and a generated span ends at <eos> or, when infilling (CM3), at <eoss>.
         # A checkpoint's generation_config.json replaces these.
         end_of_generation = [t for t in (config.eos_token_id, config.eoss_token_id) if t is not None]
-        self.generation_config.update(
-            do_sample=True, top_p=0.8, top_k=0, temperature=1.0, eos_token_id=end_of_generation or None
-        )
-        # Ours, not the model config's: its decoding settings (`cfg_scale`, ... see `generation_cm3leon.py`) must load
+        self.generation_config.update(**SAMPLING_DEFAULTS, eos_token_id=end_of_generation or None)
+        # Ours, not the model config's: its decoding settings (`guidance_scale`, ... see `generation_cm3leon.py`) must load
         # back from generation_config.json, which transformers skips for a config marked as derived from the model's.
         self.generation_config._from_model_config = False
 
