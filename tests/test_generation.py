@@ -79,6 +79,17 @@ def test_instruct_cfg_formula():
     torch.testing.assert_close(InstructClassifierFreeGuidanceLogitsProcessor(0.0, 0.0)(IDS, streams)[1], uncond[1])
 
 
+def test_instruct_cfg_has_no_nan_where_only_a_less_conditioned_stream_rules_a_token_out():
+    """A token the full prompt allows but the image-only or unconditional stream rules out (-inf) keeps a finite score:
+    the more conditioned stream's, as plain CFG does (a negative-prompt stream could rule tokens out)."""
+    full = torch.tensor([[2.0, 1.0, 0.5]])
+    uncond = torch.tensor([[1.0, NEG_INF, NEG_INF]])
+    image = torch.tensor([[1.5, NEG_INF, 0.0]])
+    out = InstructClassifierFreeGuidanceLogitsProcessor(1.5, 7.5)(IDS[:1], torch.cat([full, uncond, image]))
+    # token 0: 1 + 1.5 * 0.5 + 7.5 * 0.5; token 1: image and uncond take full's 1.0; token 2: uncond takes image's 0.0
+    torch.testing.assert_close(out, torch.tensor([[5.5, 1.0, 3.75]]))
+
+
 def test_contrastive_decoding_formula_ties_and_edges():
     expert = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1], [0.5, 0.25, 0.125, 0.0625, 0.0625]]).log()
     amateur = torch.tensor([[0.2, 0.2, 0.2, 0.2, 0.2], [0.1, 0.2, 0.3, 0.2, 0.2]]).log()

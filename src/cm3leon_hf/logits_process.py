@@ -243,6 +243,10 @@ class InstructClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         full, uncond, image = _split_streams(input_ids, scores, 3)
+        # As in plain CFG: a token that a less conditioned stream rules out (-inf) but the full prompt allows would be
+        # NaN; it takes the more conditioned stream's score instead (image from full, then unconditional from image).
+        image = torch.where(image.isneginf() & full.isfinite(), full, image)
+        uncond = torch.where(uncond.isneginf() & image.isfinite(), image, uncond)
         guided = uncond + self.image_guidance_scale * (image - uncond) + self.guidance_scale * (full - image)
         return guided.masked_fill(full == float("-inf"), float("-inf"))
 
