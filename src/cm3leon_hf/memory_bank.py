@@ -37,6 +37,11 @@ Choices the paper leaves open, made here (each one is tested in `tests/test_retr
   error.
 - **Default index** by bank size (`default_index_factory`, justified by `bench/retrieval.py`, see `bench/RESULTS.md`).
 
+This module is the bank itself (its layout, `build`, `load`, `search`); its parts live beside it:
+`memory_bank_encoding.py` (documents into rows: embeddings, content hashes, the encoder's identity),
+`memory_bank_index.py` (the faiss index: default factory, building, the probe search) and `memory_bank_checks.py`
+(what `load` checks: file digests, the rows hash, index against rows). Their public names are importable from here.
+
 Why not `datasets`' own faiss integration (`Dataset.add_faiss_index`, `get_nearest_examples`)? The search itself is
 one `index.search` call either way; everything else here is what it lacks: it trains an IVF index on the *first*
 `train_size` rows (a sorted or sharded dataset gives skewed centroids; we train on a seeded random sample), builds in
@@ -46,148 +51,51 @@ Arrow dataset, memory-mapped, and `Cm3LeonMemoryBank.load(...).index` is a plain
 `datasets.search.FaissIndex(custom_index=...)` can wrap.
 """
 
-import hashlib
-import json
-import math
+import functools
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
-from datasets import Dataset, List, Value, load_from_disk
+from datasets import Dataset, load_from_disk
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .atomic import replace_directory
-from .sharded import atomic_write_json, build_in_shards, datasets_progress_bars_off, save_dataset_atomically
+from .atomic import atomic_write_json, read_manifest, replace_directory
+from .memory_bank_checks import FULL_CHECK_BYTES, bank_file, check_files, consistency_problems, file_digests, rows_hash
+from .memory_bank_encoding import (
+    CONTENT_HASH_COLUMN,
+    EMBEDDING_COLUMN,
+    FINGERPRINT_MIN_COSINE,
+    PROBE_TEXT,
+    RESERVED_COLUMNS,
+    SOURCE_INDEX_COLUMN,
+    content_hash,
+    encode_shard,
+    encoder_dim,
+    encoder_identity,
+    encoder_name,
+    probe_image,
+    same_encoder,
+)
+from .memory_bank_index import FLAT_MAX_ROWS, IVF_FLAT_MAX_ROWS, default_index_factory, read_index, write_index
+from .sharded import build_in_shards, datasets_progress_bars_off, save_dataset_atomically
 
 BANK_FORMAT_VERSION = 1
 ROWS_DIR = "rows"
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
+MANIFEST_KEYS = ("encoder", "num_rows", "ntotal", "index_file", "rows_hash", "index_probe", "text_column", "image_column")
 
-EMBEDDING_COLUMN = "embedding"
-SOURCE_INDEX_COLUMN = "source_index"
-CONTENT_HASH_COLUMN = "content_hash"
-RESERVED_COLUMNS = (EMBEDDING_COLUMN, SOURCE_INDEX_COLUMN, CONTENT_HASH_COLUMN)
-
-PROBE_TEXT = "a red circle above a blue square on a white background"
-FINGERPRINT_MIN_COSINE = 0.999
-FLAT_MAX_ROWS = 200_000
-IVF_FLAT_MAX_ROWS = 10_000_000
-
-
-def probe_image() -> Image.Image:
-    """The fixed 64x64 RGB image whose embedding fingerprints an encoder (a colour gradient with a square)."""
-    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
-    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), axis=-1).copy()
-    pixels[16:48, 16:48] = (200, 30, 30)
-    return Image.fromarray(pixels, mode="RGB")
-
-
-def content_hash(text: str, image: Any) -> str:
-    """sha1 of a document's content: its text and its image (PIL pixels, or a sequence of image ids).
-
-    Two documents with equal text and pixel-identical images (or equal image ids) get the same hash; the retriever uses
-    it to skip duplicates and the query pair itself.
-
-    >>> from PIL import Image
-    >>> a = content_hash("a red square", Image.new("RGB", (4, 4), (255, 0, 0)))
-    >>> a == content_hash("a red square", Image.new("RGB", (4, 4), (255, 0, 0))), a == content_hash("a red square", [1, 2])
-    (True, False)
-    """
-    digest = hashlib.sha1(text.encode("utf-8") + b"\0")
-    if isinstance(image, Image.Image):
-        digest.update(f"{image.mode}{image.size}".encode())
-        digest.update(image.tobytes())
-    else:
-        digest.update(np.asarray(image, dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def default_index_factory(num_rows: int, dim: int) -> tuple[str, str]:
-    """faiss factory string and default search parameters for a bank of `num_rows` unit vectors of size `dim`.
-
-    Chosen with `bench/retrieval.py` (figures in `bench/RESULTS.md`, 2-core CPU):
-
-    - below 200k rows, `"Flat"`: exact, nothing to train; at 100k a batched query costs ~6 ms.
-    - up to 10M rows, `"IVF{nlist},Flat"` with nlist = 2**round(log2(sqrt(n))) and nprobe = nlist / 64: at 1M clustered
-      vectors IVF1024 with nprobe=16 has recall@10 0.98 at 22x Flat's queries/s. Same memory as Flat (4·dim B/row).
-    - above, `"IVF{nlist},SQ8"` (8-bit scalar codes, dim bytes/row: a quarter of Flat): at 1M clustered vectors
-      recall@10 0.955 at 30x Flat (nprobe=16), and 0.96-0.99 on the synthetic world's CLIP bank, where 4-bit fast-scan
-      PQ codes (`PQ{dim/8}x4fs`, 32x smaller than Flat) reach 0.58-0.69, and 0.18 at 1M; PQ needs exact re-ranking
-      (`,RFlat`) to be usable, which keeps the full vectors in RAM.
-      Users with memory to spare may prefer `HNSW32` (best recall per query, slowest to build).
-
-    >>> default_index_factory(50_000, 512)
-    ('Flat', '')
-    >>> default_index_factory(1_000_000, 512)
-    ('IVF1024,Flat', 'nprobe=16')
-    >>> default_index_factory(50_000_000, 512)
-    ('IVF8192,SQ8', 'nprobe=128')
-    """
-    if num_rows < FLAT_MAX_ROWS:
-        return "Flat", ""
-    nlist = 2 ** round(math.log2(math.sqrt(num_rows)))
-    nprobe = f"nprobe={max(1, nlist // 64)}"
-    if num_rows <= IVF_FLAT_MAX_ROWS:
-        return f"IVF{nlist},Flat", nprobe
-    return f"IVF{nlist},SQ8", nprobe
-
-
-def _encoder_name(encoder) -> str:
-    """A Hub id as it is; a local directory by its last component (a bank moves between machines: the identity that
-    counts is the probe embeddings, and an absolute path of the building machine means nothing elsewhere)."""
-    first = encoder[0]
-    model = getattr(first, "model", None) or getattr(first, "auto_model", None)
-    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(encoder).__name__)
-    return Path(name).name if os.path.isabs(name) else name
-
-
-def _encoder_dim(encoder) -> int:
-    get_dim = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
-    return int(get_dim())
-
-
-def encoder_identity(encoder) -> dict:
-    """The JSON-able identity of a sentence-transformers encoder: name, dimension and probe embeddings.
-
-    Raises `ValueError` when the encoder does not encode both texts and images (a text-only model is not a CLIP).
-    """
-    modalities = set(getattr(encoder, "modalities", ()) or ())
-    if not {"text", "image"} <= modalities:
-        raise ValueError(
-            f"The encoder must embed both texts and images into one space (a CLIP model); it supports "
-            f"{sorted(modalities) or 'text only'}."
-        )
-    text = encoder.encode([PROBE_TEXT], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    image = encoder.encode([probe_image()], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    return {
-        "name": _encoder_name(encoder),
-        "dim": _encoder_dim(encoder),
-        "probe_text": PROBE_TEXT,
-        "text_probe_embedding": [round(float(v), 6) for v in text[0]],
-        "image_probe_embedding": [round(float(v), 6) for v in image[0]],
-    }
-
-
-def _same_encoder(identity: dict, other: dict) -> bool:
-    if identity.get("dim") != other.get("dim"):
-        return False
-    for key in ("text_probe_embedding", "image_probe_embedding"):
-        if float(np.dot(identity[key], other[key])) < FINGERPRINT_MIN_COSINE:
-            return False
-    return True
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+__all__ = [
+    "BANK_FORMAT_VERSION", "CONTENT_HASH_COLUMN", "EMBEDDING_COLUMN", "FINGERPRINT_MIN_COSINE", "FLAT_MAX_ROWS",
+    "FULL_CHECK_BYTES", "INDEX_FILE", "IVF_FLAT_MAX_ROWS", "MANIFEST_FILE", "MANIFEST_KEYS", "PROBE_TEXT",
+    "RESERVED_COLUMNS", "ROWS_DIR", "SHARDS_DIR", "SOURCE_INDEX_COLUMN", "Cm3LeonMemoryBank", "bank_file",
+    "content_hash", "default_index_factory", "encoder_identity", "probe_image",
+]  # fmt: skip
 
 
 class Cm3LeonMemoryBank:
@@ -281,16 +189,16 @@ class Cm3LeonMemoryBank:
     def check_encoder(self, encoder) -> None:
         """Raise `ValueError` unless `encoder` is the encoder the bank was built with (dimension and probe embeddings)."""
         built_with = self.manifest["encoder"]
-        dim = _encoder_dim(encoder)
+        dim = encoder_dim(encoder)
         if dim != built_with["dim"]:
             raise ValueError(
                 f"Encoder dimension mismatch: the bank was built with {built_with['name']!r} ({built_with['dim']}-d "
-                f"embeddings) but the query encoder {_encoder_name(encoder)!r} gives {dim}-d embeddings."
+                f"embeddings) but the query encoder {encoder_name(encoder)!r} gives {dim}-d embeddings."
             )
-        if not _same_encoder(built_with, encoder_identity(encoder)):
+        if not same_encoder(built_with, encoder_identity(encoder)):
             raise ValueError(
                 f"Encoder mismatch: the bank was built with {built_with['name']!r} but the query encoder "
-                f"{_encoder_name(encoder)!r} embeds the probe text/image differently (cosine < {FINGERPRINT_MIN_COSINE}); "
+                f"{encoder_name(encoder)!r} embeds the probe text/image differently (cosine < {FINGERPRINT_MIN_COSINE}); "
                 "query a bank with the encoder that built it."
             )
 
@@ -337,79 +245,21 @@ class Cm3LeonMemoryBank:
                 (its `datasets` fingerprint, stable for a dataset loaded from disk or generated with a cache; an
                 in-memory dataset made anew gets a new one), columns, shard size and encoder.
         """
-        save_directory = Path(save_directory)
-        for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if len(dataset) == 0:
-            raise ValueError("Cannot build a memory bank from an empty dataset.")
-        for role, column in (("text_column", text_column), ("image_column", image_column)):
-            if column not in dataset.column_names:
-                raise ValueError(
-                    f"{role}={column!r} is not a column of the dataset (columns: {dataset.column_names})."
-                )
-        reserved = [c for c in RESERVED_COLUMNS if c in dataset.column_names]
-        if reserved:
-            raise ValueError(f"Columns {reserved} are reserved for the memory bank; rename them in the dataset.")
-        target = save_directory
-        if overwrite and (save_directory / MANIFEST_FILE).exists():
-            # Keep the old bank until the new one is complete: build beside it, then swap it in.
-            save_directory = target.with_name(f".{target.name}.rebuild")
-            if save_directory.exists():
-                shutil.rmtree(save_directory)
-        elif overwrite and save_directory.exists():  # an unfinished build: start over
-            shutil.rmtree(save_directory)
-        if (save_directory / MANIFEST_FILE).exists():
-            raise ValueError(f"{save_directory} already holds a memory bank; pass overwrite=True to rebuild it.")
-
+        target = Path(save_directory)
+        _check_build_arguments(dataset, text_column, image_column, batch_size, shard_size)
+        save_directory = _build_directory(target, overwrite)
         identity = encoder_identity(encoder)
-        dim = identity["dim"]
-        shards_dir = save_directory / SHARDS_DIR
-        settings = {
-            "format_version": BANK_FORMAT_VERSION,
-            "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
-            "num_source_rows": len(dataset),
-            "text_column": text_column,
-            "image_column": image_column,
-            "shard_size": shard_size,
-            "encoder": identity,
-        }
-        def same_settings(previous: dict, current: dict) -> bool:
-            previous, current = dict(previous), dict(current)
-            return _same_encoder(previous.pop("encoder", {}), current.pop("encoder")) and previous == current
-
-        def encode(part, start, progress):
-            return cls._encode_shard(part, start, encoder, text_column, image_column, image_decoder, batch_size, dim,
-                                     progress)
-
-        rows, _ = build_in_shards(
-            dataset, shards_dir, settings, encode, shard_size=shard_size, what="build", desc="memory bank", unit="doc", show_progress_bar=show_progress_bar,
-            same_settings=same_settings,
-        )
-        if len(rows) == 0:
-            raise ValueError(
-                f"No mixed-modal rows: every row of the dataset lacks a text ({text_column!r}) or an image "
-                f"({image_column!r})."
-            )
+        encode = functools.partial(encode_shard, encoder=encoder, text_column=text_column, image_column=image_column,
+                                   image_decoder=image_decoder, batch_size=batch_size, dim=identity["dim"])
+        rows = _encode_rows(dataset, encode, save_directory / SHARDS_DIR, identity, text_column, image_column,
+                            shard_size, show_progress_bar)
         rows = save_dataset_atomically(rows, save_directory / ROWS_DIR)
-
-        manifest = {
-            "format_version": BANK_FORMAT_VERSION,
-            "encoder": identity,
-            "metric": "inner_product",
-            "num_rows": len(rows),
-            "num_source_rows": len(dataset),
-            "num_skipped": len(dataset) - len(rows),
-            "text_column": text_column,
-            "image_column": image_column,
-            "columns": rows.column_names,
-            "rows_hash": _rows_hash(rows),
-        }
-        manifest.update(_write_index(rows, save_directory / INDEX_FILE, dim, index_factory, search_parameters,
-                                     train_size, seed, show_progress_bar))
-        manifest["files"] = _file_digests(save_directory, _bank_files(save_directory, manifest["index_file"]))
-        atomic_write_json(save_directory / MANIFEST_FILE, manifest)
-        shutil.rmtree(shards_dir)
+        manifest = _rows_manifest(rows, len(dataset), identity, text_column, image_column)
+        manifest.update(write_index(rows, save_directory / INDEX_FILE, identity["dim"], index_factory,
+                                    search_parameters, train_size, seed, show_progress_bar))
+        manifest["files"] = file_digests(save_directory, _bank_files(save_directory, manifest["index_file"]))
+        atomic_write_json(save_directory / MANIFEST_FILE, manifest)  # the commit point
+        shutil.rmtree(save_directory / SHARDS_DIR)
         if save_directory != target:
             replace_directory(save_directory, target)
         return cls.load(target)
@@ -427,43 +277,14 @@ class Cm3LeonMemoryBank:
         old_file = bank_file(self.directory, self.manifest["index_file"])
         new_file = self.directory / f"index-{uuid.uuid4().hex[:12]}.faiss"
         manifest = dict(self.manifest)
-        manifest.update(_write_index(self.dataset, new_file, self.dim, index_factory, search_parameters, train_size,
-                                     seed, show_progress_bar))
+        manifest.update(write_index(self.dataset, new_file, self.dim, index_factory, search_parameters, train_size,
+                                    seed, show_progress_bar))
         if "files" in manifest:
             files = {k: v for k, v in manifest["files"].items() if k != old_file.name}
-            manifest["files"] = {**files, **_file_digests(self.directory, [new_file.name])}
+            manifest["files"] = {**files, **file_digests(self.directory, [new_file.name])}
         atomic_write_json(self.directory / MANIFEST_FILE, manifest)  # the commit point: the old index until here
         old_file.unlink()
         return type(self).load(self.directory)
-
-    @staticmethod
-    def _encode_shard(part, start, encoder, text_column, image_column, image_decoder, batch_size, dim, progress):
-        kept, hashes, embeddings = [], [], []
-        offset = 0
-        for batch in part.iter(batch_size=batch_size):
-            texts, images = batch[text_column], [_single_image(im, image_decoder) for im in batch[image_column]]
-            keep = [
-                j for j, (t, im) in enumerate(zip(texts, images))
-                if isinstance(t, str) and t.strip() and im is not None
-            ]
-            if keep:
-                texts = [texts[j] for j in keep]
-                stored_images = [images[j] for j in keep]
-                pixels = image_decoder(stored_images) if image_decoder is not None else stored_images
-                text_emb = encoder.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                          convert_to_numpy=True, show_progress_bar=False)
-                image_emb = encoder.encode(pixels, batch_size=batch_size, normalize_embeddings=True,
-                                           convert_to_numpy=True, show_progress_bar=False)
-                embeddings.append(_unit_rows((text_emb + image_emb) / 2).astype(np.float32))
-                hashes.extend(content_hash(t, im) for t, im in zip(texts, stored_images))
-                kept.extend(offset + j for j in keep)
-            offset += len(images)
-            progress.update(len(images))
-        shard = part.select(kept).flatten_indices()
-        shard = shard.add_column(SOURCE_INDEX_COLUMN, np.asarray(kept, dtype=np.int64) + start, feature=Value("int64"))
-        shard = shard.add_column(CONTENT_HASH_COLUMN, hashes, feature=Value("string"))
-        matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
-        return shard.add_column(EMBEDDING_COLUMN, list(matrix), feature=List(Value("float32"), length=dim))
 
     # -------------------------------------------------------------------------------------------------------- load
     @classmethod
@@ -475,196 +296,107 @@ class Cm3LeonMemoryBank:
         Files are checked against the sizes and sha256 digests the manifest records: sizes always, contents for banks
         up to 1 GiB (`FULL_CHECK_BYTES`), or always with `verify=True` (`verify=False`: sizes only)."""
         directory = Path(directory)
-        manifest_path = directory / MANIFEST_FILE
-        if not manifest_path.exists():
-            unfinished = " (an unfinished build: re-run the build to resume)" if (directory / SHARDS_DIR).exists() else ""
-            raise ValueError(f"{directory} is not a memory bank: {MANIFEST_FILE} is missing{unfinished}.")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"Memory bank {directory}: {MANIFEST_FILE} is not valid JSON ({error}). Rebuild it.") from error
-        if not isinstance(manifest, dict) or manifest.get("format_version") != BANK_FORMAT_VERSION:
-            version = manifest.get("format_version") if isinstance(manifest, dict) else None
-            raise ValueError(f"Unsupported memory bank format {version!r} in {directory}.")
-        missing = [key for key in MANIFEST_KEYS if key not in manifest]
-        if missing:
-            raise ValueError(f"Memory bank {directory}: {MANIFEST_FILE} lacks {missing}. Rebuild it.")
+        manifest = read_manifest(directory, "a memory bank", "an unfinished build: re-run the build to resume",
+                                 format_version=BANK_FORMAT_VERSION, name="memory bank", required=MANIFEST_KEYS,
+                                 file_name=MANIFEST_FILE, partial=SHARDS_DIR)
         index_path = bank_file(directory, manifest["index_file"])
-        damaged = _check_files(directory, manifest.get("files") or {}, verify)
+        damaged = check_files(directory, manifest.get("files") or {}, verify)
         if damaged:
             raise ValueError(f"Memory bank {directory} is damaged: {'; '.join(damaged)}. Rebuild it.")
         try:
             rows = load_from_disk(str(directory / ROWS_DIR))
         except Exception as error:  # noqa: BLE001 - datasets raises several kinds for a damaged directory
             raise ValueError(f"Memory bank {directory}: its rows ({ROWS_DIR}/) do not load ({error}). Rebuild it.") from error
-        try:
-            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP if mmap else 0)
-        except RuntimeError as error:
-            raise ValueError(f"Memory bank {directory}: its index {index_path.name} does not load (truncated or "
-                             f"damaged). Rebuild it or re-index it.") from error
-        problems = []
-        if len(rows) == 0:
-            problems.append("the bank has no rows")
-        if not (index.ntotal == len(rows) == manifest["num_rows"] == manifest["ntotal"]):
-            problems.append(f"index size {index.ntotal}, rows {len(rows)}, manifest {manifest['num_rows']}")
-        if index.d != manifest["encoder"]["dim"]:
-            problems.append(f"index dimension {index.d} != manifest dimension {manifest['encoder']['dim']}")
-        if not problems and _rows_hash(rows) != manifest["rows_hash"]:
-            problems.append("the rows are not those the index was built from (rows hash differs)")
-        if not problems:
-            if manifest.get("search_parameters"):
-                faiss.ParameterSpace().set_index_parameters(index, manifest["search_parameters"])
-            probe = manifest["index_probe"]
-            scores, ids = index.search(_embeddings_of(rows, probe["rows"]), 1)
-            found = ids[:, 0].tolist()
-            # a different id is fine only if it is an exact duplicate of the recorded one (ties)
-            same_ids = found == probe["ids"] or (min(found) >= 0 and np.allclose(
-                _embeddings_of(rows, found), _embeddings_of(rows, probe["ids"]), atol=1e-6))
-            if not same_ids or not np.allclose(scores[:, 0], probe["scores"], atol=1e-3):
-                problems.append("the index is not the one built from these rows (probe search differs)")
+        index = read_index(index_path, directory, mmap)
+        problems = consistency_problems(rows, index, manifest)
         if problems:
             raise ValueError(f"Memory bank {directory} is inconsistent: {'; '.join(problems)}. Rebuild it.")
         return cls(rows, index, manifest, directory)
 
 
-MANIFEST_KEYS = ("encoder", "num_rows", "ntotal", "index_file", "rows_hash", "index_probe", "text_column", "image_column")
+# ------------------------------------------------------------------------------------------------- the build's steps
 
 
-def bank_file(directory: Path, name) -> Path:
-    """`directory / name` for a file name read from a manifest, refused unless it names a file directly inside the
-    bank: a manifest must not make the bank read or delete files elsewhere (`"../other/index.faiss"`, `"/etc/x"`)."""
-    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
-        raise ValueError(f"Memory bank {directory}: its manifest names the file {name!r}, which is not a file of the "
-                         f"bank's own directory. Refusing to use it.")
-    return directory / name
+def _check_build_arguments(dataset: Dataset, text_column: str, image_column: str, batch_size, shard_size) -> None:
+    """Refuse, before any work, what `build` cannot turn into a bank."""
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if len(dataset) == 0:
+        raise ValueError("Cannot build a memory bank from an empty dataset.")
+    for role, column in (("text_column", text_column), ("image_column", image_column)):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"{role}={column!r} is not a column of the dataset (columns: {dataset.column_names})."
+            )
+    reserved = [c for c in RESERVED_COLUMNS if c in dataset.column_names]
+    if reserved:
+        raise ValueError(f"Columns {reserved} are reserved for the memory bank; rename them in the dataset.")
 
 
-def _write_index(rows, path, dim, index_factory, search_parameters, train_size, seed, show_progress_bar) -> dict:
-    """Build the faiss index of `rows`' embeddings, write it atomically to `path`; return its manifest entries.
+def _build_directory(target: Path, overwrite: bool) -> Path:
+    """Where to build the bank at `target`: `target` itself, or, to rebuild a finished bank (`overwrite`), the sibling
+    `.<name>.rebuild`, swapped in when complete so that the old bank stays until then. Clears an unfinished build
+    with `overwrite`; refuses a finished bank without it."""
+    save_directory = target
+    if overwrite and (target / MANIFEST_FILE).exists():
+        # Keep the old bank until the new one is complete: build beside it, then swap it in.
+        save_directory = target.with_name(f".{target.name}.rebuild")
+        if save_directory.exists():
+            shutil.rmtree(save_directory)
+    elif overwrite and target.exists():  # an unfinished build: start over
+        shutil.rmtree(target)
+    if (save_directory / MANIFEST_FILE).exists():
+        raise ValueError(f"{save_directory} already holds a memory bank; pass overwrite=True to rebuild it.")
+    return save_directory
 
-    The factory defaults to `default_index_factory`; search parameters default to the factory's defaults for IVF
-    (nprobe = nlist / 64) and `efSearch=64` for HNSW. An index that needs training is trained on a seeded sample of
-    `train_size` rows (default `max(64 * nlist, 65_536)`, capped at the bank size).
-    """
-    default_factory, default_parameters = default_index_factory(len(rows), dim)
-    factory = index_factory or default_factory
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise ValueError(f"Invalid faiss index_factory {factory!r}: {error}") from error
-    if search_parameters is None:
-        if index_factory is None:
-            search_parameters = default_parameters
-        elif "IVF" in factory:
-            search_parameters = f"nprobe={max(1, faiss.extract_index_ivf(index).nlist // 64)}"
-        elif "HNSW" in factory:
-            search_parameters = "efSearch=64"
-        else:
-            search_parameters = ""
-    if not index.is_trained:
-        if train_size is None:
-            nlist = faiss.extract_index_ivf(index).nlist if "IVF" in factory else 0
-            train_size = max(64 * nlist, 65_536)
-        sample = np.random.default_rng(seed).choice(len(rows), size=min(len(rows), train_size), replace=False)
-        index.train(_embeddings_of(rows, np.sort(sample).tolist()))
-    view = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
-    chunk = 65_536
-    for batch in tqdm(view.iter(batch_size=chunk), total=math.ceil(len(rows) / chunk), desc="faiss index",
-                      disable=not show_progress_bar):
-        index.add(np.ascontiguousarray(batch[EMBEDDING_COLUMN], dtype=np.float32))
-    if search_parameters:
-        faiss.ParameterSpace().set_index_parameters(index, search_parameters)
-    index_tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(index_tmp))
-    os.replace(index_tmp, path)
-    probe_rows = _probe_rows(len(rows))
-    probe_scores, probe_ids = index.search(_embeddings_of(rows, probe_rows), 1)
-    return {
-        "index_file": path.name,
-        "index_factory": factory,
-        "search_parameters": search_parameters,
-        "ntotal": int(index.ntotal),
-        "index_probe": {"rows": probe_rows, "scores": [round(float(s), 6) for s in probe_scores[:, 0]],
-                        "ids": [int(i) for i in probe_ids[:, 0]]},
+
+def _same_build_settings(previous: dict, current: dict) -> bool:
+    """An unfinished build resumes with settings equal to its own, the encoder compared by its probe embeddings."""
+    previous, current = dict(previous), dict(current)
+    return same_encoder(previous.pop("encoder", {}), current.pop("encoder")) and previous == current
+
+
+def _encode_rows(dataset, encode, shards_dir, identity, text_column, image_column, shard_size, show_progress_bar):
+    """The bank's rows: `dataset`'s mixed-modal rows with their embeddings, encoded shard by shard into `shards_dir`
+    (`encode`: `encode_shard` bound to the encoder), so that a re-run with the same settings resumes."""
+    settings = {
+        "format_version": BANK_FORMAT_VERSION,
+        "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        "num_source_rows": len(dataset),
+        "text_column": text_column,
+        "image_column": image_column,
+        "shard_size": shard_size,
+        "encoder": identity,
     }
+    rows, _ = build_in_shards(
+        dataset, shards_dir, settings, encode, shard_size=shard_size, what="build", desc="memory bank", unit="doc",
+        show_progress_bar=show_progress_bar, same_settings=_same_build_settings,
+    )
+    if len(rows) == 0:
+        raise ValueError(
+            f"No mixed-modal rows: every row of the dataset lacks a text ({text_column!r}) or an image "
+            f"({image_column!r})."
+        )
+    return rows
 
 
-def _single_image(value, image_decoder):
-    """A row's image: the value itself, or the one element of a list of images (`None` when missing/empty).
-
-    Image ids (with `image_decoder`) are a list of ints, so only PIL lists are unwrapped; an empty id list is missing.
-    """
-    if value is None:
-        return None
-    if image_decoder is not None:
-        return value if len(value) > 0 and not isinstance(value[0], (list, tuple)) else _one(value)
-    if isinstance(value, (list, tuple)):
-        return _one(value)
-    return value
-
-
-def _one(values):
-    if len(values) > 1:
-        raise ValueError(f"A memory-bank document has one image; a row of the image column holds {len(values)}.")
-    return values[0] if values else None
-
-
-def _embeddings_of(rows: Dataset, indices: Sequence[int]) -> np.ndarray:
-    view = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
-    return np.ascontiguousarray(view[list(indices)][EMBEDDING_COLUMN], dtype=np.float32)
-
-
-def _probe_rows(num_rows: int, count: int = 16) -> list[int]:
-    return sorted({int(i) for i in np.linspace(0, num_rows - 1, num=min(count, num_rows))})
-
-
-FULL_CHECK_BYTES = 1 << 30  # banks up to 1 GiB are hashed whole at every load; larger ones with `verify=True`
-
-
-def _file_digests(directory: Path, names: list[str]) -> dict:
-    """Size and sha256 of each file (relative names), streamed in 1 MiB blocks."""
-    digests = {}
-    for name in names:
-        digest = hashlib.sha256()
-        with open(directory / name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digests[name] = {"size": (directory / name).stat().st_size, "sha256": digest.hexdigest()}
-    return digests
+def _rows_manifest(rows: Dataset, num_source_rows: int, identity: dict, text_column: str, image_column: str) -> dict:
+    """The manifest's entries about the rows (the index adds its own, then the file digests)."""
+    return {
+        "format_version": BANK_FORMAT_VERSION,
+        "encoder": identity,
+        "metric": "inner_product",
+        "num_rows": len(rows),
+        "num_source_rows": num_source_rows,
+        "num_skipped": num_source_rows - len(rows),
+        "text_column": text_column,
+        "image_column": image_column,
+        "columns": rows.column_names,
+        "rows_hash": rows_hash(rows),
+    }
 
 
 def _bank_files(directory: Path, index_file: str) -> list[str]:
     rows = sorted(str(p.relative_to(directory)) for p in (directory / ROWS_DIR).rglob("*") if p.is_file())
     return [*rows, index_file]
-
-
-def _check_files(directory: Path, recorded: dict, verify: bool | None) -> list[str]:
-    """What differs from the files the bank was built with: sizes always; contents (sha256) when `verify`, or when
-    `verify` is None and the bank is at most `FULL_CHECK_BYTES`."""
-    problems = []
-    for name, expected in recorded.items():
-        path = directory / name
-        if Path(name).is_absolute() or not path.resolve().is_relative_to(directory.resolve()):
-            problems.append(f"{name} is outside the bank")
-        elif not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != expected["size"]:
-            problems.append(f"{name} has {path.stat().st_size} bytes, not {expected['size']}")
-    if problems:
-        return problems
-    if verify or (verify is None and sum(e["size"] for e in recorded.values()) <= FULL_CHECK_BYTES):
-        actual = _file_digests(directory, list(recorded))
-        problems += [f"{name} differs from the file it was built with (sha256)" for name in recorded
-                     if actual[name]["sha256"] != recorded[name]["sha256"]]
-    return problems
-
-
-def _rows_hash(rows: Dataset) -> str:
-    """sha256 of the row count, the column names and up to 256 evenly spaced rows (ids, content hash, embedding)."""
-    digest = hashlib.sha256(f"{len(rows)}|{','.join(rows.column_names)}".encode())
-    sample = _probe_rows(len(rows), count=256)
-    view = rows.with_format("numpy", columns=[SOURCE_INDEX_COLUMN, EMBEDDING_COLUMN])[sample]
-    digest.update(np.asarray(view[SOURCE_INDEX_COLUMN], dtype=np.int64).tobytes())
-    digest.update(np.asarray(view[EMBEDDING_COLUMN], dtype=np.float32).tobytes())
-    digest.update("".join(rows.select(sample)[CONTENT_HASH_COLUMN]).encode())
-    return digest.hexdigest()
