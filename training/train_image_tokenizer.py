@@ -50,41 +50,60 @@ recipe and 40 steps with --bf16 and --freeform-fraction); the GAN's real and fak
 discriminator in one batch (DDP allows one forward per backward), and the warmup starts at 0, as transformers' does,
 instead of at --learning-rate / --warmup-steps.
 
-The run directory holds `checkpoint-<step>/` (written to a temporary directory, then renamed, so a crash never
-leaves half a checkpoint; the last `--keep-checkpoints` are kept), `log.jsonl` (one JSON line per log and eval), and
+The run directory holds `checkpoint-<step>/` (written as a whole, `cm3leon_hf.atomic.atomic_directory`, so a crash
+never leaves half a checkpoint; the last `--keep-checkpoints` are kept), `log.jsonl` (one JSON line per log and eval), and
 `image_tokenizer/`, the final `Cm3LeonImageTokenizer` (diffusers format) that `training/build_processor.py` bundles.
 A checkpoint holds the VQ, the discriminator, the optimizer moments (all safetensors) and `trainer_state.json`
 (step, position in the data, code usage since the last restart, elapsed time): `--resume` continues from the
 latest one with the same data order and learning rates. Not `Accelerator.save_state`: it writes the optimizers and
 RNG states as pickles, which `load_state` unpickles (arbitrary code on load); nothing here is random but the
 per-step seeded draws, so there is no RNG state to keep.
+
+This script holds the options, the loop (`VQTrainer`) and `--chain`; the parts it trains with are
+`cm3leon_hf.image_tokenizer_training`'s modules: `data`, `losses`, `codebook`, `model`, `checkpoints`, `evaluation`.
 """
 
 
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast
 from diffusers import VQModel
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import get_last_checkpoint
 
 from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
+from cm3leon_hf.image_tokenizer_training.checkpoints import load_optimizer_tensors, save_checkpoint
+from cm3leon_hf.image_tokenizer_training.codebook import dead_codes, normalize_codebook, pick_latents, reset_moments
+from cm3leon_hf.image_tokenizer_training.data import (
+    FREEFORM_EVAL_SEED,
+    eval_images,
+    image_stream,
+    load_splits,
+    train_batches,
+    with_freeform,
+)
+from cm3leon_hf.image_tokenizer_training.evaluation import evaluate
+from cm3leon_hf.image_tokenizer_training.losses import (
+    PatchDiscriminator,
+    VQTrainingModel,
+    discriminator_loss,
+    edge_map,  # noqa: F401  (the script's names, as before the split)
+    generator_loss,
+    vq_forward,
+    vq_loss,
+)
+from cm3leon_hf.image_tokenizer_training.model import build_vq_model, init_from_pretrained
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -230,529 +249,242 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------------------------------- data
-
-
-def load_splits(args):
-    """The train and eval datasets (map-style, or iterable with --streaming)."""
-    import datasets
-
-    if args.dataset is None:
-        from cm3leon_hf.synthetic import build_tasks
-
-        world = build_tasks(
-            num_train=args.synthetic_rows,
-            num_validation=max(1, args.eval_images // 7 + 1),
-            num_test=0,
-            num_heldout=0,
-            cache_dir=None if args.synthetic_cache is None else str(args.synthetic_cache),
-        )
-        train, evaluation = world[args.train_split], world[args.eval_split]
-        if args.streaming:
-            train, evaluation = train.to_iterable_dataset(), evaluation.to_iterable_dataset()
-    elif Path(args.dataset).is_dir():
-        loaded = datasets.load_from_disk(args.dataset)
-        train, evaluation = loaded[args.train_split], loaded[args.eval_split]
-        if args.streaming:
-            train, evaluation = train.to_iterable_dataset(), evaluation.to_iterable_dataset()
-    else:
-        load = lambda split: datasets.load_dataset(  # noqa: E731
-            args.dataset, args.dataset_config, split=split, streaming=args.streaming
-        )
-        train, evaluation = load(args.train_split), load(args.eval_split)
-    for name, ds in (("train", train), ("eval", evaluation)):
-        if ds.column_names is not None and args.image_column not in ds.column_names:
-            raise ValueError(f"The {name} split has no column {args.image_column!r} (columns: {ds.column_names}).")
-    keep = [args.image_column]
-    return train.select_columns(keep), evaluation.select_columns(keep)
-
-
-def row_images(row: dict, column: str) -> list:
-    images = row[column]
-    return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
-def image_stream(dataset, args, position: dict):
-    """Endless `(image, position after it)` pairs over the training rows, reshuffled every epoch (epoch `e` with seed
-    `args.seed + e`). A position is `{"rows": rows fully used, "images": images of the next row used, "epoch_rows":
-    rows per epoch, once known}`; starting from a saved position replays the same order (`--resume`)."""
-    rows, used, epoch_rows = position["rows"], position["images"], position.get("epoch_rows")
-    is_map_style = hasattr(dataset, "__len__")
-    if is_map_style:
-        epoch_rows = len(dataset)
-    while True:
-        epoch, offset = divmod(rows, epoch_rows) if epoch_rows else (0, rows)
-        if is_map_style:
-            shuffled = dataset.shuffle(seed=args.seed + epoch)
-        else:
-            shuffled = dataset.shuffle(seed=args.seed + epoch, buffer_size=args.shuffle_buffer)
-        for row in shuffled.skip(offset):
-            images = row_images(row, args.image_column)
-            for j in range(used, len(images)):
-                last = j == len(images) - 1
-                yield images[j], {"rows": rows + last, "images": 0 if last else j + 1, "epoch_rows": epoch_rows}
-            rows, used = rows + 1, 0
-        if rows == 0:
-            raise ValueError("The training split has no rows.")
-        epoch_rows = epoch_rows or rows  # an iterable dataset's length is known after its first pass
-
-
-def train_batches(stream, batch_size: int):
-    """Batches of `batch_size` images from `image_stream`, each with the stream's position after it."""
-    batch = []
-    for image, position in stream:
-        batch.append(image)
-        if len(batch) == batch_size:
-            yield batch, position
-            batch = []
-
-
-FREEFORM_EVAL_SEED = 1_000_003  # drawings for evals: a stream the training batches (seed --seed) never draw from
-
-
-def with_freeform(images: list, step: int, args) -> list:
-    """`images` with its first `round(--freeform-fraction * len)` entries replaced by step `step`'s drawings."""
-    count = round(args.freeform_fraction * len(images))
-    if count == 0:
-        return images
-    from cm3leon_hf.synthetic.freeform import drawing_image
-
-    base = step * len(images)
-    drawn = [drawing_image(base + j, args.resolution, seed=args.seed, frame_fraction=args.freeform_frames)
-             for j in range(count)]
-    return drawn + list(images[count:])
-
-
-def eval_images(dataset, args) -> list:
-    images = []
-    for row in dataset:
-        images.extend(row_images(row, args.image_column))
-        if len(images) >= args.eval_images:
-            break
-    return images[: args.eval_images]
-
-
-# ---------------------------------------------------------------------------------------------------- model
-
-
-def build_vq_model(args) -> VQModel:
-    n = len(args.block_out_channels)
-    return VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(args.block_out_channels),
-        layers_per_block=args.layers_per_block,
-        latent_channels=args.latent_channels,
-        vq_embed_dim=args.vq_embed_dim,
-        num_vq_embeddings=args.num_codes,
-        norm_num_groups=args.norm_num_groups,
-        sample_size=args.resolution,
-        mid_block_add_attention=args.mid_block_attention,
-        norm_type=args.norm_type,
-        lookup_from_codebook=True,
-    )
-
-
-class PatchDiscriminator(nn.Sequential):
-    """A small PatchGAN (pix2pix/taming): stride-2 convolutions to a grid of real/fake logits, `(batch, 1, h, w)`."""
-
-    def __init__(self, channels: int = 64, num_layers: int = 3):
-        layers, width = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
-        for _ in range(num_layers - 1):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2)]
-            width *= 2
-        layers.append(nn.Conv2d(width, 1, 3, 1, 1))
-        super().__init__(*layers)
-
-
-def vq_forward(vq: VQModel, pixels: torch.Tensor, args) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One autoencoding pass with our losses. Returns (reconstruction, losses, latents `(N, D)`, code indices `(N,)`,
-    squared quantization errors `(N,)`), with N = batch * grid * grid in raster order. With `--bf16` the encoder and
-    decoder run under bfloat16 autocast; the code lookup and the losses stay in float32."""
-    autocast = torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    with autocast:
-        latents = vq.encode(pixels).latents.float()  # (batch, D, g, g)
-    batch, dim, grid, _ = latents.shape
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)  # (batch * g * g, D), raster order
-    _, _, (_, _, indices) = vq.quantize(latents)  # nearest code of each position, (batch * g * g,)
-    if args.normalize_codes:  # the codebook is kept unit-norm (`normalize_codebook`): nearest = most cosine-similar
-        flat = F.normalize(flat, dim=-1)
-    codes = vq.quantize.embedding(indices)  # (batch * g * g, D)
-    quantized = flat + (codes - flat).detach()  # straight-through estimator
-    quantized = quantized.view(batch, grid, grid, dim).permute(0, 3, 1, 2)  # (batch, D, g, g)
-    with autocast:
-        spatial = quantized if vq.config.norm_type == "spatial" else None
-        reconstruction = vq.decoder(vq.post_quant_conv(quantized), spatial).float()
-    difference = reconstruction - pixels
-    weights = 1.0
-    if args.edge_weight > 0:
-        weights = 1 + args.edge_weight * edge_map(pixels)  # (batch, 1, res, res)
-        weights = weights / weights.mean()  # a weighted mean: loss scales stay those of the plain one
-    losses = {
-        "l1": (weights * difference.abs()).mean(),
-        "l2": (weights * difference**2).mean(),
-        "codebook": F.mse_loss(codes, flat.detach()),
-        "commitment": F.mse_loss(flat, codes.detach()),
-    }
-    errors = ((flat - codes) ** 2).sum(-1).detach()  # (batch * g * g,) squared quantization errors
-    return reconstruction, losses, flat.detach(), indices, errors
-
-
-def edge_map(pixels: torch.Tensor) -> torch.Tensor:
-    """Where `pixels` (batch, C, H, W) in [-1, 1] have edges, in [0, 1], shape (batch, 1, H, W): each pixel's largest
-    absolute difference to its right or lower neighbour (over channels), saturating at 0.5 (a quarter of the range),
-    then a 3×3 max-pool, so both pixels across an edge count (and the one before it: three pixels per edge)."""
-    dx = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().amax(1, keepdim=True)
-    dy = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().amax(1, keepdim=True)
-    edges = torch.maximum(F.pad(dx, (0, 1, 0, 0)), F.pad(dy, (0, 0, 0, 1)))
-    return F.max_pool2d((edges / 0.5).clamp(max=1.0), kernel_size=3, stride=1, padding=1)
-
-
-def normalize_codebook(vq: VQModel) -> None:
-    with torch.no_grad():
-        weight = vq.quantize.embedding.weight
-        weight.copy_(F.normalize(weight, dim=-1))
-
-
-def pick_latents(latents: torch.Tensor, errors: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` latents of the batch drawn with probability proportional to their squared quantization error (as
-    k-means++ seeds clusters): codes go where the codebook serves the data worst — in images that are mostly flat
-    background, the rare object patches — instead of where most latents are."""
-    weights = errors.clamp_min(1e-12).cpu().double()
-    picks = torch.multinomial(weights, count, replacement=count > len(weights), generator=generator)
-    return latents[picks.to(latents.device)]
-
-
-def init_from_pretrained(vq: VQModel, source_dir: Path) -> bool:
-    """Copy a trained VQ's weights into `vq` (`--init-from`). Every tensor but the codebook must match in shape, or
-    `vq` must be the source widened by a whole factor (`widen_state_dict`); a `ValueError` lists the tensors that do
-    not fit. The codebook is copied only if it has the same size. Returns whether it was."""
-    source_model = VQModel.from_pretrained(source_dir)
-    source = source_model.state_dict()
-    own = vq.state_dict()
-    codebook = "quantize.embedding.weight"
-    mismatched = sorted(
-        k for k in set(own) | set(source) if k != codebook and (k not in source or k not in own or source[k].shape != own[k].shape)
-    )
-    if mismatched:
-        factor = widening_factor(source_model.config, vq.config)
-        if factor is None:
-            raise ValueError(f"--init-from {source_dir}: its VQ does not have this architecture ({len(mismatched)} tensors "
-                             f"differ, e.g. {mismatched[:3]}); pass the same --block-out-channels, --layers-per-block, ... "
-                             f"or, to widen it, all of its --block-out-channels and --norm-num-groups times one factor")
-        source = widen_state_dict(source, own, factor)
-    keep_codebook = source[codebook].shape == own[codebook].shape
-    if not keep_codebook:
-        source.pop(codebook)
-    vq.load_state_dict(source, strict=keep_codebook)
-    return keep_codebook
-
-
-def widening_factor(narrow, wide) -> int | None:
-    """The whole factor k by which config `wide` widens config `narrow` (every block width and the number of norm
-    groups times k, everything else equal, group norm), or None if it does not."""
-    if len(narrow.block_out_channels) != len(wide.block_out_channels) or wide.block_out_channels[0] % narrow.block_out_channels[0]:
-        return None
-    k = wide.block_out_channels[0] // narrow.block_out_channels[0]
-    same = ("layers_per_block", "latent_channels", "vq_embed_dim", "norm_type", "mid_block_add_attention", "in_channels", "out_channels")
-    if (k < 2 or any(w != k * n for n, w in zip(narrow.block_out_channels, wide.block_out_channels))
-            or wide.norm_num_groups != k * narrow.norm_num_groups or narrow.norm_type != "group"
-            or any(getattr(narrow, key) != getattr(wide, key) for key in same)):
-        return None
-    return k
-
-
-def widen_state_dict(narrow: dict, wide: dict, factor: int) -> dict:
-    """Weights for the `factor`-times wider VQ `wide` (its freshly initialised state dict) that compute exactly what
-    `narrow` computes: a function-preserving widening in the spirit of Net2WiderNet (Chen et al., 2016).
-
-    Along every widened axis the trained channels come first and keep their weights; new channels get `wide`'s fresh
-    initialisation on their way in and zeros on their way out into trained channels, so at the start they change
-    nothing, yet they carry activations and receive gradients. Group norm keeps its statistics because the number of
-    groups grows with the width (trained channels fill exactly the first groups). The single-head mid-block attention
-    scales scores by 1/sqrt(width): its trained query rows are multiplied by sqrt(factor) and its new query rows are
-    zero, so the scores are unchanged too. Axes of the same size (latents, RGB) are copied as they are, and so is the
-    codebook (whatever its size).
-    Fine-tuning the result gives a trained VQ more capacity without starting over (`--init-from`)."""
-    out = {}
-    for name, target in wide.items():
-        source = narrow[name]
-        if name == "quantize.embedding.weight":  # never widened; `init_from_pretrained` decides whether it is kept
-            out[name] = source
-            continue
-        if source.dim() != target.dim() or any(t not in (s, factor * s) for s, t in zip(source.shape, target.shape)):
-            raise ValueError(f"cannot widen {name}: {tuple(source.shape)} -> {tuple(target.shape)} is not x1 or x{factor}")
-        tensor = target.clone()
-        old = tuple(slice(0, s) for s in source.shape)
-        tensor[old] = source
-        if target.dim() >= 2 and target.shape[1] != source.shape[1]:  # new inputs must not reach trained outputs
-            tensor[: source.shape[0], source.shape[1] :] = 0
-        if name.endswith(("attentions.0.to_q.weight", "attentions.0.to_q.bias")) and target.shape[0] != source.shape[0]:
-            tensor[: source.shape[0]] *= math.sqrt(factor)
-            tensor[source.shape[0] :] = 0
-        out[name] = tensor
-    return out
-
-
-def reset_moments(optimizer: torch.optim.Optimizer, weight: torch.Tensor, rows: torch.Tensor) -> None:
-    """Zero Adam's moments of `rows` of `weight` (codes just moved by a restart start afresh)."""
-    for moment in optimizer.state.get(weight, {}).values():
-        if moment.dim() == 2:
-            moment[rows] = 0
-
-
-# ---------------------------------------------------------------------------------------------------- eval
-
-
-@torch.no_grad()
-def evaluate(image_tokenizer: Cm3LeonImageTokenizer, images: list, batch_size: int = 100) -> dict:
-    """PSNR (dB, on uint8 pixels, mean over images) of encode → decode, and the fraction of the codebook used."""
-    was_training = image_tokenizer.vq_model.training
-    image_tokenizer.vq_model.eval()
-    psnrs, used = [], torch.zeros(image_tokenizer.codebook_size, dtype=torch.bool)
-    for start in range(0, len(images), batch_size):
-        pixels = image_tokenizer.preprocess(images[start : start + batch_size])
-        codes = image_tokenizer.encode_pixels(pixels)
-        used[codes.flatten().cpu()] = True
-        decoded = image_tokenizer.decode_to_pixels(codes).clamp(-1, 1)
-        target = ((pixels + 1) * 127.5).round()
-        output = ((decoded + 1) * 127.5).round()
-        mse = ((output - target) ** 2).float().mean(dim=(1, 2, 3)).clamp_min(1e-10)
-        psnrs.append(10 * torch.log10(255.0**2 / mse).cpu())
-    image_tokenizer.vq_model.train(was_training)
-    return {"psnr": torch.cat(psnrs).mean().item(), "codebook_usage": used.float().mean().item()}
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(directory: Path, step: int, vq, discriminator, optimizers: dict, state: dict, keep: int) -> Path:
-    """Write `checkpoint-<step>` atomically (temporary directory, then rename) and prune old checkpoints."""
-    final = directory / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=directory))
-    vq.save_pretrained(tmp / "vq", safe_serialization=True)
-    if discriminator is not None:
-        save_file(discriminator.state_dict(), tmp / "discriminator.safetensors")
-    for name, optimizer in optimizers.items():
-        save_file(optimizer_tensors(optimizer), tmp / f"optimizer_{name}.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    rotate_checkpoints(str(directory), save_total_limit=keep)
-    return final
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Adam's per-parameter state as flat tensors (`"<param index>.<key>"`), for safetensors."""
-    out = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"{index}.{key}"] = torch.as_tensor(value).contiguous()
-    return out
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state_dict = optimizer.state_dict()
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    state_dict["state"] = state
-    optimizer.load_state_dict(state_dict)
-
-
-# ---------------------------------------------------------------------------------------------------- main
-
-
-class VQTrainingModel(nn.Module):
-    """The VQ with the training losses as its `forward` (`vq_forward`): what accelerate prepares, so that under DDP
-    every backward follows exactly one forward of the wrapped module."""
-
-    def __init__(self, vq: VQModel, args):
-        super().__init__()
-        self.vq, self.args = vq, args
-
-    def forward(self, pixels: torch.Tensor):
-        return vq_forward(self.vq, pixels, self.args)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    accelerator = Accelerator(cpu=args.cpu)
-    main_process, processes, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    torch.manual_seed(args.seed)  # the same initial weights in every process (DDP also broadcasts them)
-    generator = torch.Generator().manual_seed(args.seed)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    device = accelerator.device
-
-    resume_from = get_last_checkpoint(str(args.output_dir)) if args.resume else None
-    resume_from = None if resume_from is None else Path(resume_from)
-    if args.resume and resume_from is None and main_process:
-        print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch", file=sys.stderr)
-    vq = (VQModel.from_pretrained(resume_from / "vq") if resume_from else build_vq_model(args)).to(device).train()
-    codebook_loaded = resume_from is not None
-    if args.init_from is not None and resume_from is None:
-        codebook_loaded = init_from_pretrained(vq, args.init_from)
-    image_tokenizer = Cm3LeonImageTokenizer(vq)
-    vq.train()  # the image tokenizer puts its model in eval mode
-    if args.freeze_encoder:
-        for module in (vq.encoder, vq.quant_conv, vq.quantize):
-            module.requires_grad_(False)
-    optimizer = torch.optim.Adam([p for p in vq.parameters() if p.requires_grad], lr=args.learning_rate, betas=(0.9, 0.99))
-    optimizers = {"vq": optimizer}
-    discriminator = None
-    if args.disc_weight > 0:
-        discriminator = PatchDiscriminator().to(device).train()
-        disc_lr = args.learning_rate if args.disc_learning_rate is None else args.disc_learning_rate
-        optimizers["discriminator"] = torch.optim.Adam(discriminator.parameters(), lr=disc_lr, betas=(0.5, 0.9))
-    state = {"step": 0, "position": {"rows": 0, "images": 0}, "elapsed_s": 0.0, "usage": [0] * args.num_codes}
-    if resume_from:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        for name, opt in optimizers.items():
-            load_optimizer_tensors(opt, load_file(resume_from / f"optimizer_{name}.safetensors"))
-        if discriminator is not None:
-            discriminator.load_state_dict(load_file(resume_from / "discriminator.safetensors"))
-        if main_process:
-            print(f"resumed from {resume_from} (step {state['step']})", file=sys.stderr)
-    usage = torch.tensor(state["usage"], dtype=torch.long, device=device)
-    # The schedule at the step reached: its state is the step alone, so a resume with another --max-steps continues on
-    # the new cosine at this step (as the recipe's runs were resumed).
-    for group in optimizer.param_groups:
-        group["initial_lr"] = args.learning_rate
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps,
-                                                            min_lr=args.min_learning_rate, last_epoch=state["step"] - 1)
-    # Prepared after loading: accelerate wraps the modules for DDP and the optimizers for its processes. The schedule
-    # is stepped here, once per global step (accelerate's scheduler wrapper would step it once per process).
-    model, optimizer = accelerator.prepare(VQTrainingModel(vq, args), optimizer)
-    optimizers["vq"] = optimizer
-    if discriminator is not None:
-        discriminator, optimizers["discriminator"] = accelerator.prepare(discriminator, optimizers["discriminator"])
-
-    train, evaluation = load_splits(args)
-    held_out = eval_images(evaluation, args) if main_process else []
-    freeform_held_out = []
-    if args.freeform_fraction > 0 and main_process:
-        from cm3leon_hf.synthetic.freeform import drawing_image
-
-        freeform_held_out = [drawing_image(i, args.resolution, seed=FREEFORM_EVAL_SEED) for i in range(args.eval_images)]
-
-    def run_eval() -> dict | None:
-        """On the main process (the others wait); None elsewhere."""
-        metrics = None
-        if main_process:
-            metrics = evaluate(image_tokenizer, held_out)
-            if freeform_held_out:
-                metrics["freeform_psnr"] = evaluate(image_tokenizer, freeform_held_out)["psnr"]
-            vq.train()
-        accelerator.wait_for_everyone()
-        return metrics
-
-    def log(record: dict) -> None:
-        if main_process:
-            with (args.output_dir / "log.jsonl").open("a") as log_file:
-                log_file.write(json.dumps(record) + "\n")
-
-    def checkpoint() -> None:
-        if main_process:
-            state["usage"] = usage.tolist()
-            save_checkpoint(args.output_dir, state["step"], vq, accelerator.unwrap_model(discriminator)
-                            if discriminator is not None else None, optimizers, state, args.keep_checkpoints)
-        accelerator.wait_for_everyone()
-
-    def set_codebook(codes: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+# ---------------------------------------------------------------------------------------------------- training
+
+
+class VQTrainer:
+    """One run of `main`: the VQ (new, from --init-from, or from the latest checkpoint with --resume), the
+    discriminator, their optimizers and the schedule, prepared by accelerate; the data; and the loop (`train`), one
+    `train_step` at a time, with code restarts, logs, evals and checkpoints. Under DDP the main process evaluates,
+    logs and saves, and the others wait."""
+
+    def __init__(self, args):
+        self.args = args
+        torch.set_num_threads(args.threads)
+        self.accelerator = Accelerator(cpu=args.cpu)
+        self.main_process = self.accelerator.is_main_process
+        torch.manual_seed(args.seed)  # the same initial weights in every process (DDP also broadcasts them)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = get_last_checkpoint(str(args.output_dir)) if args.resume else None
+        resume_from = None if resume_from is None else Path(resume_from)
+        if args.resume and resume_from is None and self.main_process:
+            print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch", file=sys.stderr)
+        self._build_models(resume_from)
+        self._load_state(resume_from)
+        self._prepare()
+        train, evaluation = load_splits(args)
+        self.train_data = train
+        self.held_out = eval_images(evaluation, args) if self.main_process else []
+        self.freeform_held_out = []
+        if args.freeform_fraction > 0 and self.main_process:
+            from cm3leon_hf.synthetic.freeform import drawing_image
+
+            self.freeform_held_out = [drawing_image(i, args.resolution, seed=FREEFORM_EVAL_SEED)
+                                      for i in range(args.eval_images)]
+
+    def _build_models(self, resume_from: Path | None) -> None:
+        """The VQ, its image tokenizer (for evals and the final save), the discriminator and their optimizers."""
+        args, device = self.args, self.accelerator.device
+        vq = (VQModel.from_pretrained(resume_from / "vq") if resume_from else build_vq_model(args)).to(device).train()
+        self.codebook_loaded = resume_from is not None
+        if args.init_from is not None and resume_from is None:
+            self.codebook_loaded = init_from_pretrained(vq, args.init_from)
+        self.image_tokenizer = Cm3LeonImageTokenizer(vq)
+        vq.train()  # the image tokenizer puts its model in eval mode
+        if args.freeze_encoder:
+            for module in (vq.encoder, vq.quant_conv, vq.quantize):
+                module.requires_grad_(False)
+        self.vq = vq
+        self.optimizer = torch.optim.Adam([p for p in vq.parameters() if p.requires_grad], lr=args.learning_rate,
+                                          betas=(0.9, 0.99))
+        self.optimizers = {"vq": self.optimizer}
+        self.discriminator = None
+        if args.disc_weight > 0:
+            self.discriminator = PatchDiscriminator().to(device).train()
+            disc_lr = args.learning_rate if args.disc_learning_rate is None else args.disc_learning_rate
+            self.optimizers["discriminator"] = torch.optim.Adam(self.discriminator.parameters(), lr=disc_lr,
+                                                                betas=(0.5, 0.9))
+
+    def _load_state(self, resume_from: Path | None) -> None:
+        """The run's state (step, data position, code usage, elapsed time): new, or the checkpoint's with its
+        optimizer moments and discriminator."""
+        self.state = {"step": 0, "position": {"rows": 0, "images": 0}, "elapsed_s": 0.0,
+                      "usage": [0] * self.args.num_codes}
+        if resume_from:
+            self.state = json.loads((resume_from / "trainer_state.json").read_text())
+            for name, opt in self.optimizers.items():
+                load_optimizer_tensors(opt, load_file(resume_from / f"optimizer_{name}.safetensors"))
+            if self.discriminator is not None:
+                self.discriminator.load_state_dict(load_file(resume_from / "discriminator.safetensors"))
+            if self.main_process:
+                print(f"resumed from {resume_from} (step {self.state['step']})", file=sys.stderr)
+        self.usage = torch.tensor(self.state["usage"], dtype=torch.long, device=self.accelerator.device)
+
+    def _prepare(self) -> None:
+        """The schedule at the step reached, then accelerate's wrapping of the modules (DDP) and optimizers."""
+        args = self.args
+        # The schedule's state is the step alone, so a resume with another --max-steps continues on the new cosine
+        # at this step (as the recipe's runs were resumed).
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = args.learning_rate
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            self.optimizer, args.warmup_steps, args.max_steps, min_lr=args.min_learning_rate,
+            last_epoch=self.state["step"] - 1)
+        # Prepared after loading: accelerate wraps the modules for DDP and the optimizers for its processes. The
+        # schedule is stepped here, once per global step (accelerate's scheduler wrapper would step it once per
+        # process).
+        self.model, self.optimizer = self.accelerator.prepare(VQTrainingModel(self.vq, args), self.optimizer)
+        self.optimizers["vq"] = self.optimizer
+        if self.discriminator is not None:
+            self.discriminator, self.optimizers["discriminator"] = self.accelerator.prepare(
+                self.discriminator, self.optimizers["discriminator"])
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        """Train to --max-steps (or --stop-at-step, or --max-minutes), then checkpoint, evaluate and save the image
+        tokenizer; returns the final record (step, why it stopped, elapsed seconds, eval metrics)."""
+        args, state = self.args, self.state
+        start_time, start_elapsed = time.perf_counter(), state["elapsed_s"]
+        # Every process reads the global batch (N x --batch-size images) and trains on its own slice of it.
+        batches = train_batches(image_stream(self.train_data, args, state["position"]),
+                                args.batch_size * self.accelerator.num_processes)
+        stop_reason, last_step = "max_steps", args.max_steps
+        if args.stop_at_step is not None and args.stop_at_step < args.max_steps:
+            stop_reason, last_step = "stop_at_step", args.stop_at_step
+        progress = tqdm(total=last_step, initial=state["step"], desc="VQ", dynamic_ncols=True,
+                        disable=not self.main_process)
+        while state["step"] < last_step:
+            elapsed = start_elapsed + time.perf_counter() - start_time
+            out_of_time = torch.tensor(args.max_minutes is not None and elapsed >= 60 * args.max_minutes,
+                                       device=self.accelerator.device)
+            if broadcast(out_of_time, from_process=0).item():  # the main process's clock: all stop together
+                stop_reason = "max_minutes"
+                break
+            step = state["step"]
+            self.generator.manual_seed(args.seed + step)  # restarts and initialisation: the same draws after --resume
+            images, position = next(batches)
+            losses, lr, indices, latents, errors = self.train_step(step, images)
+            self.usage += self.accelerator.reduce(torch.bincount(indices, minlength=args.num_codes), reduction="sum")
+            state["step"], state["position"] = step + 1, position
+            state["elapsed_s"] = start_elapsed + time.perf_counter() - start_time
+            restarted = self.restart_dead_codes(latents, errors)
+            progress.update(1)
+            self.after_step(losses, lr, restarted, progress)
+        progress.close()
+        return self.finish(stop_reason)
+
+    def train_step(self, step: int, images: list):
+        """One optimizer step of the VQ (and of the discriminator, once the GAN is on) on this process's slice of the
+        global batch. Returns (losses, learning rate, code indices, latents, squared quantization errors)."""
+        args, rank = self.args, self.accelerator.process_index
+        images = with_freeform(images, step, args)[rank * args.batch_size : (rank + 1) * args.batch_size]
+        pixels = self.image_tokenizer.preprocess(images)  # (batch, 3, res, res) in [-1, 1]
+        lr = self.scheduler.get_last_lr()[0]
+        if step == 0 and not self.codebook_loaded:  # data-dependent codebook initialisation (k-means++ style)
+            with torch.no_grad():
+                _, _, latents, _, errors = vq_forward(self.vq, pixels, args)
+            self.set_codebook(pick_latents(latents, errors, args.num_codes, self.generator))
+        reconstruction, losses, latents, indices, errors = self.model(pixels)
+        loss = vq_loss(losses, args)
+        gan_on = self.discriminator is not None and step >= args.disc_start
+        if gan_on:
+            losses["generator"] = generator_loss(self.discriminator, reconstruction)
+            loss = loss + args.disc_weight * losses["generator"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.scheduler.step()
+        if args.normalize_codes:
+            normalize_codebook(self.vq)
+        if gan_on:
+            losses["discriminator"] = discriminator_loss(self.discriminator, pixels, reconstruction)
+            self.optimizers["discriminator"].zero_grad(set_to_none=True)
+            self.accelerator.backward(losses["discriminator"])
+            self.optimizers["discriminator"].step()
+        return losses, lr, indices, latents, errors
+
+    def set_codebook(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Write codes (all, or `rows`) from the main process's batch into every process's codebook."""
         with torch.no_grad():
-            vq.quantize.embedding.weight[slice(None) if rows is None else rows] = broadcast(codes, from_process=0)
-        if args.normalize_codes:
-            normalize_codebook(vq)
+            self.vq.quantize.embedding.weight[slice(None) if rows is None else rows] = broadcast(codes, from_process=0)
+        if self.args.normalize_codes:
+            normalize_codebook(self.vq)
 
-    start_time, start_elapsed = time.perf_counter(), state["elapsed_s"]
-    # Every process reads the global batch (N x --batch-size images) and trains on its own slice of it.
-    batches = train_batches(image_stream(train, args, state["position"]), args.batch_size * processes)
-    stop_reason, last_step = "max_steps", args.max_steps
-    if args.stop_at_step is not None and args.stop_at_step < args.max_steps:
-        stop_reason, last_step = "stop_at_step", args.stop_at_step
-    progress = tqdm(total=last_step, initial=state["step"], desc="VQ", dynamic_ncols=True, disable=not main_process)
-    while state["step"] < last_step:
-        elapsed = start_elapsed + time.perf_counter() - start_time
-        out_of_time = torch.tensor(args.max_minutes is not None and elapsed >= 60 * args.max_minutes, device=device)
-        if broadcast(out_of_time, from_process=0).item():  # the main process's clock: all stop together
-            stop_reason = "max_minutes"
-            break
-        step = state["step"]
-        generator.manual_seed(args.seed + step)  # restarts and initialisation: the same draws after --resume
-        images, position = next(batches)
-        images = with_freeform(images, step, args)[rank * args.batch_size : (rank + 1) * args.batch_size]
-        pixels = image_tokenizer.preprocess(images)  # (batch, 3, res, res) in [-1, 1]
-        lr = scheduler.get_last_lr()[0]
-        if step == 0 and not codebook_loaded:  # data-dependent codebook initialisation (k-means++ style)
-            with torch.no_grad():
-                _, _, latents, _, errors = vq_forward(vq, pixels, args)
-            set_codebook(pick_latents(latents, errors, args.num_codes, generator))
-        reconstruction, losses, latents, indices, errors = model(pixels)
-        loss = (
-            args.l1_weight * losses["l1"]
-            + args.l2_weight * losses["l2"]
-            + losses["codebook"]
-            + args.commitment_weight * losses["commitment"]
-        )
-        gan_on = discriminator is not None and step >= args.disc_start
-        if gan_on:
-            losses["generator"] = -discriminator(reconstruction).mean()
-            loss = loss + args.disc_weight * losses["generator"]
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        if args.normalize_codes:
-            normalize_codebook(vq)
-        if gan_on:  # real and fake in one forward: DDP allows one forward per backward
-            real, fake = discriminator(torch.cat([pixels, reconstruction.detach()])).chunk(2)
-            losses["discriminator"] = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-            optimizers["discriminator"].zero_grad(set_to_none=True)
-            accelerator.backward(losses["discriminator"])
-            optimizers["discriminator"].step()
-        usage += accelerator.reduce(torch.bincount(indices, minlength=args.num_codes), reduction="sum")
-        state["step"], state["position"] = step + 1, position
-        state["elapsed_s"] = start_elapsed + time.perf_counter() - start_time
-        restarted = None
-        if args.restart_every and state["step"] % args.restart_every == 0:
-            dead = (usage == 0).nonzero().flatten()  # the same in every process: usage is summed over them
-            if len(dead):
-                set_codebook(pick_latents(latents, errors, len(dead), generator), dead)
-                reset_moments(optimizer, vq.quantize.embedding.weight, dead)
-            usage.zero_()
-            restarted = len(dead)
-        progress.update(1)
-        if state["step"] % args.log_every == 0 or restarted:
-            losses = {k: accelerator.reduce(v.detach(), reduction="mean").item() for k, v in losses.items()}
-            record = {"step": state["step"], "lr": lr, "elapsed_s": round(state["elapsed_s"], 1)}
+    def restart_dead_codes(self, latents: torch.Tensor, errors: torch.Tensor) -> int | None:
+        """Every --restart-every steps, move the codes unused since the last restart onto latents of this batch
+        (`pick_latents`) with fresh moments; returns how many moved (None between restarts)."""
+        if not (self.args.restart_every and self.state["step"] % self.args.restart_every == 0):
+            return None
+        dead = dead_codes(self.usage)  # the same in every process: usage is summed over them
+        if len(dead):
+            self.set_codebook(pick_latents(latents, errors, len(dead), self.generator), dead)
+            reset_moments(self.optimizer, self.vq.quantize.embedding.weight, dead)
+        self.usage.zero_()
+        return len(dead)
+
+    def after_step(self, losses: dict, lr: float, restarted: int | None, progress) -> None:
+        """The step's log line (every --log-every steps and after a restart), eval and checkpoint, when due."""
+        args, step = self.args, self.state["step"]
+        if step % args.log_every == 0 or restarted:
+            losses = {k: self.accelerator.reduce(v.detach(), reduction="mean").item() for k, v in losses.items()}
+            record = {"step": step, "lr": lr, "elapsed_s": round(self.state["elapsed_s"], 1)}
             record.update({k: round(v, 5) for k, v in losses.items()})
             if restarted is not None:
                 record["restarted_codes"] = restarted
             progress.set_postfix(l1=f"{losses['l1']:.4f}", refresh=False)
-            log(record)
-        if args.eval_every and state["step"] % args.eval_every == 0:
-            metrics = run_eval()
+            self.log(record)
+        if args.eval_every and step % args.eval_every == 0:
+            metrics = self.run_eval()
             if metrics is not None:
                 progress.set_postfix(psnr=f"{metrics['psnr']:.2f}", usage=f"{metrics['codebook_usage']:.2f}")
-            log({"step": state["step"], "eval": metrics})
-        if state["step"] % args.checkpoint_every == 0:
-            checkpoint()
-    progress.close()
-    checkpoint()
-    metrics = run_eval()
-    final = {"step": state["step"], "stop": stop_reason, "elapsed_s": round(state["elapsed_s"], 1), "eval": metrics}
-    if main_process:
-        log(final)
-        image_tokenizer.save_pretrained(args.output_dir / "image_tokenizer")
-        print(json.dumps(final))
-    accelerator.wait_for_everyone()
-    return final
+            self.log({"step": step, "eval": metrics})
+        if step % args.checkpoint_every == 0:
+            self.checkpoint()
+
+    def finish(self, stop_reason: str) -> dict:
+        """The last checkpoint and eval, and the image tokenizer saved to `--output-dir/image_tokenizer`."""
+        self.checkpoint()
+        metrics = self.run_eval()
+        state = self.state
+        final = {"step": state["step"], "stop": stop_reason, "elapsed_s": round(state["elapsed_s"], 1), "eval": metrics}
+        if self.main_process:
+            self.log(final)
+            self.image_tokenizer.save_pretrained(self.args.output_dir / "image_tokenizer")
+            print(json.dumps(final))
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------------------------- main process, others wait
+    def run_eval(self) -> dict | None:
+        """On the main process (the others wait); None elsewhere."""
+        metrics = None
+        if self.main_process:
+            metrics = evaluate(self.image_tokenizer, self.held_out)
+            if self.freeform_held_out:
+                metrics["freeform_psnr"] = evaluate(self.image_tokenizer, self.freeform_held_out)["psnr"]
+            self.vq.train()
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def log(self, record: dict) -> None:
+        if self.main_process:
+            with (self.args.output_dir / "log.jsonl").open("a") as log_file:
+                log_file.write(json.dumps(record) + "\n")
+
+    def checkpoint(self) -> None:
+        if self.main_process:
+            self.state["usage"] = self.usage.tolist()
+            discriminator = self.discriminator
+            save_checkpoint(self.args.output_dir, self.state["step"], self.vq,
+                            self.accelerator.unwrap_model(discriminator) if discriminator is not None else None,
+                            self.optimizers, self.state, self.args.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+
+def main(argv=None) -> dict:
+    """Train a VQ with the options of `argv` (default: the command line); returns the final record."""
+    return VQTrainer(parse_args(argv)).train()
 
 
 def stage_options(options: dict, output_dir: Path) -> list[str]:
