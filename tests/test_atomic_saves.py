@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cm3leon_hf import Cm3LeonForCausalLM, Cm3LeonProcessor
-from cm3leon_hf.atomic import atomic_directory
+from cm3leon_hf.atomic import atomic_directory, atomic_file, atomic_write_json, read_manifest
 from cm3leon_hf.pretrained import TINY_PATH
 from conftest import HUB_CONFIGS, REPO
 
@@ -176,3 +176,45 @@ def test_files_in_subdirectories_are_always_kept(tmp_path):
     (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"a checkpoint's weights")
     Cm3LeonForCausalLM(Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny")).save_pretrained(tmp_path)
     assert (tmp_path / "checkpoint-6" / "model.safetensors").read_bytes() == b"a checkpoint's weights"
+
+
+def test_a_file_written_atomically_is_the_old_one_until_its_writer_succeeds(tmp_path):
+    """`atomic_file` (the memory bank's index, the builds' JSON): a failed writer leaves the old file and nothing else,
+    a killed writer's leftover goes with the next write, and the file gets the mode open() gives."""
+    path = tmp_path / "index.faiss"
+    path.write_bytes(b"old")
+    (tmp_path / ".index.faiss.tmp-0123456789ab").write_bytes(b"half")  # what a killed write leaves
+    with pytest.raises(RuntimeError, match="the writer failed"), atomic_file(path) as tmp:
+        tmp.write_bytes(b"half of the new one")
+        raise RuntimeError("the writer failed")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["index.faiss"]
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["index.faiss"]
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_write_json(tmp_path / "manifest.json", {"b": 1, "a": [2]})
+    assert (tmp_path / "manifest.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}'
+    assert os.stat(tmp_path / "manifest.json").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_read_manifest_says_what_is_wrong(tmp_path):
+    """The manifest a resumable build writes last: missing (unfinished when its shards are there), not JSON, another
+    format, a key missing; each error names the directory's kind."""
+    def read(**kwargs):
+        return read_manifest(tmp_path, "pre-tokenized data", "an unfinished run: re-run the command to resume",
+                             format_version=2, name="pre-tokenized", redo="Redo it.", **kwargs)
+
+    with pytest.raises(ValueError, match=r"is not pre-tokenized data: manifest.json is missing\.$"):
+        read()
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(ValueError, match=r"missing \(an unfinished run: re-run the command to resume\)\.$"):
+        read()
+    for text, message in [("{", r"^Pre-tokenized .*: manifest.json is not valid JSON \(.*\)\. Redo it\.$"),
+                          ("[]", "^Unsupported pre-tokenized format None in "),
+                          ('{"format_version": 1}', "^Unsupported pre-tokenized format 1 in "),
+                          ('{"format_version": 2}', r"manifest.json lacks \['num_rows'\]\. Redo it\.$")]:
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read(required=("num_rows",))
+    assert read() == {"format_version": 2}
