@@ -1,0 +1,82 @@
+"""The arguments of retrieval-augmented CM3 pretraining (`cm3leon_hf.trainer`), as TRL keeps `SFTConfig` apart from
+`SFTTrainer`: `PretrainArguments` (the data, the model, the collator and the evaluation images) and
+`Cm3LeonPretrainingConfig` (`TrainingArguments` with the paper's optimiser as defaults). `training/pretrain.py` parses
+both with `trl.TrlParser` (`--config` YAML recipes in `training/recipes/`, flags override them).
+
+Example:
+
+>>> from transformers import HfArgumentParser
+>>> parser = HfArgumentParser((PretrainArguments, Cm3LeonPretrainingConfig))
+>>> script_args, training_args = parser.parse_args_into_dataclasses(
+...     ["--train_data", "outputs/pretokenized/train", "--output_dir", "outputs/run", "--max_steps", "100"])
+>>> script_args.num_retrieved_docs, training_args.adam_beta2, training_args.weight_decay
+(3, 0.98, 0.1)
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class PretrainArguments:
+    """What pretraining adds to `TrainingArguments`: the pre-tokenized data, the model, the CM3 collator's settings
+    and the evaluation. Numbers are checked when the arguments are made (before any data or model loads), and an
+    error names the flag."""
+
+    train_data: str = field(metadata={"help": "a training/pretokenize.py output directory"})
+    eval_data: str | None = field(default=None, metadata={"help": "pre-tokenized evaluation data"})
+    model_config: str = field(
+        default="hub_configs/cm3leon-tiny",
+        metadata={"help": "a Cm3LeonConfig directory (hub_configs/<name> also resolves to the package's copy)"},
+    )
+    model_name_or_path: str | None = field(default=None, metadata={"help": "start from these weights instead"})
+    processor: str | None = field(
+        default=None, metadata={"help": "the processor of the data, saved with the model (default: the shipped tiny)"}
+    )
+    num_retrieved_docs: int = field(default=3, metadata={"help": "retrieved documents in front, at most"})
+    poisson_lambda: float = field(default=1.0, metadata={"help": "CM3 span count ~ Poisson(lambda)"})
+    causal_fraction: float | None = field(
+        default=None, metadata={"help": "share of purely causal samples (default: Poisson(lambda) = 0, metaseq)"}
+    )
+    max_length: int | None = field(default=None, metadata={"help": "longest sample (default: the context)"})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "use the first N evaluation examples"})
+    eval_num_images: int = field(default=16, metadata={"help": "images generated per evaluation (0: none)"})
+    eval_cfg_scale: float = field(default=3.0, metadata={"help": "CFG scale of the evaluation images"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (1 is fastest for tiny on 2 cores)"})
+    no_resume: bool = field(default=False, metadata={"help": "do not resume from the last checkpoint"})
+
+    def __post_init__(self):
+        for name, low in (("num_retrieved_docs", 0), ("eval_num_images", 0), ("max_length", 1),
+                          ("max_eval_examples", 1), ("threads", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name} must be at least {low}, got {value}")
+        if not (self.poisson_lambda > 0 and math.isfinite(self.poisson_lambda)):
+            raise ValueError(f"--poisson_lambda must be a finite number > 0, got {self.poisson_lambda}")
+        if self.causal_fraction is not None and not 0 <= self.causal_fraction <= 1:
+            raise ValueError(f"--causal_fraction must be in [0, 1], got {self.causal_fraction}")
+        if not (self.eval_cfg_scale >= 0 and math.isfinite(self.eval_cfg_scale)):
+            raise ValueError(f"--eval_cfg_scale must be a finite number >= 0, got {self.eval_cfg_scale}")
+
+
+@dataclass
+class Cm3LeonPretrainingConfig(TrainingArguments):
+    """`TrainingArguments` whose defaults are the paper's optimiser for pretraining (as TRL's `SFTConfig` sets its
+    own): AdamW β = (0.9, 0.98) and clipping 1.0 (CM3), weight decay 0.1 (OPT), the 350M model's peak LR 6e-4 and 1,500
+    warmup steps (CL Table 3), polynomial decay (CM3; power 1, i.e. linear, to 1e-7), and the columns the collator
+    reads kept. Recipes scale the LR and warmup to the config and the run."""
+
+    learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate (CL Table 3: 350M 6e-4)."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "Adam β2 (CM3: 0.98)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (OPT: 0.1)."})
+    lr_scheduler_type: str = field(default="polynomial", metadata={"help": "Decay after warmup (CM3: polynomial)."})
+    warmup_steps: float = field(default=1500, metadata={"help": "Linear warmup steps, or a ratio in [0, 1)."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the columns the collator reads (retrieved_indices, source_index)."}
+    )
+
+
+__all__ = ["Cm3LeonPretrainingConfig", "PretrainArguments"]
