@@ -17,7 +17,6 @@ examples/s that `pretrain` trains on.
 import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "training"))
-import pretrain  # noqa: E402
-from pretokenize import load_pretokenized  # noqa: E402
+from cm3leon_hf import trainer as pretrain
+from cm3leon_hf.pretokenized import load_pretokenized
 
 
 class StepTimer(TrainerCallback):

