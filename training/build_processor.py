@@ -7,18 +7,18 @@ Commands:
 
 ```bash
 # The shipped tiny processor (after train_text_tokenizer.py and train_image_tokenizer.py):
-python training/build_processor.py --model-config hub_configs/cm3leon-tiny \
-    --text-tokenizer runs/text_tokenizer_tiny --image-tokenizer runs/image_tokenizer_tiny/image_tokenizer \
-    --output-dir src/cm3leon_hf/pretrained/cm3leon-tiny --no-remote-code
+python training/build_processor.py --model_config hub_configs/cm3leon-tiny \
+    --text_tokenizer runs/text_tokenizer_tiny --image_tokenizer runs/image_tokenizer_tiny/image_tokenizer \
+    --output_dir src/cm3leon_hf/pretrained/cm3leon-tiny --no_remote_code
 ```
 
 By default the saved directory carries the processor's code and an `auto_map` (`trust_remote_code=True` loading from
-the Hub without our package). `--no-remote-code` leaves them out: the copy shipped inside the package is loaded by the
+the Hub without our package). `--no_remote_code` leaves them out: the copy shipped inside the package is loaded by the
 package itself, and a second copy of its code there could only go stale.
 """
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -28,23 +28,39 @@ from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
 from cm3leon_hf.processing_cm3leon import Cm3LeonProcessor
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model-config", type=Path, required=True, help="Directory of a Cm3LeonConfig (config.json).")
-    parser.add_argument("--text-tokenizer", type=Path, required=True, help="Output of train_text_tokenizer.py.")
-    parser.add_argument("--image-tokenizer", type=Path, required=True, help="A saved Cm3LeonImageTokenizer.")
-    parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument(
-        "--remote-code",
-        action=argparse.BooleanOptionalAction,
+@dataclass
+class BuildProcessorArguments:
+    """The parts, the config whose vocabulary layout they take, and where the processor goes."""
+
+    model_config: str = field(metadata={"help": "Directory of a Cm3LeonConfig (config.json)."})
+    text_tokenizer: str = field(metadata={"help": "Output of train_text_tokenizer.py."})
+    image_tokenizer: str = field(metadata={"help": "A saved Cm3LeonImageTokenizer."})
+    output_dir: str = field(metadata={"help": "Where the processor is saved."})
+    remote_code: bool = field(
         default=True,
-        help="Save the processor's code and `auto_map` with it (default), for loading without this package.",
+        metadata={"help": "Save the processor's code and `auto_map` with it (default), for loading without this "
+                          "package; --no_remote_code leaves them out."},
     )
-    return parser
+
+
+def make_parser():
+    from trl import TrlParser
+
+    epilog = "--config FILE.yaml  a YAML file of any of these flags; flags given on the command line override it"
+    return TrlParser(BuildProcessorArguments, description=__doc__.split("\n\n")[0], epilog=epilog)
+
+
+def parse_args(argv=None) -> BuildProcessorArguments:
+    """The arguments; a bad value exits with a message naming the flag."""
+    parser = make_parser()
+    try:
+        return parser.parse_args_and_config(argv)[0]
+    except ValueError as error:  # a recipe key that is no flag
+        parser.error(str(error))
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     config = Cm3LeonConfig.from_pretrained(args.model_config)
     processor = Cm3LeonProcessor(
         tokenizer=AutoTokenizer.from_pretrained(args.text_tokenizer),
@@ -55,9 +71,10 @@ def main(argv=None) -> dict:
     processor.validate_model_config(config)
     if not args.remote_code:
         processor._auto_class = None  # this instance only: no code copies, no auto_map
-    processor.save_pretrained(args.output_dir)
-    size = sum(p.stat().st_size for p in args.output_dir.rglob("*") if p.is_file())
-    summary = {"output_dir": str(args.output_dir), "bytes": size, "image_seq_length": processor.image_seq_length}
+    output_dir = Path(args.output_dir)
+    processor.save_pretrained(output_dir)
+    size = sum(p.stat().st_size for p in output_dir.rglob("*") if p.is_file())
+    summary = {"output_dir": str(output_dir), "bytes": size, "image_seq_length": processor.image_seq_length}
     print(json.dumps(summary))
     return summary
 

@@ -8,38 +8,63 @@ Commands:
 
 ```bash
 # The shipped tiny tokenizer: every task's documents of the synthetic world, the vocabulary of cm3leon-tiny:
-python training/train_text_tokenizer.py --model-config hub_configs/cm3leon-tiny --output-dir runs/text_tokenizer_tiny
+python training/train_text_tokenizer.py --model_config hub_configs/cm3leon-tiny --output_dir runs/text_tokenizer_tiny
 
 # The paper's size on your own corpus, streamed:
-python training/train_text_tokenizer.py --model-config hub_configs/cm3leon-7b --dataset user/corpus \
-    --text-column text --streaming --output-dir runs/text_tokenizer
+python training/train_text_tokenizer.py --model_config hub_configs/cm3leon-7b --dataset user/corpus \
+    --text_column text --streaming --output_dir runs/text_tokenizer
 ```
 
 The output directory is a `PreTrainedTokenizerFast` (`tokenizer.json`, `tokenizer_config.json`), loadable with
 `AutoTokenizer.from_pretrained`; `training/build_processor.py` bundles it with the VQ.
 """
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cm3leon_hf import Cm3LeonConfig
 from cm3leon_hf.tokenization_cm3leon import train_text_tokenizer
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model-config", type=Path, required=True, help="Directory of a Cm3LeonConfig (config.json).")
-    parser.add_argument("--dataset", help="Hub id or `save_to_disk` directory; default: the synthetic world.")
-    parser.add_argument("--dataset-config", help="Configuration name of a Hub dataset.")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--streaming", action="store_true")
-    parser.add_argument("--max-texts", type=int, help="Read at most this many texts.")
-    parser.add_argument("--synthetic-rows", type=int, default=5000, help="Synthetic world: train rows per task.")
-    parser.add_argument("--min-frequency", type=int, default=2)
-    parser.add_argument("--output-dir", type=Path, required=True)
-    return parser
+@dataclass
+class TextTokenizerArguments:
+    """The config whose vocabulary the BPE fills, the texts, and where the tokenizer goes."""
+
+    model_config: str = field(metadata={"help": "Directory of a Cm3LeonConfig (config.json)."})
+    output_dir: str = field(metadata={"help": "Where the tokenizer is saved."})
+    dataset: str | None = field(
+        default=None, metadata={"help": "Hub id or `save_to_disk` directory; default: the synthetic world."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    split: str = field(default="train", metadata={"help": "The split to read."})
+    text_column: str = field(default="text", metadata={"help": "The column of texts."})
+    streaming: bool = field(default=False, metadata={"help": "Stream a Hub dataset instead of downloading it."})
+    max_texts: int | None = field(default=None, metadata={"help": "Read at most this many texts."})
+    synthetic_rows: int = field(default=5000, metadata={"help": "Synthetic world: train rows per task."})
+    min_frequency: int = field(default=2, metadata={"help": "Merges seen fewer times are not learned."})
+
+    def __post_init__(self):
+        for name in ("max_texts", "synthetic_rows", "min_frequency"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1, got {value} (a tokenizer trained on nothing)")
+
+
+def make_parser():
+    from trl import TrlParser
+
+    epilog = "--config FILE.yaml  a YAML file of any of these flags; flags given on the command line override it"
+    return TrlParser(TextTokenizerArguments, description=__doc__.split("\n\n")[0], epilog=epilog)
+
+
+def parse_args(argv=None) -> TextTokenizerArguments:
+    """The arguments; a bad value exits with a message naming the flag."""
+    parser = make_parser()
+    try:
+        return parser.parse_args_and_config(argv)[0]
+    except ValueError as error:  # a flag's check (__post_init__), or a recipe key that is no flag
+        parser.error(str(error))
 
 
 def load_texts(args):
@@ -65,12 +90,7 @@ def load_texts(args):
 
 
 def main(argv=None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("max_texts", "synthetic_rows", "min_frequency"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value} (a tokenizer trained on nothing)")
+    args = parse_args(argv)
     config = Cm3LeonConfig.from_pretrained(args.model_config)
     texts, length = load_texts(args)
     tokenizer = train_text_tokenizer(
