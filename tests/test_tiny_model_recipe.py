@@ -3,6 +3,8 @@ what is complete, and the bundle holds the model, its decoding defaults, a model
 processor and without copies of the package's code."""
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -12,8 +14,16 @@ from cm3leon_hf import Cm3LeonForCausalLM, Cm3LeonProcessor
 from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "training"))
-import train_tiny_model  # noqa: E402
+
+def train_tiny_model(*argv: str) -> subprocess.CompletedProcess:
+    """training/train_tiny_model.py as users run it (its stages are subprocesses of it)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "training" / "train_tiny_model.py"), *argv], env=env,
+                          capture_output=True, text=True)
+
+
+def succeeds(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
 @pytest.mark.slow
@@ -31,8 +41,8 @@ def test_the_recipe_builds_and_bundles_a_model(tmp_path):
     )
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe))
-    bundle = train_tiny_model.main(["--config", str(config), "--no-progress"])
-    assert bundle == tmp_path / "bundle"
+    succeeds(train_tiny_model("--config", str(config), "--no_progress"))
+    bundle = tmp_path / "bundle"
 
     run = tmp_path / "run"
     manifest = json.loads((run / "pretokenized" / "train-rag" / "manifest.json").read_text())
@@ -55,27 +65,32 @@ def test_the_recipe_builds_and_bundles_a_model(tmp_path):
 
     # Run again: everything is complete, nothing is redone (the bank and data keep their files).
     stamps = {p: p.stat().st_mtime_ns for p in (run / "bank" / "index.faiss", run / "pretokenized" / "validation" / "manifest.json")}
-    train_tiny_model.main(["--config", str(config), "--no-progress"])
+    succeeds(train_tiny_model("--config", str(config), "--no_progress"))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((run / "pretrain" / "trainer_state.json").read_text())["global_step"] == 2
 
     # An intermediate checkpoint bundles too, and its card says which step of how many it is.
     checkpoint = run / "pretrain" / "checkpoint-1"
-    train_tiny_model.main(["--config", str(config), "--no-progress", "--bundle-checkpoint", str(checkpoint)])
+    succeeds(train_tiny_model("--config", str(config), "--no_progress", "--bundle_checkpoint", str(checkpoint)))
     model = Cm3LeonForCausalLM.from_pretrained(bundle)
     at_step_1 = Cm3LeonForCausalLM.from_pretrained(checkpoint)
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), at_step_1.state_dict().values()))
     assert "its checkpoint at step 1 of 2" in (bundle / "README.md").read_text()
-    with pytest.raises(ValueError, match="not a complete training checkpoint"):
-        train_tiny_model.main(["--config", str(config), "--bundle-checkpoint", str(run / "pretrain" / "nowhere")])
+    refused = train_tiny_model("--config", str(config), "--bundle-checkpoint", str(run / "pretrain" / "nowhere"))
+    assert refused.returncode != 0 and "not a complete training checkpoint" in refused.stderr
 
 
 def test_a_recipe_without_its_keys_is_refused(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump({"output_root": "x", "train_rows": 0}))
-    with pytest.raises(ValueError, match="lacks"):
-        train_tiny_model.main(["--config", str(config)])
+    refused = train_tiny_model("--config", str(config))
+    assert refused.returncode == 2 and "required: --validation_rows" in refused.stderr
+    assert "--num_retrieved_docs" in refused.stderr and "--pretrain_config" in refused.stderr
     config.write_text(yaml.safe_dump({"output_root": "x", "train_rows": 0, "validation_rows": 1,
                                       "num_retrieved_docs": 3, "pretrain_config": "p.yaml"}))
-    with pytest.raises(ValueError, match="train_rows must be a positive integer"):
-        train_tiny_model.main(["--config", str(config)])
+    refused = train_tiny_model("--config", str(config))
+    assert refused.returncode == 2 and "--train_rows must be a positive integer, got 0" in refused.stderr
+    config.write_text(yaml.safe_dump({"output_root": "x", "train_rows": 1, "validation_rows": 1,
+                                      "num_retrieved_docs": 3, "pretrain_config": "p.yaml", "trian_rows": 5}))
+    refused = train_tiny_model("--config", str(config))  # a misspelt key is not ignored
+    assert refused.returncode == 2 and "trian_rows" in refused.stderr

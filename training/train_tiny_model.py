@@ -9,9 +9,9 @@ HF_HUB_OFFLINE=1 PYTHONPATH=src python training/train_tiny_model.py --config tra
 
 # Stopped? Run the same command again. Two free cores: --nproc 2 (the same global batch over two processes).
 # Bundle an intermediate checkpoint of the run instead of its end:
-... --config training/recipes/tiny_model.yaml --bundle-checkpoint outputs/tiny-model/pretrain/checkpoint-4000
+... --config training/recipes/tiny_model.yaml --bundle_checkpoint outputs/tiny-model/pretrain/checkpoint-4000
 # The same recipe without retrieved documents, for the retrieval ablation (same data and steps, its own directory):
-... --config training/recipes/tiny_model.yaml --no-retrieval
+... --config training/recipes/tiny_model.yaml --no_retrieval
 ```
 
 Stages (each a script of `training/`, run as a subprocess with this interpreter; a stage whose output is complete is
@@ -22,20 +22,23 @@ skipped, an unfinished one resumes):
    from that bank; and `validation_rows` validation pairs without.
 3. `pretrain.py --config <pretrain_config>` with `pretrain_overrides` and the data above; resumes from its last
    complete checkpoint.
-4. bundle (not for `--no-retrieval`): the trained model (`config.json`, `model.safetensors`, `generation_config.json`)
+4. bundle (not for `--no_retrieval`): the trained model (`config.json`, `model.safetensors`, `generation_config.json`)
    into `bundle_dir` beside the processor it was trained with, and a memory bank of the first `bundle_bank_rows`
    training pairs into `bundle_dir/memory_bank` (`cm3leon-hf generate --retrieve K` reads it).
 
 Outputs under `output_root`: `bank/`, `pretokenized/{train-rag,validation}/`, `pretrain/` (or `pretrain-no-retrieval/`,
 whose samples hold no retrieved documents).
+
+Flags are dataclass fields parsed with `trl.TrlParser`: the recipe's keys (`TinyModelRecipe`, from `--config`) and the
+run's options (`TinyModelArguments`); each takes dashes or underscores (`--no-retrieval` = `--no_retrieval`).
 """
 
-import argparse
-import os
+import json
 import subprocess
 import sys
-import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -43,33 +46,82 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="the recipe (training/recipes/tiny_model.yaml)")
-    parser.add_argument("--no-retrieval", action="store_true", help="train without retrieved documents (the ablation)")
-    parser.add_argument("--stop-after", choices=["bank", "pretokenize", "pretrain", "bundle"], help="run the stages up to this one")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="pretrain with this many processes (torchrun, gloo on CPU), each a share of the same global\n"
-                             "batch: the same training, faster where there are cores to spare")
-    parser.add_argument("--bundle-checkpoint", type=Path, metavar="DIR",
-                        help="bundle this checkpoint of the run (e.g. outputs/tiny-model/pretrain/checkpoint-4000)\n"
-                             "instead of training to the end: an intermediate model, reproduced by running the recipe\n"
-                             "to that step (checkpoints resume exactly)")
-    parser.add_argument("--no-progress", action="store_true")
+@dataclass
+class TinyModelRecipe:
+    """The end-to-end recipe (`--config training/recipes/tiny_model.yaml`); each key is also a flag."""
+
+    output_root: str = field(metadata={"help": "where the stages write (relative: to the repository)"})
+    train_rows: int = field(metadata={"help": "text-to-image pairs of the train split: the bank and the training data"})
+    validation_rows: int = field(metadata={"help": "validation pairs, pre-tokenized without retrieval"})
+    num_retrieved_docs: int = field(metadata={"help": "documents retrieved per training pair"})
+    pretrain_config: str = field(metadata={"help": "the pretraining recipe (training/recipes/pretrain_tiny.yaml)"})
+    pretrain_overrides: dict | str | None = field(
+        default=None,
+        metadata={"help": "pretrain.py flags over pretrain_config's (a mapping; JSON on the command line)"},
+    )
+    bundle_dir: str = field(
+        default="src/cm3leon_hf/pretrained/cm3leon-tiny", metadata={"help": "where the model is bundled"}
+    )
+    bundle_bank_rows: int = field(default=3000, metadata={"help": "pairs in the bundle's memory bank"})
+    model_description: str | None = field(
+        default=None, metadata={"help": "a Markdown file of the repository: the model card's description"}
+    )
+    limitations: str | None = field(default=None, metadata={"help": "the model card's limitations"})
+    generation: dict | str | None = field(
+        default=None, metadata={"help": "decoding defaults of the bundle's generation config (a mapping; JSON)"}
+    )
+
+    def __post_init__(self):
+        for key in ("pretrain_overrides", "generation"):
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, json.loads(getattr(self, key)))
+        for key in ("train_rows", "validation_rows"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{key} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class TinyModelArguments:
+    """Which stages run, and how."""
+
+    no_retrieval: bool = field(default=False, metadata={"help": "train without retrieved documents (the ablation)"})
+    stop_after: Literal["bank", "pretokenize", "pretrain", "bundle"] | None = field(
+        default=None, metadata={"help": "run the stages up to this one"}
+    )
+    nproc: int = field(
+        default=1,
+        metadata={"help": "pretrain with this many processes (torchrun, gloo on CPU), each a share of the same global "
+                          "batch: the same training, faster where there are cores to spare"},
+    )
+    bundle_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "bundle this checkpoint of the run (e.g. outputs/tiny-model/pretrain/checkpoint-4000) "
+                          "instead of training to the end: an intermediate model, reproduced by running the recipe to "
+                          "that step (checkpoints resume exactly)"},
+    )
+    no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
+
+
+def make_parser():
+    from trl import TrlParser
+
+    epilog = ("--config RECIPE.yaml  the recipe (training/recipes/tiny_model.yaml): any of these flags; flags given on "
+              "the command line override it")
+    parser = TrlParser((TinyModelRecipe, TinyModelArguments), description=__doc__.split("\n\n")[0], epilog=epilog)
     parser.add_argument("pretrain_args", nargs="*", help="more pretrain.py flags, after `--` (e.g. -- --max_steps 100)")
-    return parser.parse_args(argv)
+    return parser
 
 
-def load_recipe(path: Path) -> dict:
-    recipe = yaml.safe_load(path.read_text()) or {}
-    required = ("output_root", "train_rows", "validation_rows", "num_retrieved_docs", "pretrain_config")
-    missing = [key for key in required if key not in recipe]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}")
-    for key in ("train_rows", "validation_rows"):
-        if not isinstance(recipe[key], int) or recipe[key] < 1:
-            raise ValueError(f"{path}: {key} must be a positive integer, got {recipe[key]!r}")
-    return recipe
+def parse_args(argv=None) -> tuple[dict, TinyModelArguments, list[str]]:
+    """The recipe (as a mapping), the run's arguments and the extra pretrain.py flags; a bad value exits with a
+    message naming the flag (a recipe without its keys: the keys it lacks)."""
+    parser = make_parser()
+    try:
+        recipe, args, extra = parser.parse_args_and_config(argv)
+    except ValueError as error:  # a flag's check (__post_init__), or a recipe key that is no flag
+        parser.error(str(error))
+    return asdict(recipe), args, extra.pretrain_args
 
 
 def run(script: str, *args: str, launcher: list[str] = ()) -> None:
@@ -155,35 +207,34 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def main(argv=None) -> Path:
-    args = parse_args(argv)
-    recipe = load_recipe(args.config)
+    recipe, args, pretrain_args = parse_args(argv)
     root = Path(recipe["output_root"])
     if not root.is_absolute():
         root = REPO / root
-    quiet = ["--no-progress"] if args.no_progress else []
-    bundle_dir = Path(recipe.get("bundle_dir", "src/cm3leon_hf/pretrained/cm3leon-tiny"))
+    quiet = ["--no_progress"] if args.no_progress else []
+    bundle_dir = Path(recipe["bundle_dir"])
     bundle_dir = bundle_dir if bundle_dir.is_absolute() else REPO / bundle_dir
     if args.bundle_checkpoint is not None:
         if args.no_retrieval:
-            raise ValueError("--bundle-checkpoint bundles the retrieval-trained model; --no-retrieval is the ablation")
-        step = checkpoint_step(args.bundle_checkpoint)
-        return bundle(args.bundle_checkpoint, bundle_dir, recipe, quiet, step=step)
-    source = ["--synthetic-task", "text_to_image", "--synthetic-rows", str(recipe["train_rows"])]
+            raise ValueError("--bundle_checkpoint bundles the retrieval-trained model; --no_retrieval is the ablation")
+        checkpoint = Path(args.bundle_checkpoint)
+        return bundle(checkpoint, bundle_dir, recipe, quiet, step=checkpoint_step(checkpoint))
+    source = ["--synthetic_task", "text_to_image", "--synthetic_rows", str(recipe["train_rows"])]
 
     bank = root / "bank"
     if not is_complete(bank):
-        run("build_memory_bank.py", *source, "--output-dir", str(bank), *quiet)
+        run("build_memory_bank.py", *source, "--output_dir", str(bank), *quiet)
     if args.stop_after == "bank":
         return bank
 
     train = root / "pretokenized" / "train-rag"
     if not is_complete(train):
-        run("pretokenize.py", *source, "--memory-bank", str(bank), "--num-retrieved-docs",
-            str(recipe["num_retrieved_docs"]), "--output-dir", str(train), *quiet)
+        run("pretokenize.py", *source, "--memory_bank", str(bank), "--num_retrieved_docs",
+            str(recipe["num_retrieved_docs"]), "--output_dir", str(train), *quiet)
     validation = root / "pretokenized" / "validation"
     if not is_complete(validation):
-        run("pretokenize.py", "--synthetic-task", "text_to_image", "--synthetic-split", "validation",
-            "--synthetic-rows", str(recipe["validation_rows"]), "--output-dir", str(validation), *quiet)
+        run("pretokenize.py", "--synthetic_task", "text_to_image", "--synthetic_split", "validation",
+            "--synthetic_rows", str(recipe["validation_rows"]), "--output_dir", str(validation), *quiet)
     if args.stop_after == "pretokenize":
         return train
 
@@ -203,7 +254,7 @@ def main(argv=None) -> Path:
                       "--ddp_find_unused_parameters", "false"]  # every parameter is used: skip the extra graph walk
     run("pretrain.py", "--config", str(REPO / recipe["pretrain_config"]), "--train_data", str(train),
         "--eval_data", str(validation), "--output_dir", str(output), "--num_retrieved_docs", str(docs),
-        *overrides, *(["--disable_tqdm", "true"] if args.no_progress else []), *args.pretrain_args, launcher=launcher)
+        *overrides, *(["--disable_tqdm", "true"] if args.no_progress else []), *pretrain_args, launcher=launcher)
     if args.no_retrieval or args.stop_after == "pretrain":
         return output
     return bundle(output, bundle_dir, recipe, quiet)
