@@ -5,8 +5,9 @@ Importing the package registers the model and processor with transformers' Auto 
 `"image-text-to-image"`; captioning runs in transformers' own `"image-text-to-text"`) with `PIPELINE_REGISTRY`, and marks the classes for `register_for_auto_class`, so that a saved directory carries its
 code and `auto_map` and loads elsewhere with `trust_remote_code=True`.
 
-The retrieval classes need the `retrieval` extra (faiss, sentence-transformers) and are imported on first use, as is
-the training collator (`Cm3LeonDataCollator`).
+The retrieval classes need the `retrieval` extra (faiss, sentence-transformers) and are imported on first use, as are
+the training collator (`Cm3LeonDataCollator`) and pretraining's `Cm3LeonTrainer` and `Cm3LeonPretrainingConfig`
+(`cm3leon_hf.trainer`; `training/pretrain.py` is its command).
 
 `HUB_CONFIGS` is the installed copy of the repository's `hub_configs/`: the paper's model sizes as configurations
 without weights (`cm3leon-tiny`, `-350m`, `-760m`, `-7b`), loadable from any directory:
@@ -54,7 +55,9 @@ _LAZY = {
     "Cm3LeonCollatorEpochCallback": "data_collator",
     "Cm3LeonDataCollator": "data_collator",
     "Cm3LeonMemoryBank": "memory_bank",
+    "Cm3LeonPretrainingConfig": "pretraining_config",
     "Cm3LeonRetriever": "retriever",
+    "Cm3LeonTrainer": "trainer",
     "RetrievedDocument": "retriever",
     "build_retrieval_prompt": "layout",
 }
@@ -78,9 +81,11 @@ __all__ = [
     "Cm3LeonMemoryBank",
     "Cm3LeonModel",
     "Cm3LeonPreTrainedModel",
+    "Cm3LeonPretrainingConfig",
     "Cm3LeonProcessor",
     "Cm3LeonRetriever",
     "Cm3LeonTextToImagePipeline",
+    "Cm3LeonTrainer",
     "ContrastiveDecodingLogitsProcessor",
     "HUB_CONFIGS",
     "ImageTokenConstraintLogitsProcessor",
