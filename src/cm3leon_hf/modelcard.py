@@ -2,9 +2,10 @@
 
 import importlib.resources
 import os
-import tempfile
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from .atomic import atomic_file
 
 DEFAULT_TAGS = ["cm3leon", "multimodal", "text-to-image", "image-to-text", "retrieval-augmented", "custom_code"]
 DEFAULT_TRAINING_DATA = (
@@ -73,13 +74,8 @@ def build_model_card(
 
 def save_model_card(card: ModelCard, save_directory: str | os.PathLike) -> None:
     """Write `card` as `README.md` in `save_directory`, atomically (a reader never sees half a file)."""
-    with tempfile.NamedTemporaryFile("w", dir=save_directory, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        f.write(str(card))
-    # NamedTemporaryFile creates 0600; the card is a plain file of a shared model directory: the mode open() gives.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)
-    os.replace(f.name, os.path.join(save_directory, "README.md"))
+    with atomic_file(os.path.join(save_directory, "README.md")) as tmp:
+        tmp.write_text(str(card), encoding="utf-8")
 
 
 _CONFIG_FIELDS = (
