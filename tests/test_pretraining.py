@@ -367,7 +367,7 @@ def test_a_finished_run_is_not_trained_further(tmp_path, train_dir):
     ("--max_length", "0", "--max_length must be at least 1"),
     ("--poisson_lambda", "nan", "--poisson_lambda must be a finite number > 0"),
     ("--causal_fraction", "1.5", r"--causal_fraction must be in \[0, 1\]"),
-    ("--eval_cfg_scale", "-2", "--eval_cfg_scale must be a finite number >= 0"),
+    ("--eval_guidance_scale", "-2", "`--eval_guidance_scale` must be a finite number >= 0"),
 ])
 def test_numbers_are_checked_when_parsed(flag, value, message, tmp_path):
     """Before any data or model loads, naming the flag (the data directory does not even exist here)."""

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .logits_process import check_guidance_scale
+
 
 @dataclass
 class PretrainArguments:
@@ -43,7 +45,7 @@ class PretrainArguments:
     max_length: int | None = field(default=None, metadata={"help": "longest sample (default: the context)"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "use the first N evaluation examples"})
     eval_num_images: int = field(default=16, metadata={"help": "images generated per evaluation (0: none)"})
-    eval_cfg_scale: float = field(default=3.0, metadata={"help": "CFG scale of the evaluation images"})
+    eval_guidance_scale: float = field(default=3.0, metadata={"help": "guidance_scale of the evaluation images"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (1 is fastest for tiny on 2 cores)"})
     no_resume: bool = field(default=False, metadata={"help": "do not resume from the last checkpoint"})
 
@@ -57,8 +59,7 @@ class PretrainArguments:
             raise ValueError(f"--poisson_lambda must be a finite number > 0, got {self.poisson_lambda}")
         if self.causal_fraction is not None and not 0 <= self.causal_fraction <= 1:
             raise ValueError(f"--causal_fraction must be in [0, 1], got {self.causal_fraction}")
-        if not (self.eval_cfg_scale >= 0 and math.isfinite(self.eval_cfg_scale)):
-            raise ValueError(f"--eval_cfg_scale must be a finite number >= 0, got {self.eval_cfg_scale}")
+        check_guidance_scale(self.eval_guidance_scale, "--eval_guidance_scale")  # generate's one check of a scale
 
 
 @dataclass

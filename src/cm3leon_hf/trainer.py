@@ -77,13 +77,13 @@ class PretrainingMetrics:
         config: its `Cm3LeonConfig` (which ids are image tokens).
         processor: a `Cm3LeonProcessor`, to encode the captions and decode the images.
         captions: synthetic-world captions to draw (`captions_of`).
-        cfg_scale: the guidance scale of those images.
+        guidance_scale: the guidance scale of those images.
         seed: the sampling seed of those images.
     """
 
-    def __init__(self, model, config, processor=None, captions=(), cfg_scale: float = 3.0, seed: int = 0):
+    def __init__(self, model, config, processor=None, captions=(), guidance_scale: float = 3.0, seed: int = 0):
         self.model, self.config, self.processor = model, config, processor
-        self.captions, self.cfg_scale, self.seed = list(captions), cfg_scale, seed
+        self.captions, self.guidance_scale, self.seed = list(captions), guidance_scale, seed
 
     def __call__(self, eval_prediction) -> dict:
         """`image_loss`, `image_tokens`, `text_loss`, `text_tokens` (and `scene_*` with captions) of an
@@ -114,7 +114,7 @@ class PretrainingMetrics:
         self.model.eval()
         batch = self.processor([prompt_text(c) for c in self.captions], padding_side="left", return_tensors="pt")
         out = self.model.generate(
-            **batch.to(self.model.device), guidance_scale=self.cfg_scale, generate_image=True, do_sample=True,
+            **batch.to(self.model.device), guidance_scale=self.guidance_scale, generate_image=True, do_sample=True,
             top_p=0.8, top_k=0, max_new_tokens=self.config.image_seq_length,
             generator=torch.Generator().manual_seed(self.seed),
         )
@@ -219,7 +219,7 @@ def build_trainer(script_args: PretrainArguments, training_args: TrainingArgumen
         eval_collator = Cm3LeonDataCollator(config, documents=eval_documents, causal_fraction=1.0, **collator_kwargs)
         count = script_args.eval_num_images
         captions = captions_of(eval_examples, processor, count) if count else []
-        metrics = PretrainingMetrics(model, config, processor, captions, script_args.eval_cfg_scale, training_args.seed)
+        metrics = PretrainingMetrics(model, config, processor, captions, script_args.eval_guidance_scale, training_args.seed)
 
     return Cm3LeonTrainer(
         model=model,
