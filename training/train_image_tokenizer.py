@@ -4,7 +4,7 @@ CL §2.1 uses Make-A-Scene's VQ-VAE (256² → 32×32 codes from 8192), trained 
 adversarial and perceptual losses. Here: L1 + L2 reconstruction, codebook and commitment losses (VQ-VAE, beta 0.25),
 an optional PatchGAN discriminator (hinge loss), and no perceptual loss (it needs downloaded weights). Codebook
 usage is kept up by a data-dependent initialisation (the codebook starts as encoder outputs of the first batch) and
-dead-code restarts (every `--restart-every` steps, codes no image used since the last restart are moved onto encoder
+dead-code restarts (every `--restart_every` steps, codes no image used since the last restart are moved onto encoder
 outputs of the current batch, drawn in proportion to their squared quantization error as k-means++ seeds clusters).
 
 Commands:
@@ -12,46 +12,46 @@ Commands:
 ```bash
 # The tiny VQ's first stage (64×64, stride 8: 64 tokens per image), 20,000 steps on one CPU thread (~50 min):
 flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
-    --config training/recipes/image_tokenizer_tiny.yaml --output-dir runs/image_tokenizer_tiny
+    --config training/recipes/image_tokenizer_tiny.yaml --output_dir runs/image_tokenizer_tiny
 
 # The shipped tiny VQ, every run it came from, in one command (run it again after a stop: it continues):
-python training/train_image_tokenizer.py --chain training/recipes/image_tokenizer_tiny_chain.yaml --output-dir runs/vq
+python training/train_image_tokenizer.py --chain training/recipes/image_tokenizer_tiny_chain.yaml --output_dir runs/vq
 
 # Resume after an interruption (same command + --resume):
 flock /tmp/cm3leon-heavy.lock python training/train_image_tokenizer.py \
-    --config training/recipes/image_tokenizer_tiny.yaml --output-dir runs/image_tokenizer_tiny --resume
+    --config training/recipes/image_tokenizer_tiny.yaml --output_dir runs/image_tokenizer_tiny --resume
 
 # Fine-tune a trained VQ with another loss or more codes (fresh optimizer and schedule):
 python training/train_image_tokenizer.py --config training/recipes/image_tokenizer_tiny.yaml \
-    --init-from runs/image_tokenizer_tiny/image_tokenizer --disc-weight 0.1 --disc-start 0 --output-dir runs/vq_gan
+    --init_from runs/image_tokenizer_tiny/image_tokenizer --disc_weight 0.1 --disc_start 0 --output_dir runs/vq_gan
 
 # Give a trained VQ twice the width, starting from exactly what it computes (widths and norm groups x2), and fine-tune:
 python training/train_image_tokenizer.py --config training/recipes/image_tokenizer_tiny.yaml \
-    --init-from runs/image_tokenizer_tiny/image_tokenizer --block-out-channels 16 32 64 128 --norm-num-groups 8 \
-    --learning-rate 3e-4 --min-learning-rate 1e-6 --output-dir runs/vq_wide
+    --init_from runs/image_tokenizer_tiny/image_tokenizer --block_out_channels 16 32 64 128 --norm_num_groups 8 \
+    --learning_rate 3e-4 --min_learning_rate 1e-6 --output_dir runs/vq_wide
 
 # Your own data: any image column (`Image` or a list of `Image`s), local (`save_to_disk`) or on the Hub, streamed:
-python training/train_image_tokenizer.py --dataset user/my-images --image-column image --streaming \
-    --resolution 256 --block-out-channels 128 128 256 512 --num-codes 8192 --output-dir runs/my_vq
+python training/train_image_tokenizer.py --dataset user/my-images --image_column image --streaming \
+    --resolution 256 --block_out_channels 128 128 256 512 --num_codes 8192 --output_dir runs/my_vq
 
-# Several processes or GPUs (DDP through accelerate; --batch-size is per process):
-accelerate launch --num_processes 8 training/train_image_tokenizer.py --dataset user/my-images ... --batch-size 32
+# Several processes or GPUs (DDP through accelerate; --batch_size is per process):
+accelerate launch --num_processes 8 training/train_image_tokenizer.py --dataset user/my-images ... --batch_size 32
 ```
 
 What is the libraries' and what is ours. accelerate places the model and optimizers on the device and wraps them for
 DDP (`accelerate launch`, `torchrun`; gloo on CPU); transformers gives the schedule (linear warmup from 0, then
-cosine to `--min-learning-rate`: `get_cosine_with_min_lr_schedule_with_warmup`), the checkpoint discovery and rotation
+cosine to `--min_learning_rate`: `get_cosine_with_min_lr_schedule_with_warmup`), the checkpoint discovery and rotation
 (`get_last_checkpoint`, `rotate_checkpoints`), and, with TRL's parser, the options (`HfArgumentParser` dataclasses;
 `--config` YAML sets defaults, options win). Ours: the losses, the codebook's data-dependent initialisation and
 restarts, which under DDP are drawn on the main process and broadcast (code usage is summed over processes, so every
 process restarts the same codes), the data order that `--resume` replays, and the checkpoint files. With the same
 schedule, this loop gives bit-identical weights to the hand-written loop it replaced (checked over 150 steps of the
-recipe and 40 steps with --bf16 and --freeform-fraction); the GAN's real and fake images now go through the
+recipe and 40 steps with --bf16 and --freeform_fraction); the GAN's real and fake images now go through the
 discriminator in one batch (DDP allows one forward per backward), and the warmup starts at 0, as transformers' does,
-instead of at --learning-rate / --warmup-steps.
+instead of at --learning_rate / --warmup_steps.
 
 The run directory holds `checkpoint-<step>/` (written as a whole, `cm3leon_hf.atomic.atomic_directory`, so a crash
-never leaves half a checkpoint; the last `--keep-checkpoints` are kept), `log.jsonl` (one JSON line per log and eval), and
+never leaves half a checkpoint; the last `--keep_checkpoints` are kept), `log.jsonl` (one JSON line per log and eval), and
 `image_tokenizer/`, the final `Cm3LeonImageTokenizer` (diffusers format) that `training/build_processor.py` bundles.
 A checkpoint holds the VQ, the discriminator, the optimizer moments (all safetensors) and `trainer_state.json`
 (step, position in the data, code usage since the last restart, elapsed time): `--resume` continues from the
@@ -150,7 +150,7 @@ class DataArguments(_Checked):
         "Fraction of each batch replaced by free-form drawings in the world's palette (any shape, size and place: "
         "cm3leon_hf.synthetic.freeform), so the VQ serves what users draw, not only the world's renders. Drawing j of "
         "step s is `drawing_image(s * batch + j, seed=--seed)`: the same images after --resume. Evals then also report "
-        "`freeform_psnr` on --eval-images drawings of another seed."))
+        "`freeform_psnr` on --eval_images drawings of another seed."))
     freeform_frames: float = field(default=0.0, **_help(
         "Share of free-form drawings whose first shape nearly fills the frame (thin margins): rare otherwise."))
 
@@ -174,19 +174,19 @@ class ModelArguments(_Checked):
         "lookup of the saved model picks the same codes, since every code has norm 1."))
     init_from: Path | None = field(default=None, **_help(
         "Start from a trained VQ (a VQModel or Cm3LeonImageTokenizer directory) of the same encoder/decoder shape, for "
-        "a fine-tune with other losses (e.g. --disc-weight) or a fresh schedule; or of a narrower one (all "
-        "--block-out-channels and --norm-num-groups divided by one factor), widened without changing what it "
-        "computes, to give a trained VQ more capacity. Its codebook is kept when --num-codes matches, else "
+        "a fine-tune with other losses (e.g. --disc_weight) or a fresh schedule; or of a narrower one (all "
+        "--block_out_channels and --norm_num_groups divided by one factor), widened without changing what it "
+        "computes, to give a trained VQ more capacity. Its codebook is kept when --num_codes matches, else "
         "re-initialised from the data. Fresh optimizer and step counter."))
     freeze_encoder: bool = field(default=False, **_help(
-        "Train only the decoder (with post_quant_conv); the encoder, quant_conv and codebook stay as --init-from has "
+        "Train only the decoder (with post_quant_conv); the encoder, quant_conv and codebook stay as --init_from has "
         "them, so every image keeps its codes and a language model trained on them stays valid. No code restarts."))
 
 
 @dataclass
 class VQTrainingArguments(_Checked):
     """Losses, optimisation and the run. Per-process batch: under `accelerate launch` each of N processes takes its
-    share of a global batch of N x --batch-size images."""
+    share of a global batch of N x --batch_size images."""
 
     output_dir: Path = field(metadata={"help": "The run directory (checkpoints, log.jsonl, image_tokenizer/)."})
     batch_size: int = 32
@@ -196,7 +196,7 @@ class VQTrainingArguments(_Checked):
     max_steps: int = field(default=10_000, **_help("Also the length of the cosine schedule."))
     max_minutes: float | None = field(default=None, **_help("Stop (with a checkpoint and the final eval) after this."))
     stop_at_step: int | None = field(default=None, **_help(
-        "Stop at this step (with a checkpoint and the final eval) while the schedule still runs to --max-steps: how "
+        "Stop at this step (with a checkpoint and the final eval) while the schedule still runs to --max_steps: how "
         "--chain replays a run that was stopped there and resumed, or whose checkpoint of that step was kept."))
     l1_weight: float = 1.0
     l2_weight: float = 1.0
@@ -204,22 +204,22 @@ class VQTrainingArguments(_Checked):
     edge_weight: float = field(default=0.0, **_help(
         "Weight the L1/L2 losses per pixel by 1 + this on edges of the target (`edge_map`), so that small shapes, "
         "whose corners are a handful of pixels, weigh more against flat background (0: plain means, the default). On "
-        "the synthetic world 10 did not help: same PSNR, lower evaluator accuracy (bench/RESULTS.md)."))
+        "the synthetic world 10 did not help: same PSNR, lower evaluator accuracy (bench/HISTORY.md)."))
     restart_every: int = field(default=50, **_help("Dead-code restart period in steps (0: never)."))
     disc_weight: float = field(default=0.0, **_help("Weight of the PatchGAN loss (0: no GAN)."))
     disc_start: int = field(default=1000, **_help("Step at which the discriminator starts."))
     disc_learning_rate: float | None = field(default=None, **_help(
-        "Constant learning rate of the discriminator (default: --learning-rate). A fresh discriminator next to a "
-        "converged VQ fine-tuned at a small --learning-rate needs a larger one of its own to become informative."))
+        "Constant learning rate of the discriminator (default: --learning_rate). A fresh discriminator next to a "
+        "converged VQ fine-tuned at a small --learning_rate needs a larger one of its own to become informative."))
     bf16: bool = field(default=False, **_help("bfloat16 autocast for the encoder and decoder (CPU: ~1.3x)."))
     seed: int = 0
     threads: int = field(default=1, **_help("torch CPU threads."))
     cpu: bool = field(default=False, **_help("Train on the CPU even where an accelerator is available."))
-    resume: bool = field(default=False, **_help("Continue from the latest checkpoint in --output-dir."))
+    resume: bool = field(default=False, **_help("Continue from the latest checkpoint in --output_dir."))
     checkpoint_every: int = field(default=500, **_help("Steps between checkpoints."))
     keep_checkpoints: int = 2
     eval_every: int = field(default=500, **_help("Steps between evals (0: only at the end)."))
-    eval_images: int = field(default=1000, **_help("Images of --eval-split used by each eval."))
+    eval_images: int = field(default=1000, **_help("Images of --eval_split used by each eval."))
     log_every: int = 25
 
 
@@ -227,7 +227,7 @@ def make_parser():
     from trl import TrlParser
 
     epilog = ("--config RECIPE.yaml  a YAML file of any of these options (training/recipes/image_tokenizer_tiny.yaml); "
-              "options on the command line override it. Options take dashes or underscores.  --chain CHAIN.yaml --output-dir DIR  "
+              "options on the command line override it. Options take dashes or underscores.  --chain CHAIN.yaml --output_dir DIR  "
               "run a chain of runs (training/recipes/image_tokenizer_tiny_chain.yaml: the shipped VQ in one command).")
     return TrlParser((DataArguments, ModelArguments, VQTrainingArguments), description=__doc__.split("\n\n")[0],
                      epilog=epilog)
@@ -243,7 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(error))
     args = argparse.Namespace(**{k: v for group in groups for k, v in vars(group).items()})
     if args.freeze_encoder and args.init_from is None and not args.resume:
-        parser.error("--freeze-encoder needs --init-from: it keeps a trained VQ's encoder and codebook")
+        parser.error("--freeze_encoder needs --init_from: it keeps a trained VQ's encoder and codebook")
     if args.freeze_encoder:
         args.restart_every = 0
     return args
@@ -253,7 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class VQTrainer:
-    """One run of `main`: the VQ (new, from --init-from, or from the latest checkpoint with --resume), the
+    """One run of `main`: the VQ (new, from --init_from, or from the latest checkpoint with --resume), the
     discriminator, their optimizers and the schedule, prepared by accelerate; the data; and the loop (`train`), one
     `train_step` at a time, with code restarts, logs, evals and checkpoints. Under DDP the main process evaluates,
     logs and saves, and the others wait."""
@@ -324,7 +324,7 @@ class VQTrainer:
     def _prepare(self) -> None:
         """The schedule at the step reached, then accelerate's wrapping of the modules (DDP) and optimizers."""
         args = self.args
-        # The schedule's state is the step alone, so a resume with another --max-steps continues on the new cosine
+        # The schedule's state is the step alone, so a resume with another --max_steps continues on the new cosine
         # at this step (as the recipe's runs were resumed).
         for group in self.optimizer.param_groups:
             group["initial_lr"] = args.learning_rate
@@ -342,11 +342,11 @@ class VQTrainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def train(self) -> dict:
-        """Train to --max-steps (or --stop-at-step, or --max-minutes), then checkpoint, evaluate and save the image
+        """Train to --max_steps (or --stop_at_step, or --max_minutes), then checkpoint, evaluate and save the image
         tokenizer; returns the final record (step, why it stopped, elapsed seconds, eval metrics)."""
         args, state = self.args, self.state
         start_time, start_elapsed = time.perf_counter(), state["elapsed_s"]
-        # Every process reads the global batch (N x --batch-size images) and trains on its own slice of it.
+        # Every process reads the global batch (N x --batch_size images) and trains on its own slice of it.
         batches = train_batches(image_stream(self.train_data, args, state["position"]),
                                 args.batch_size * self.accelerator.num_processes)
         stop_reason, last_step = "max_steps", args.max_steps
@@ -412,7 +412,7 @@ class VQTrainer:
             normalize_codebook(self.vq)
 
     def restart_dead_codes(self, latents: torch.Tensor, errors: torch.Tensor) -> int | None:
-        """Every --restart-every steps, move the codes unused since the last restart onto latents of this batch
+        """Every --restart_every steps, move the codes unused since the last restart onto latents of this batch
         (`pick_latents`) with fresh moments; returns how many moved (None between restarts)."""
         if not (self.args.restart_every and self.state["step"] % self.args.restart_every == 0):
             return None
@@ -424,7 +424,7 @@ class VQTrainer:
         return len(dead)
 
     def after_step(self, losses: dict, lr: float, restarted: int | None, progress) -> None:
-        """The step's log line (every --log-every steps and after a restart), eval and checkpoint, when due."""
+        """The step's log line (every --log_every steps and after a restart), eval and checkpoint, when due."""
         args, step = self.args, self.state["step"]
         if step % args.log_every == 0 or restarted:
             losses = {k: self.accelerator.reduce(v.detach(), reduction="mean").item() for k, v in losses.items()}
@@ -443,7 +443,7 @@ class VQTrainer:
             self.checkpoint()
 
     def finish(self, stop_reason: str) -> dict:
-        """The last checkpoint and eval, and the image tokenizer saved to `--output-dir/image_tokenizer`."""
+        """The last checkpoint and eval, and the image tokenizer saved to `--output_dir/image_tokenizer`."""
         self.checkpoint()
         metrics = self.run_eval()
         state = self.state
@@ -500,7 +500,7 @@ def stage_options(options: dict, output_dir: Path) -> list[str]:
 
 
 def run_chain(argv: list[str]) -> dict:
-    """`--chain CHAIN.yaml --output-dir DIR [options for every stage]`: run a chain's stages in order, each in
+    """`--chain CHAIN.yaml --output_dir DIR [options for every stage]`: run a chain's stages in order, each in
     `DIR/<name>` with `--resume`, so that running the command again continues where it stopped (a finished stage
     only re-runs its final eval). A chain file holds `config` (a recipe, relative to the chain file), `stages` (a
     `name` and options each; a name may repeat, to resume that run with other options) and `result` (the stage whose
@@ -509,7 +509,7 @@ def run_chain(argv: list[str]) -> dict:
 
     parser = argparse.ArgumentParser(prog="train_image_tokenizer.py --chain")
     parser.add_argument("--chain", type=Path, required=True)
-    parser.add_argument("--output-dir", "--output_dir", type=Path, required=True)
+    parser.add_argument("--output_dir", "--output-dir", type=Path, required=True)
     known, common = parser.parse_known_args(argv)
     chain = yaml.safe_load(known.chain.read_text())
     if not isinstance(chain, dict) or not {"config", "stages", "result"} <= chain.keys():
@@ -520,7 +520,7 @@ def run_chain(argv: list[str]) -> dict:
         name = options.pop("name")
         print(f"chain stage {number}/{len(chain['stages'])}: {name} {options}", file=sys.stderr)
         final = main(["--config", str(known.chain.parent / chain["config"]), *stage_options(options, known.output_dir),
-                      *common, "--output-dir", str(known.output_dir / name), "--resume"])
+                      *common, "--output_dir", str(known.output_dir / name), "--resume"])
     return {**final, "result": str(known.output_dir / chain["result"] / "image_tokenizer")}
 
 

@@ -181,8 +181,8 @@ def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str], step
                     path.unlink()
     bank = bundle_dir / "memory_bank"
     if not is_complete(bank):
-        run("build_memory_bank.py", "--synthetic-task", "text_to_image", "--synthetic-rows",
-            str(int(recipe.get("bundle_bank_rows", 3000))), "--output-dir", str(bank), *quiet)
+        run("build_memory_bank.py", "--synthetic_task", "text_to_image", "--synthetic_rows",
+            str(int(recipe.get("bundle_bank_rows", 3000))), "--output_dir", str(bank), *quiet)
     return bundle_dir
 
 
