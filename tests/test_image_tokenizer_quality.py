@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cm3leon_hf.image_tokenizer_evaluation import psnr
 from cm3leon_hf.pretrained import TINY_PATH
 from cm3leon_hf.processing_cm3leon import Cm3LeonProcessor
 from cm3leon_hf.synthetic import TASKS, Scene, make_row, score
@@ -26,11 +27,6 @@ def scenes_and_reconstructions(image_tokenizer):
     images = [r["images"][0] for r in rows]
     reconstructions = image_tokenizer.decode(image_tokenizer.encode(images))
     return rows, images, reconstructions
-
-
-def psnr(a, b) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return 10 * np.log10(255.0**2 / max(mse, 1e-10))
 
 
 def test_reconstruction_psnr_is_at_least_28_db(scenes_and_reconstructions):
