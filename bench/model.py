@@ -17,17 +17,10 @@ import torch
 
 from cm3leon_hf import Cm3LeonConfig, Cm3LeonForCausalLM
 from cm3leon_hf.convert_opt import to_opt  # the parity test's weight mapping
+from decode import OPT_125M_DIMS_PAPER_VOCAB  # bench/decode.py, beside this script
 
-OPT_125M_DIMS_OPT_VOCAB = dict(  # OPT-125M's transformer with about OPT's own vocabulary size
-    text_vocab_size=41_952,  # + 8,192 image codes = 50,144, about OPT's 50,272
-    image_vocab_size=8192,
-    image_seq_length=1024,
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    max_position_embeddings=2048,
-)
+# OPT-125M's transformer with about OPT's own vocabulary size: 41,952 text + 8,192 image codes = 50,144 (OPT: 50,272)
+OPT_125M_DIMS_OPT_VOCAB = {**OPT_125M_DIMS_PAPER_VOCAB, "text_vocab_size": 41_952}
 
 
 def train_step(model, optimizer, ids):
