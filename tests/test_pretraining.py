@@ -374,3 +374,15 @@ def test_numbers_are_checked_when_parsed(flag, value, message, tmp_path):
     argv = ["--train_data", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"), flag, value]
     with pytest.raises(ValueError, match=message):
         HfArgumentParser((PretrainArguments, Cm3LeonPretrainingConfig)).parse_args_into_dataclasses(argv)
+
+
+def test_a_row_with_several_images_is_named_not_cut():
+    """Pre-tokenization and the memory bank read a row's image with one rule: one image, or a list of at most one."""
+    from cm3leon_hf.memory_bank_encoding import one_image
+    from cm3leon_hf.pretokenized import _image_of
+
+    assert _image_of(["image"]) == "image" and _image_of([]) is None and _image_of("image") == "image"
+    with pytest.raises(ValueError, match="A caption-image pair has one image; a row of the image column holds 2"):
+        _image_of(["a", "b"])
+    with pytest.raises(ValueError, match="A memory-bank document has one image; a row of the image column holds 3"):
+        one_image(["a", "b", "c"])

@@ -145,13 +145,15 @@ def _single_image(value, image_decoder):
     if value is None:
         return None
     if image_decoder is not None:
-        return value if len(value) > 0 and not isinstance(value[0], (list, tuple)) else _one(value)
-    if isinstance(value, (list, tuple)):
-        return _one(value)
-    return value
+        return value if len(value) > 0 and not isinstance(value[0], (list, tuple)) else one_image(value)
+    return one_image(value)
 
 
-def _one(values):
-    if len(values) > 1:
-        raise ValueError(f"A memory-bank document has one image; a row of the image column holds {len(values)}.")
-    return values[0] if values else None
+def one_image(value, what: str = "A memory-bank document"):
+    """A row's image when the image column may hold a list: the value, or the single element of a list (`None` when
+    missing or empty); a list of several is an error naming `what` has one image (a bank document, a training pair)."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if len(value) > 1:
+        raise ValueError(f"{what} has one image; a row of the image column holds {len(value)}.")
+    return value[0] if value else None

@@ -49,6 +49,7 @@ from datasets import Dataset, List, Value, load_from_disk
 
 from .atomic import atomic_write_json, read_manifest
 from .layout import document_text
+from .memory_bank_encoding import one_image
 from .sharded import build_in_shards, save_dataset_atomically
 
 FORMAT_VERSION = 1
@@ -115,11 +116,7 @@ def load_source(args: DataSourceArguments) -> tuple[Dataset, str, str]:
 
 def _image_of(value):
     """A pair's image: the value, or the single element of a list (`None` when missing or empty)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) > 1:
-            raise ValueError(f"A caption-image pair has one image; a row of the image column holds {len(value)}.")
-        return value[0] if value else None
-    return value
+    return one_image(value, "A caption-image pair")
 
 
 def _check_bank(bank, dataset: Dataset, text_column: str, image_column: str, probes: int = 8) -> None:
