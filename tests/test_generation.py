@@ -445,6 +445,7 @@ def test_bad_generation_arguments(model):
     cases = [
         (dict(guidance_scale=-1.0), "`guidance_scale` must be"),  # named as generate takes it, not as the processor does
         (dict(guidance_scale=float("nan")), "`guidance_scale` must be"),
+        (dict(guidance_scale=True), "`guidance_scale` must be"),  # not taken for 1.0, which would run unguided
         (dict(contrastive_k=0), "`contrastive_k` must be"),
         (dict(contrastive_k=config.image_vocab_size + 1, generate_image=True), f"larger than the {config.image_vocab_size}"),
         (dict(contrastive_k=5, contrastive_alpha=0.0), "alpha"),

@@ -58,6 +58,7 @@ from .logits_process import (
     ContrastiveDecodingLogitsProcessor,
     GeneratorSamplingLogitsProcessor,
     ImageTokenConstraintLogitsProcessor,
+    check_guidance_scale,
     InstructClassifierFreeGuidanceLogitsProcessor,
     next_token_modality,
     trailing_image_run,
@@ -285,6 +286,9 @@ class Cm3LeonGenerationMixin(GenerationMixin):
     def _resolve_guidance(settings: dict, streams: dict) -> bool:
         """Whether this call is guided. A scale of 1 without instruct-CFG or CD-K is the conditional stream exactly:
         it is dropped, with the unconditional prompt, and decoding runs one stream."""
+        for name in ("guidance_scale", "image_guidance_scale"):  # before the shortcut below: True == 1.0 in Python
+            if settings[name] is not None:
+                check_guidance_scale(settings[name], name)
         guided = any(settings[name] is not None for name in GUIDANCE_SETTINGS)
         extra_prompts = (*streams["uncond"], *streams["image_cond"])
         if not guided and any(x is not None for x in extra_prompts):
