@@ -18,27 +18,14 @@ import argparse
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from cm3leon_hf.pretraining_config import PretrainArguments
 from cm3leon_hf.trainer import build_trainer
-
-
-class StepTimer(TrainerCallback):
-    """Wall time between consecutive optimizer steps (data loading, forward, backward, update)."""
-
-    def __init__(self):
-        self.times, self.last = [], None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if self.last is not None:
-            self.times.append(now - self.last)
-        self.last = now
+from train import StepTimer  # bench/train.py, beside this script
 
 
 def make_trainer(data: str, docs: int, bf16: bool, steps: int, batch_size: int, output_dir: Path):
