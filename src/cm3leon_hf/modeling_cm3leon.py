@@ -291,7 +291,10 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
             cache = DynamicCache(config=self.config)
         past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         query_length = inputs_embeds.shape[1]
-        if past_seen_tokens + query_length > self.config.max_position_embeddings:
+        # A padding-free packed row (position_ids restarting per example, no cache; TRL's packing) may be longer than
+        # the context: its positions are what must fit, and they are checked below.
+        packed = position_ids is not None and cache is None and attention_mask is None
+        if past_seen_tokens + query_length > self.config.max_position_embeddings and not packed:
             raise ValueError(
                 f"The sequence is {past_seen_tokens + query_length} tokens long ({past_seen_tokens} cached + "
                 f"{query_length} new), longer than max_position_embeddings={self.config.max_position_embeddings}."
