@@ -79,6 +79,31 @@ def test_the_recipe_builds_and_bundles_a_model(tmp_path):
     refused = train_tiny_model("--config", str(config), "--bundle-checkpoint", str(run / "pretrain" / "nowhere"))
     assert refused.returncode != 0 and "not a complete training checkpoint" in refused.stderr
 
+    # Continuation stages: each trains the previous stage's final weights again; the last one is bundled.
+    def weights(path):
+        return Cm3LeonForCausalLM.from_pretrained(path).state_dict()
+
+    def same(a, b):
+        return all((x == y).all() for x, y in zip(a.values(), b.values()))
+
+    stage = {"max_steps": 1, "learning_rate": 1e-3, "warmup_steps": 0, "save_steps": 1, "eval_steps": 1,
+             "eval_num_images": 0}
+    succeeds(train_tiny_model("--config", str(config), "--no_progress", "--continuations", json.dumps([stage])))
+    continued = run / "pretrain-continued-1"
+    assert json.loads((continued / "trainer_state.json").read_text())["global_step"] == 1
+    assert same(weights(bundle), weights(continued)) and not same(weights(continued), weights(run / "pretrain"))
+    assert "then 1 continuation stage of 1 steps" in (bundle / "README.md").read_text()
+    # Its first step started from the base stage's weights: one step of AdamW from there moves each weight by about lr.
+    moved = max((a - b).abs().max().item() for a, b in zip(weights(continued).values(), weights(run / "pretrain").values()))
+    assert 0 < moved < 2e-3
+    # --start_from stands for every stage before the last: only the last one trains, from those weights.
+    succeeds(train_tiny_model("--config", str(config), "--no_progress", "--continuations", json.dumps([stage, stage]),
+                              "--start_from", str(run / "pretrain")))
+    second = weights(run / "pretrain-continued-2")
+    assert same(weights(bundle), second) and same(second, weights(continued))  # the same one step from the same start
+    refused = train_tiny_model("--config", str(config), "--start_from", str(run / "pretrain"))
+    assert refused.returncode != 0 and "the recipe has none" in refused.stderr
+
 
 def test_a_recipe_without_its_keys_is_refused(tmp_path):
     config = tmp_path / "recipe.yaml"

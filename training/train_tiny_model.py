@@ -12,6 +12,10 @@ HF_HUB_OFFLINE=1 PYTHONPATH=src python training/train_tiny_model.py --config tra
 ... --config training/recipes/tiny_model.yaml --bundle_checkpoint outputs/tiny-model/pretrain/checkpoint-4000
 # The same recipe without retrieved documents, for the retrieval ablation (same data and steps, its own directory):
 ... --config training/recipes/tiny_model.yaml --no_retrieval
+# Train the bundled model further: the recipe's `continuations` (or --continuations '[{"max_steps": 4000, ...}]') are
+# stages that each start from the previous one's weights with a new LR schedule. The bundle is bit for bit the result
+# of the stages before the last, so --start_from trains only the last one:
+... --config training/recipes/tiny_model.yaml --start_from src/cm3leon_hf/pretrained/cm3leon-tiny
 ```
 
 Stages (each a script of `training/`, run as a subprocess with this interpreter; a stage whose output is complete is
@@ -22,12 +26,16 @@ skipped, an unfinished one resumes):
    from that bank; and `validation_rows` validation pairs without.
 3. `pretrain.py --config <pretrain_config>` with `pretrain_overrides` and the data above; resumes from its last
    complete checkpoint.
+3b. each of the recipe's `continuations`: `pretrain.py` again from the previous stage's final weights
+   (`--model_name_or_path`), with the stage's flags over the pretraining ones, into `pretrain-continued-<k>/`. A warm
+   restart (new optimiser, new warm-up and decay) is what one session can run: each stage ends on a decayed LR, so
+   every stage's end is a model worth bundling.
 4. bundle (not for `--no_retrieval`): the trained model (`config.json`, `model.safetensors`, `generation_config.json`)
    into `bundle_dir` beside the processor it was trained with, and a memory bank of the first `bundle_bank_rows`
    training pairs into `bundle_dir/memory_bank` (`cm3leon-hf generate --retrieve K` reads it).
 
 Outputs under `output_root`: `bank/`, `pretokenized/{train-rag,validation}/`, `pretrain/` (or `pretrain-no-retrieval/`,
-whose samples hold no retrieved documents).
+whose samples hold no retrieved documents), `pretrain-continued-<k>/`.
 
 Flags are dataclass fields parsed with `trl.TrlParser`: the recipe's keys (`TinyModelRecipe`, from `--config`) and the
 run's options (`TinyModelArguments`); each takes dashes or underscores (`--no-retrieval` = `--no_retrieval`).
@@ -70,11 +78,21 @@ class TinyModelRecipe:
     generation: dict | str | None = field(
         default=None, metadata={"help": "decoding defaults of the bundle's generation config (a mapping; JSON)"}
     )
+    continuations: list | str | None = field(
+        default=None,
+        metadata={"help": "stages after pretraining (a list of mappings; JSON): each trains the previous stage's final "
+                          "weights again with these pretrain.py flags over pretrain_config + pretrain_overrides (a new "
+                          "optimiser and LR schedule, a warm restart), in pretrain-continued-<k>/; the last is bundled"},
+    )
 
     def __post_init__(self):
-        for key in ("pretrain_overrides", "generation"):
+        for key in ("pretrain_overrides", "generation", "continuations"):
             if isinstance(getattr(self, key), str):
                 setattr(self, key, json.loads(getattr(self, key)))
+        if self.continuations is not None and (
+            not isinstance(self.continuations, list) or not all(isinstance(c, dict) for c in self.continuations)
+        ):
+            raise ValueError(f"--continuations must be a list of mappings of pretrain.py flags, got {self.continuations!r}")
         for key in ("train_rows", "validation_rows"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -99,6 +117,11 @@ class TinyModelArguments:
         metadata={"help": "bundle this checkpoint of the run (e.g. outputs/tiny-model/pretrain/checkpoint-4000) "
                           "instead of training to the end: an intermediate model, reproduced by running the recipe to "
                           "that step (checkpoints resume exactly)"},
+    )
+    start_from: str | None = field(
+        default=None,
+        metadata={"help": "weights taken as the result of every stage before the last continuation (e.g. the bundled "
+                          "model, which is bit for bit that result), so that only the last continuation trains"},
     )
     no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
 
@@ -156,7 +179,10 @@ def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str], step
         f"split, each with {recipe['num_retrieved_docs']} documents retrieved from a memory bank of the same pairs; "
         f"retrieval-augmented CM3 pretraining (`training/train_tiny_model.py --config training/recipes/tiny_model.yaml`)"
         + (f", its checkpoint at step {step:,} of {recipe_steps(recipe):,}."
-           if step is not None and step != recipe_steps(recipe) else f", {recipe_steps(recipe):,} steps.")
+           if step is not None and step != recipe_steps(recipe) else f", {recipe_steps(recipe):,} steps")
+        + (f", then {len(continued)} continuation stage{'s' * (len(continued) > 1)} of "
+           f"{' + '.join(f'{n:,}' for n in continued)} steps, each from the previous stage's weights with a new LR "
+           "schedule." if (continued := continuation_steps(recipe)) and step is None else "." * (step is None))
     )
     import shutil
 
@@ -194,6 +220,11 @@ def pretrain_settings(recipe: dict) -> dict:
 
 def recipe_steps(recipe: dict) -> int:
     return int(pretrain_settings(recipe)["max_steps"])
+
+
+def continuation_steps(recipe: dict) -> list[int]:
+    """The steps of each continuation stage."""
+    return [int({**pretrain_settings(recipe), **c}["max_steps"]) for c in recipe.get("continuations") or ()]
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -238,27 +269,54 @@ def main(argv=None) -> Path:
     if args.stop_after == "pretokenize":
         return train
 
-    output = root / ("pretrain-no-retrieval" if args.no_retrieval else "pretrain")
-    settings = pretrain_settings(recipe)
-    overrides = []
-    for key, value in (recipe.get("pretrain_overrides") or {}).items():
-        overrides += [f"--{key}", str(value)]
     docs = 0 if args.no_retrieval else recipe["num_retrieved_docs"]
+    stages = pretraining_stages(recipe, root, args)
+    for k, (output, overrides, start) in enumerate(stages):
+        if k < len(stages) - 1 and args.start_from is not None:
+            continue  # its result is --start_from
+        pretrain(recipe, overrides, output, train, validation, docs, args, pretrain_args,
+                 start=args.start_from if k == len(stages) - 1 and args.start_from is not None else start)
+    output = stages[-1][0]
+    if args.no_retrieval or args.stop_after == "pretrain":
+        return output
+    return bundle(output, bundle_dir, recipe, quiet)
+
+
+def pretraining_stages(recipe: dict, root: Path, args: TinyModelArguments) -> list[tuple[Path, dict, Path | None]]:
+    """(output directory, pretrain.py flags over pretrain_config, weights to start from) of each pretraining stage: the
+    recipe's pretraining, then each of its `continuations` from the previous stage's final weights."""
+    base = dict(recipe.get("pretrain_overrides") or {})
+    if args.no_retrieval:
+        return [(root / "pretrain-no-retrieval", base, None)]
+    stages = [(root / "pretrain", base, None)]
+    for k, continuation in enumerate(recipe.get("continuations") or (), start=1):
+        stages.append((root / f"pretrain-continued-{k}", {**base, **continuation}, stages[-1][0]))
+    if args.start_from is not None and len(stages) == 1:
+        raise ValueError("--start_from stands for the stages before the last continuation; the recipe has none")
+    return stages
+
+
+def pretrain(recipe: dict, overrides: dict, output: Path, train: Path, validation: Path, docs: int,
+             args: TinyModelArguments, pretrain_args: list[str], start: Path | str | None = None) -> None:
+    """One pretraining stage: training/pretrain.py (resuming by itself) with the recipe's flags, from `start`'s
+    weights when given; with `--nproc`, the same global batch over that many processes."""
+    settings = {**pretrain_settings(recipe), **overrides}
+    flags = []
+    for key, value in overrides.items():
+        flags += [f"--{key}", str(value)]
+    if start is not None:
+        flags += ["--model_name_or_path", str(start)]
     launcher = []
     if args.nproc > 1:
         batch = int(settings.get("per_device_train_batch_size", 8))
         if batch % args.nproc:
             raise ValueError(f"--nproc {args.nproc} does not divide the batch of {batch}")
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
-        overrides += ["--per_device_train_batch_size", str(batch // args.nproc), "--ddp_backend", "gloo",
-                      "--ddp_find_unused_parameters", "false"]  # every parameter is used: skip the extra graph walk
+        flags += ["--per_device_train_batch_size", str(batch // args.nproc), "--ddp_backend", "gloo",
+                  "--ddp_find_unused_parameters", "false"]  # every parameter is used: skip the extra graph walk
     run("pretrain.py", "--config", str(REPO / recipe["pretrain_config"]), "--train_data", str(train),
         "--eval_data", str(validation), "--output_dir", str(output), "--num_retrieved_docs", str(docs),
-        *overrides, *(["--disable_tqdm", "true"] if args.no_progress else []), *pretrain_args, launcher=launcher)
-    if args.no_retrieval or args.stop_after == "pretrain":
-        return output
-    return bundle(output, bundle_dir, recipe, quiet)
-
+        *flags, *(["--disable_tqdm", "true"] if args.no_progress else []), *pretrain_args, launcher=launcher)
 
 if __name__ == "__main__":
     main()
