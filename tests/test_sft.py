@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import TrainerCallback
+from trl import ModelConfig
 
 from cm3leon_hf import Cm3LeonForCausalLM, Cm3LeonProcessor
 from cm3leon_hf.pretokenized import load_pretokenized
@@ -190,14 +191,14 @@ class _StopAt(TrainerCallback):
 
 @pytest.mark.slow
 def test_sft_resumed_after_a_stop_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, sft_data):
-    args = SFTArguments(train_data=str(sft_data), model_name_or_path=TINY_PATH)
-    run_sft(args, _config(tmp_path / "whole"))
-    trainer = build_sft_trainer(args, _config(tmp_path / "stopped"))
+    args, model = SFTArguments(train_data=str(sft_data)), ModelConfig(model_name_or_path=TINY_PATH)
+    run_sft(args, _config(tmp_path / "whole"), model)
+    trainer = build_sft_trainer(args, _config(tmp_path / "stopped"), model)
     trainer.add_callback(_StopAt(2))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert not (tmp_path / "stopped" / "model.safetensors").exists()
-    run_sft(args, _config(tmp_path / "stopped"))  # the same command again: resumes from checkpoint-2
+    run_sft(args, _config(tmp_path / "stopped"), model)  # the same command again: resumes from checkpoint-2
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "stopped")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert not all(torch.equal(whole[k], v) for k, v in _weights(TINY_PATH).items())  # it trained
@@ -210,12 +211,11 @@ def test_sft_resumed_after_a_stop_ends_with_the_weights_of_an_uninterrupted_run(
 
 @pytest.mark.slow
 def test_lora_trains_only_the_adapter_which_saves_loads_and_merges(tmp_path, sft_data):
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
-    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
-    args = SFTArguments(train_data=str(sft_data), model_name_or_path=TINY_PATH)
-    trainer = run_sft(args, _config(tmp_path / "lora", save_steps=4), peft_config)
+    model = ModelConfig(model_name_or_path=TINY_PATH, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                        lora_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    trainer = run_sft(SFTArguments(train_data=str(sft_data)), _config(tmp_path / "lora", save_steps=4), model)
     trained = trainer.model
     assert isinstance(trained, PeftModel)
     saved = sorted(p.name for p in (tmp_path / "lora").iterdir())
@@ -247,9 +247,11 @@ def test_pretraining_data_is_refused_for_sft(tmp_path, processor):
     pairs = build_task("text_to_image", num_train=2, num_validation=0, num_test=0, num_heldout=0)["train"]
     pretokenize(pairs, processor, tmp_path / "pretrain", text_column="caption", image_column="images",
                 show_progress_bar=False)
-    args = SFTArguments(train_data=str(tmp_path / "pretrain"), model_name_or_path=TINY_PATH)
+    args, model = SFTArguments(train_data=str(tmp_path / "pretrain")), ModelConfig(model_name_or_path=TINY_PATH)
     with pytest.raises(ValueError, match="holds pretraining data, not SFT data"):
-        build_sft_trainer(args, _config(tmp_path / "out"))
+        build_sft_trainer(args, _config(tmp_path / "out"), model)
     with pytest.raises(ValueError, match="longer than the model's context"):
-        build_sft_trainer(args, _config(tmp_path / "out", max_length=100_000))
+        build_sft_trainer(args, _config(tmp_path / "out", max_length=100_000), model)
+    with pytest.raises(ValueError, match="--model_name_or_path is required"):
+        build_sft_trainer(args, _config(tmp_path / "out"), ModelConfig())
     shutil.rmtree(tmp_path / "pretrain")

@@ -15,13 +15,14 @@ Example (a few steps on the synthetic world's tasks; `training/sft.py` is the co
 >>> from cm3leon_hf.pretrained import TINY_PATH
 >>> from cm3leon_hf.sft_data import pretokenize_sft
 >>> from cm3leon_hf.synthetic import build_tasks
+>>> from trl import ModelConfig
 >>> rows = build_tasks(("caption", "vqa"), num_train=4, num_validation=0, num_test=0, num_heldout=0)["train"]
 >>> data = tempfile.mkdtemp()
 >>> _ = pretokenize_sft(rows, Cm3LeonProcessor.from_pretrained(TINY_PATH), data, show_progress_bar=False)
->>> args = SFTArguments(train_data=data, model_name_or_path=TINY_PATH, balance=False)
+>>> args = SFTArguments(train_data=data, balance=False)
 >>> config = Cm3LeonSFTConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=2,
 ...                           report_to="none", use_cpu=True, disable_tqdm=True)
->>> trainer = build_sft_trainer(args, config)
+>>> trainer = build_sft_trainer(args, config, ModelConfig(model_name_or_path=TINY_PATH))
 >>> _ = trainer.train()  # doctest: +ELLIPSIS
 {'train_runtime': ..., 'train_loss': ...}
 >>> trainer.state.global_step
@@ -43,12 +44,10 @@ from .sft_data import MIXTURE_THRESHOLDS, balance
 
 @dataclass
 class SFTArguments:
-    """What SFT adds to `SFTConfig`: the pre-tokenized data and the model to start from."""
+    """What SFT adds to `SFTConfig` and TRL's `ModelConfig` (the model to start from, `model_name_or_path`, and the
+    adapter: `use_peft`, `lora_r`, `lora_target_modules`, …): the pre-tokenized data and the mixture."""
 
     train_data: str = field(metadata={"help": "a training/pretokenize_sft.py output directory"})
-    model_name_or_path: str = field(
-        metadata={"help": "the pretrained model (a directory saved with save_pretrained, e.g. the bundled tiny)"}
-    )
     eval_data: str | None = field(default=None, metadata={"help": "pre-tokenized evaluation data"})
     balance: bool = field(
         default=True, metadata={"help": "balance the tasks: each within [0.3x, 3x] of the mean task size (CL E.1)"}
@@ -107,21 +106,26 @@ def _load(directory: str, processor, limit: int | None = None):
     return examples.select(range(min(limit, len(examples)))) if limit else examples
 
 
-def build_sft_trainer(script_args: SFTArguments, training_args: SFTConfig, peft_config=None) -> Cm3LeonSFTTrainer:
+def build_sft_trainer(script_args: SFTArguments, training_args: SFTConfig, model_args) -> Cm3LeonSFTTrainer:
     """The model, its processor (checked against each other and against the data's vocabulary), the balanced data
     and TRL's trainer.
 
     Args:
-        script_args: the data and the model.
+        script_args: the data and the mixture.
         training_args: any `SFTConfig`; `Cm3LeonSFTConfig` carries the paper's defaults. `max_length=None` becomes
             the model's `max_position_embeddings`.
-        peft_config: a `peft.PeftConfig` (e.g. `trl.get_peft_config(model_args)`): the model is wrapped by
-            `SFTTrainer`, and only the adapter trains.
+        model_args: a `trl.ModelConfig`: `model_name_or_path` (a saved CM3Leon, e.g. the bundled tiny), and with
+            `use_peft` an adapter (`trl.get_peft_config`: LoRA on `lora_target_modules`, e.g. `q_proj k_proj v_proj
+            out_proj fc1 fc2`), which `SFTTrainer` puts on the model; only the adapter trains.
     """
+    from trl import get_peft_config
+
     if script_args.threads:
         torch.set_num_threads(script_args.threads)
-    model = Cm3LeonForCausalLM.from_pretrained(script_args.model_name_or_path)
-    processor = Cm3LeonProcessor.from_pretrained(script_args.model_name_or_path)
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required: the pretrained CM3Leon to fine-tune")
+    model = Cm3LeonForCausalLM.from_pretrained(model_args.model_name_or_path)
+    processor = Cm3LeonProcessor.from_pretrained(model_args.model_name_or_path)
     processor.validate_model_config(model.config)
     if training_args.max_length is None:
         training_args.max_length = model.config.max_position_embeddings
@@ -136,14 +140,14 @@ def build_sft_trainer(script_args: SFTArguments, training_args: SFTConfig, peft_
     if script_args.eval_data:
         evaluation = _load(script_args.eval_data, processor, script_args.max_eval_examples).remove_columns("task")
     return Cm3LeonSFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                             processing_class=processor, peft_config=peft_config)
+                             processing_class=processor, peft_config=get_peft_config(model_args))
 
 
-def run_sft(script_args: SFTArguments, training_args: SFTConfig, peft_config=None) -> Cm3LeonSFTTrainer:
+def run_sft(script_args: SFTArguments, training_args: SFTConfig, model_args) -> Cm3LeonSFTTrainer:
     """Train, or resume from the last complete checkpoint of `training_args.output_dir` (unless `no_resume`), then
-    save the final model (or adapter) with its processor and print a JSON summary."""
+    save the final model (or adapter) with its processor and print a JSON summary. Arguments as `build_sft_trainer`."""
     resume = None if script_args.no_resume else last_complete_checkpoint(training_args.output_dir)
-    trainer = build_sft_trainer(script_args, training_args, peft_config)
+    trainer = build_sft_trainer(script_args, training_args, model_args)
     if resume and trainer.is_world_process_zero():
         print(f"Resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
