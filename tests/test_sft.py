@@ -255,3 +255,39 @@ def test_pretraining_data_is_refused_for_sft(tmp_path, processor):
     with pytest.raises(ValueError, match="--model_name_or_path is required"):
         build_sft_trainer(args, _config(tmp_path / "out"), ModelConfig())
     shutil.rmtree(tmp_path / "pretrain")
+
+
+@pytest.mark.slow
+def test_the_sft_commands_run_as_written(tmp_path):
+    """training/pretokenize_sft.py then training/sft.py with the recipe, as the recipe's header says (at toy size)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+
+    def run(*argv):
+        result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    data = tmp_path / "train"
+    printed = run("training/pretokenize_sft.py", "--synthetic_rows", "3", "--synthetic_tasks", "caption", "edit",
+                  "--output_dir", str(data), "--no_progress")
+    summary = json.loads(printed.stdout.strip().splitlines()[-1])
+    assert summary["num_examples_per_task"] == {"caption": 3, "edit": 3}
+    run("training/sft.py", "--config", "training/recipes/sft_tiny.yaml", "--train_data", str(data), "--eval_data", "",
+        "--eval_strategy", "no", "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--output_dir", str(tmp_path / "sft"), "--disable_tqdm", "true")
+    assert json.loads((tmp_path / "sft" / "trainer_state.json").read_text())["global_step"] == 2
+    Cm3LeonForCausalLM.from_pretrained(tmp_path / "sft")
+    # A user's dataset without a column its task needs: refused, naming the column.
+    from cm3leon_hf.synthetic import build_task
+
+    build_task("vqa", num_train=2, num_validation=0, num_test=0, num_heldout=0)["train"].remove_columns(
+        "answer").save_to_disk(str(tmp_path / "my-vqa"))
+    refused = subprocess.run([sys.executable, "training/pretokenize_sft.py", "--dataset", str(tmp_path / "my-vqa"),
+                              "--task", "vqa", "--output_dir", str(tmp_path / "x")], cwd=REPO, env=env,
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "it lacks ['answer']" in refused.stderr
