@@ -14,6 +14,21 @@ marker) and the special tokens `<break>`, `<mask:i>`, `<eos>`, `<eoss>`, `<pad>`
   document (the paper's templates contain it), never added implicitly.
 - An image becomes `image_seq_length` ids `image_token_offset + code` (raster order).
 
+**Case.** The world writes lower case except its task prompts and sentence starts (`"Edit the image following…"`,
+`"Describe the given picture."`, `"The image shows…"`), and the BPE is case-sensitive: `"A LARGE RED TRIANGLE"` falls
+apart into letters. So each text piece (the text between two markers) is kept as written when the tokenizer knows
+every capitalised word of it, as written, as one learned token (`"Edit"`, `" The"`; a lone capital letter is a byte
+token of every BPE, not a learned one) and is lower-cased otherwise. Upper-case and title-case prompts thus give the
+ids of the lower-case prompt, and the world's own cased text gives the ids it was trained on. A blanket `Lowercase`
+normalizer in the tokenizer would not: it turns `"Edit"` (one id) into `"ed" "it"`, a prompt the model never saw.
+
+**Unknown words.** A word is *known* when the BPE holds it, after case folding, as one learned token (with or
+without the space in front of it): a word seen often enough in training to be merged. Any other word (`"cat"` →
+`"c" "at"`, `"bleu"`) encodes, the BPE being byte-level, but as pieces the model never learned as a word:
+`processor(...)` then warns with an `UnknownWordsWarning` naming them, and `unknown_words(text)` lists them. Every word
+of the synthetic world's text is known to the bundled tokenizer (tests/test_processing_cm3leon.py checks 420 rows of
+every task), so the world's prompts never warn.
+
 **Decoding** gives an ordered list of segments, `str` and `PIL.Image.Image`:
 
 - A run of image ids is cut into images of `image_seq_length` codes. A run whose length is not a multiple of it ends
@@ -47,6 +62,7 @@ import inspect
 import os
 import posixpath
 import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -70,6 +86,13 @@ from .tokenization_cm3leon import (
 )
 
 IMAGE_TOKENIZER_SUBFOLDER = "image_tokenizer"
+WORD_PATTERN = re.compile(r"[^\W\d_]+")
+"""A word, for case folding and the unknown-word check: a run of letters (digits and punctuation are not words)."""
+BYTE_LEVEL_SPACE = "\u0120"  # how a byte-level BPE writes the space in front of a word ("Ġred")
+
+
+class UnknownWordsWarning(UserWarning):
+    """A text holds words the text tokenizer never learned (see `Cm3LeonProcessor.unknown_words`)."""
 
 
 class Cm3LeonProcessor(ProcessorMixin):
@@ -160,6 +183,7 @@ class Cm3LeonProcessor(ProcessorMixin):
         self.image_vocab_size = self.image_tokenizer.codebook_size
         self.image_token_ids = range(self.image_token_offset, self.image_token_offset + self.image_vocab_size)
         self._special_ids = set(tokenizer.all_special_ids)
+        self._learned_tokens = {token for token in tokenizer.get_vocab() if len(token) > 1}  # not the 256 bytes
         self._marker_pattern = marker_pattern([*tokenizer.all_special_tokens, IMAGE_TOKEN])
         self._marker_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
 
@@ -262,8 +286,16 @@ class Cm3LeonProcessor(ProcessorMixin):
 
     def _encode_documents(self, documents: list[str], images: list[list], prepend_eos: bool | None) -> list[list[int]]:
         prepend_eos = self.prepend_eos if prepend_eos is None else prepend_eos
-        pieces = [split_markers(d, self._marker_pattern) for d in documents]
+        pieces = [[p if p in self._marker_ids or p == IMAGE_TOKEN else self.fold_case(p) for p in
+                   split_markers(d, self._marker_pattern)] for d in documents]
         texts = [p for doc in pieces for p in doc if p not in self._marker_ids and p != IMAGE_TOKEN]
+        unknown = sorted({word for text in texts for word in self._unknown_words(text)})
+        if unknown:
+            warnings.warn(
+                f"Words the text tokenizer never learned: {unknown}. They encode as pieces the model did not see as "
+                f"words, so it cannot follow them (the bundled tiny model knows the synthetic world's words).",
+                UnknownWordsWarning, stacklevel=3,
+            )
         text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         flat_images = [image for doc_images in images for image in doc_images]
         image_ids = iter((self.get_image_tokens(flat_images) if flat_images else torch.empty(0)).tolist())
@@ -279,6 +311,47 @@ class Cm3LeonProcessor(ProcessorMixin):
                     ids.extend(next(text_ids))
             out.append(ids)
         return out
+
+    def fold_case(self, text: str) -> str:
+        """`text` as written if the tokenizer knows every capitalised word of it as one learned token where it stands
+        (after a space: `"Ġ" + word`), else lower-cased (see the module docstring). Markers must be cut out first.
+
+        ```python
+        >>> from cm3leon_hf.pretrained import TINY_PATH
+        >>> processor = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+        >>> processor.fold_case("A LARGE Red Triangle"), processor.fold_case("Edit the image following")
+        ('a large red triangle', 'Edit the image following')
+
+        ```
+        """
+        for match in WORD_PATTERN.finditer(text):
+            word = match.group()
+            if word.islower():
+                continue
+            after_space = match.start() > 0 and text[match.start() - 1] == " "
+            if (BYTE_LEVEL_SPACE + word if after_space else word) not in self._learned_tokens:
+                return text.lower()
+        return text
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of a document (markers and images left out, case folded as when encoding) that the model never
+        learned as words, in order of appearance and without repeats (see the module docstring).
+
+        ```python
+        >>> from cm3leon_hf.pretrained import TINY_PATH
+        >>> processor = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+        >>> processor.unknown_words("a bleu circle on a white backgorund <break>")
+        ['bleu', 'backgorund']
+
+        ```
+        """
+        pieces = split_markers(text, self._marker_pattern)
+        words = [w for p in pieces if p not in self._marker_ids and p != IMAGE_TOKEN for w in self._unknown_words(self.fold_case(p))]
+        return list(dict.fromkeys(words))
+
+    def _unknown_words(self, text: str) -> list[str]:
+        return [word for word in WORD_PATTERN.findall(text)
+                if word not in self._learned_tokens and BYTE_LEVEL_SPACE + word not in self._learned_tokens]
 
     def _pad(self, ids: list[list[int]], padding, padding_side, max_length, return_tensors) -> BatchFeature:
         padding_side = padding_side or self.tokenizer.padding_side
@@ -587,4 +660,4 @@ class Cm3LeonProcessor(ProcessorMixin):
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
 
 
-__all__ = ["Cm3LeonProcessor"]
+__all__ = ["Cm3LeonProcessor", "UnknownWordsWarning"]
