@@ -210,6 +210,9 @@ class Cm3LeonProcessor(ProcessorMixin):
             text: one document or a list of documents.
             images: the images of the `<image>` placeholders, in order: one image, a flat list over the whole batch,
                 or one list per document. Any input `Cm3LeonImageTokenizer` accepts (PIL, arrays, bytes, paths).
+                Given a text without placeholders (`processor(images=image, text="Describe the picture.")`), the
+                images go where the chat template puts them: the document becomes the template's user turn with its
+                images, the captioning/VQA prompt (the same ids as `apply_chat_template` of that message).
             padding: `True`/`"longest"` pads to the longest document, `"max_length"` to `max_length`,
                 `False`/`"do_not_pad"` leaves lengths as they are.
             padding_side: `"left"` (for generation) or `"right"`; defaults to the tokenizer's `padding_side`.
@@ -231,6 +234,7 @@ class Cm3LeonProcessor(ProcessorMixin):
         documents = [text] if isinstance(text, str) else list(text)
         if not documents or not all(isinstance(d, str) for d in documents):
             raise ValueError("`text` must be a string or a non-empty list of strings.")
+        documents, images = self._place_images(documents, images)
         ids = self._encode_documents(documents, self._images_per_document(documents, images), prepend_eos)
         if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
             raise ValueError(f"`truncation` must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', "
@@ -257,6 +261,35 @@ class Cm3LeonProcessor(ProcessorMixin):
         while 0 < end < len(row) and self._is_image_id(row[end - 1]) and self._is_image_id(row[end]):
             end -= 1  # inside an image: drop all of it
         return row[:end]
+
+    def _place_images(self, documents: list[str], images) -> tuple[list[str], object]:
+        """transformers' usual call, `processor(images=image, text="Describe the picture.")`: documents without any
+        `<image>` placeholder, given images, become the chat template's user turn with those images (the captioning
+        and VQA prompt `"{text} <mask:0> <break> <image> <mask:0>"` of the default template), as
+        `apply_chat_template` renders a message with image entries. The images go one per document (or one list per
+        document). Documents with placeholders are left as written."""
+        if images is None or any(IMAGE_TOKEN in d for d in documents):
+            return documents, images
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            return documents, images
+        if all(isinstance(x, (list, tuple)) or x is None for x in images):
+            per_document = [list(x or []) for x in images]
+        elif len(documents) == 1:
+            per_document = [images]
+        else:
+            per_document = [[x] for x in images]
+        if len(per_document) != len(documents):
+            raise ValueError(f"The text has no `{IMAGE_TOKEN}` placeholders and {len(images)} images for "
+                             f"{len(documents)} documents: give one image (or one list of images) per document, or "
+                             f"write `{IMAGE_TOKEN}` where each image goes.")
+        placed = [
+            self.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * len(doc_images)
+                                       + [{"type": "text", "text": document}]}], tokenize=False)
+            if doc_images else document
+            for document, doc_images in zip(documents, per_document)
+        ]
+        return placed, per_document
 
     def _images_per_document(self, documents: list[str], images) -> list[list]:
         counts = [len(re.findall(re.escape(IMAGE_TOKEN), d)) for d in documents]
@@ -330,7 +363,9 @@ class Cm3LeonProcessor(ProcessorMixin):
                 continue
             after_space = match.start() > 0 and text[match.start() - 1] == " "
             if (BYTE_LEVEL_SPACE + word if after_space else word) not in self._learned_tokens:
-                return text.lower()
+                lower = text.lower()
+                # "<BREAK>" is text, not a marker: folding must not turn it into one
+                return text if self._marker_pattern.search(lower) else lower
         return text
 
     def unknown_words(self, text: str) -> list[str]:
@@ -522,6 +557,17 @@ class Cm3LeonProcessor(ProcessorMixin):
             )
             for row in generated_outputs
         ]
+
+    def post_process_multimodal_output(self, generated_outputs, skip_special_tokens: bool = True,
+                                       generation_mode: str | None = None, **kwargs) -> list:
+        """What transformers' `any-to-any` pipeline reads: with `generation_mode="image"`, the image ids of each
+        sequence (as `Cm3LeonForCausalLM.decode_image_tokens` cuts them, `(batch, image_seq_length)`) → PIL images;
+        otherwise the text of each sequence (`post_process_image_text_to_text`)."""
+        if generation_mode in (None, "text"):
+            return self.post_process_image_text_to_text(generated_outputs, skip_special_tokens=skip_special_tokens)
+        if generation_mode == "image":
+            return self.decode_image_tokens(generated_outputs)
+        raise ValueError(f"CM3Leon writes text and images, not generation_mode={generation_mode!r}.")
 
     def decode_image_tokens(self, ids) -> list[Image.Image]:
         """Image ids of the joint vocabulary, `(batch_size, image_seq_length)` or `(image_seq_length,)` → PIL images.
