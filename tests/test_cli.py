@@ -2,12 +2,14 @@
 with the shipped processor: these tests check the command, not the drawing; `tests/test_bundled_model.py` checks the
 bundled model's images)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cm3leon_hf.cli import DEMO_PROMPTS, caption_grid, known_words, main
+from cm3leon_hf.cli import DEMO_PROMPTS, caption_grid, main
 from cm3leon_hf.pretrained import TINY_PATH
 from conftest import HUB_CONFIGS
 
@@ -23,17 +25,64 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def test_generate_writes_one_captioned_row_and_says_where(model_dir, tmp_path, capsys):
+def test_generate_writes_the_image_itself_with_one_image(model_dir, tmp_path, capsys):
+    out = tmp_path / "one.png"
+    assert main(["generate", "a red circle at the top left", "-o", str(out), "--model", str(model_dir), "-n", "1", "-q"]) == 0
+    assert Image.open(out).size == (64, 64)  # the image, not a captioned grid
+    assert capsys.readouterr().out.strip() == f"wrote {out.resolve()}"
+    several = tmp_path / "many.png"
+    main(["generate", "a red circle at the top left", "-o", str(several), "--model", str(model_dir), "-n", "2", "-q"])
+    assert not several.exists()
+    first, second = (np.asarray(Image.open(tmp_path / f"many-{i}.png")) for i in (0, 1))
+    assert first.shape == second.shape == (64, 64, 3) and not np.array_equal(first, second)
+
+
+def test_quiet_prints_no_loading_bars(model_dir, tmp_path, capfd):
+    main(["generate", "a red circle at the top left", "-o", str(tmp_path / "q.png"), "--model", str(model_dir), "-q"])
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "it/s" not in captured.err and "tok/s" not in captured.err
+
+
+@pytest.mark.parametrize("make_output,message", [
+    (lambda tmp: tmp, "is a directory"),
+    (lambda tmp: tmp / "out", "give an image file name with a suffix such as .png"),
+    (lambda tmp: (tmp / "file.txt").write_text("x") and tmp / "file.txt" / "out.png", "is a file, not a folder"),
+])
+def test_the_output_path_is_checked_before_generating(model_dir, tmp_path, make_output, message, monkeypatch):
+    from transformers import Pipeline
+
+    monkeypatch.setattr(Pipeline, "__init__", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(SystemExit, match=message):
+        main(["generate", "a red circle", "-o", str(make_output(tmp_path)), "--model", str(model_dir), "-q"])
+
+
+def test_an_unwritable_output_folder_is_named_before_generating(model_dir, tmp_path):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who may write anywhere (root)")
+        with pytest.raises(SystemExit, match=f"the folder {locked} is not writable"):
+            main(["generate", "a red circle", "-o", str(locked / "sub" / "x.png"), "--model", str(model_dir), "-q"])
+    finally:
+        locked.chmod(0o700)
+
+
+def test_generate_writes_one_captioned_row_with_grid(model_dir, tmp_path, capsys):
     out = tmp_path / "sub" / "out.png"
-    assert main(["generate", "a red circle at the top left", "-o", str(out), "--model", str(model_dir), "-n", "3", "-q"]) == 0
+    assert main(["generate", "a red circle at the top left", "-o", str(out), "--model", str(model_dir), "-n", "3", "-q",
+                 "--grid"]) == 0
     assert f"wrote {out.resolve()}" in capsys.readouterr().out
     grid = np.asarray(Image.open(out))
     assert grid.shape[1] >= 3 * 128 and grid.shape[0] == 22 + 128 + 2 * 4
     # The same seed gives the same images; another seed other ones.
     again, other = tmp_path / "again.png", tmp_path / "other.png"
-    main(["generate", "a red circle at the top left", "-o", str(again), "--model", str(model_dir), "-n", "3", "-q"])
+    main(["generate", "a red circle at the top left", "-o", str(again), "--model", str(model_dir), "-n", "3", "-q", "--grid"])
     main(["generate", "a red circle at the top left", "-o", str(other), "--model", str(model_dir), "-n", "3", "-q",
-          "--seed", "1"])
+          "--seed", "1", "--grid"])
     assert np.array_equal(grid, np.asarray(Image.open(again)))
     assert not np.array_equal(grid, np.asarray(Image.open(other)))
 
@@ -41,8 +90,19 @@ def test_generate_writes_one_captioned_row_and_says_where(model_dir, tmp_path, c
 def test_generate_reranks_candidates_with_the_worlds_clip(model_dir, tmp_path):
     out = tmp_path / "out.png"
     main(["generate", "a blue star on the left", "-o", str(out), "--model", str(model_dir), "-n", "1",
-          "--num-candidates", "2", "--decoding", "pooled", "-q"])
+          "--num-candidates", "2", "--decoding", "pooled", "-q", "--grid"])
     assert Image.open(out).size[1] == 22 + 128 + 8
+
+
+def test_demo_loads_the_reranker_once(model_dir, tmp_path, monkeypatch):
+    import sentence_transformers
+
+    loads = []
+    real = sentence_transformers.SentenceTransformer
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", lambda *a, **k: loads.append(a) or real(*a, **k))
+    main(["demo", "-o", str(tmp_path / "demo.png"), "--model", str(model_dir), "-n", "1", "--num-candidates", "2", "-q",
+          "--prompts", *DEMO_PROMPTS[:3]])
+    assert len(loads) == 1
 
 
 def test_demo_writes_one_row_per_prompt(model_dir, tmp_path):
@@ -62,10 +122,28 @@ def test_demo_draws_best_of_pooled_candidates_and_generate_samples_plainly():
     assert (generate.decoding, generate.num_candidates, generate.guidance_scale) == ("top-p", None, None)
 
 
-def test_prompt_without_a_known_word_is_refused_with_the_reason(model_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="none of the words of 'xyzzy quux'"):
-        main(["generate", "xyzzy quux", "-o", str(tmp_path / "x.png"), "--model", str(model_dir), "-q"])
+@pytest.mark.parametrize("prompt,unknown", [("xyzzy quux", "['xyzzy', 'quux']"), ("a cat on a mat", "['cat', 'mat']"),
+                                            ("a bleu circle on a white backgorund", "['bleu', 'backgorund']")])
+def test_prompt_with_unknown_words_is_refused_naming_them(model_dir, tmp_path, prompt, unknown):
+    with pytest.raises(SystemExit, match=re.escape(f"never learned the words {unknown}")) as refused:
+        main(["generate", prompt, "-o", str(tmp_path / "x.png"), "--model", str(model_dir), "-q"])
+    assert "--allow-unknown-words" in str(refused.value)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_allow_unknown_words_generates_with_a_warning(model_dir, tmp_path):
+    from cm3leon_hf.processing_cm3leon import UnknownWordsWarning
+
+    with pytest.warns(UnknownWordsWarning, match="cat"):
+        main(["generate", "a cat on a mat", "-o", str(tmp_path / "x.png"), "--model", str(model_dir), "-q",
+              "--allow-unknown-words"])
+    assert Image.open(tmp_path / "x.png").size == (64, 64)
+
+
+def test_upper_case_prompts_are_accepted_and_draw_the_lower_case_image(model_dir, tmp_path):
+    main(["generate", DEMO_PROMPTS[0].upper(), "-o", str(tmp_path / "upper.png"), "--model", str(model_dir), "-q"])
+    main(["generate", DEMO_PROMPTS[0], "-o", str(tmp_path / "lower.png"), "--model", str(model_dir), "-q"])
+    assert (tmp_path / "upper.png").read_bytes() == (tmp_path / "lower.png").read_bytes()
 
 
 def test_a_directory_without_a_model_is_named(tmp_path):
@@ -73,12 +151,11 @@ def test_a_directory_without_a_model_is_named(tmp_path):
         main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--model", str(tmp_path)])
 
 
-def test_known_words_are_whole_tokens(model_dir):
-    from cm3leon_hf import Cm3LeonProcessor
-
-    tokenizer = Cm3LeonProcessor.from_pretrained(TINY_PATH).tokenizer
-    assert known_words(tokenizer, "A Red xyzzy circle") == ["a", "red", "circle"]
-    assert known_words(tokenizer, "日本 qqq") == []
+def test_help_says_which_decoding_draws_better(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "10 of 24" in text and "17 of 24" in text and "--allow-unknown-words" in text and "--grid" in text
 
 
 def test_caption_grid_keeps_pixels_sharp():

@@ -176,8 +176,8 @@ def test_encode_prompt_gives_the_layouts_streams(text_to_image, model_dir, world
     layout = processor.layout
     EOS, BREAK, MASK = 1, 2, 4  # the tiny vocabulary's
 
-    def words(text):
-        return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def words(text):  # the processor's text encoding: the BPE after case folding (this BPE never saw "Edit")
+        return processor.tokenizer(processor.fold_case(text), add_special_tokens=False)["input_ids"]
 
     def codes(image):
         return processor.get_image_tokens([image])[0].tolist()

@@ -104,7 +104,7 @@ def test_resumes_after_a_kill(tmp_path, pairs, processor, train_dir, monkeypatch
     assert calls == [0, 64, 64, 128]  # shard 0 was kept, shard 1 redone
     resumed, uninterrupted = (pretokenized.load_pretokenized(d)[1] for d in (tmp_path / "out", train_dir))
     assert resumed["input_ids"] == uninterrupted["input_ids"]
-    with pytest.raises(ValueError, match="already holds"):
+    with pytest.raises(ValueError, match="already holds pre-tokenized data; pass overwrite=True \\(the `--overwrite` flag"):
         pretokenized.pretokenize(pairs["train"], processor, tmp_path / "out", **kwargs)
 
 

@@ -295,3 +295,63 @@ def test_tokenizer_and_layout_are_checked_at_construction(processor):
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"lacks the special tokens \['<break>', '<eoss>', '<mask:0>'\]"):
         Cm3LeonProcessor(plain, image_tokenizer, text_vocab_size=1024)
+
+
+# ------------------------------------------------------------------------------------------ case and unknown words
+
+UPPER = "A LARGE RED TRIANGLE AT THE TOP RIGHT ON A WHITE BACKGROUND"
+
+
+@pytest.mark.parametrize("prompt", [UPPER, UPPER.title(), UPPER.capitalize(), "a LARGE red Triangle at the top right on a White background"])
+def test_upper_and_mixed_case_prompts_give_the_lower_case_ids(processor, prompt):
+    lower = processor(UPPER.lower() + " <break>")["input_ids"][0]
+    assert processor(prompt + " <break>")["input_ids"][0] == lower
+    streams, expected = processor.encode_prompt(prompt), processor.encode_prompt(UPPER.lower())
+    assert all(torch.equal(streams[k], expected[k]) for k in expected)
+    assert processor.decode(lower)[0] == "<eos> " + UPPER.lower() + " <break>"
+    # the BPE alone splits the upper-case words into letters: the reason for case folding
+    assert len(text_ids(processor, UPPER)) > 2 * len(text_ids(processor, UPPER.lower()))
+
+
+def test_the_worlds_own_cased_text_keeps_its_ids():
+    from cm3leon_hf.synthetic import build_tasks
+    from cm3leon_hf.tokenization_cm3leon import split_markers
+
+    processor = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+    world = build_tasks(num_train=60, num_validation=0, num_test=0, num_heldout=0)["train"]
+    cased = 0
+    for text in world["text"]:
+        for piece in split_markers(text, processor._marker_pattern):
+            if piece not in processor._marker_ids and piece != "<image>":
+                assert processor.fold_case(piece) == piece and processor.unknown_words(piece) == []
+                cased += piece != piece.lower()
+    assert cased > 100  # templates ("Edit the image…", "Question:") and long captions ("The image shows…")
+    edit = "Edit the image following the text instruction"
+    assert text_ids(processor, edit) == processor(edit, prepend_eos=False)["input_ids"][0]
+    assert len(processor(edit, prepend_eos=False)["input_ids"][0]) < len(processor(edit.lower(), prepend_eos=False)["input_ids"][0])
+
+
+def test_markers_are_not_case_folded(processor):
+    ids = processor("A RED STAR <break> <mask:0> <eoss>")["input_ids"][0]
+    assert ids[-3:] == [processor.break_token_id, processor.mask_token_id, processor.eoss_token_id]
+    # markers are case-sensitive, and folding never makes one out of text
+    shouting = processor("A RED STAR <BREAK>", prepend_eos=False)["input_ids"][0]
+    assert processor.break_token_id not in shouting and shouting == text_ids(processor, "A RED STAR <BREAK>")
+
+
+@pytest.mark.parametrize("prompt,unknown", [("a cat on a mat", ["cat", "mat"]),
+                                            ("a bleu circle on a white backgorund", ["bleu", "backgorund"]),
+                                            ("A CAT ON A MAT <break>", ["cat", "mat"])])
+def test_unknown_words_are_named_in_a_warning(processor, prompt, unknown):
+    from cm3leon_hf.processing_cm3leon import UnknownWordsWarning
+
+    assert processor.unknown_words(prompt) == unknown
+    with pytest.warns(UnknownWordsWarning, match=str(sorted(unknown)).replace("[", r"\[").replace("]", r"\]")):
+        processor(prompt)
+    with pytest.warns(UnknownWordsWarning):
+        processor.encode_prompt(prompt.replace(" <break>", ""))
+
+
+def test_known_words_do_not_warn(processor, recwarn):
+    processor(["a large red circle at the top left on a white background", "Question: how many shapes? two <break>"])
+    assert not [w for w in recwarn if "never learned" in str(w.message)]

@@ -455,8 +455,8 @@ def test_build_memory_bank_script(tmp_path, dataset, encoder_dir, bank):
             "--batch-size", "16", "--shard-size", "50", "--threads", "1", "--no-progress"]
     built = build_memory_bank.main(argv)
     assert len(built) == 118 and built.manifest["rows_hash"] == bank.manifest["rows_hash"]
-    with pytest.raises(ValueError, match="already holds a memory bank"):
-        build_memory_bank.main(argv)
+    with pytest.raises(ValueError, match="already holds a memory bank; pass overwrite=True \\(the `--overwrite` flag"):
+        build_memory_bank.main(argv)  # the script's user is told the flag, not only the Python argument
     rebuilt = build_memory_bank.main([*argv, "--overwrite", "--index-factory", "HNSW16"])
     assert rebuilt.manifest["index_factory"] == "HNSW16" and rebuilt.manifest["search_parameters"] == "efSearch=64"
 

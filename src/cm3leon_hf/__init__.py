@@ -21,7 +21,14 @@ without weights (`cm3leon-tiny`, `-350m`, `-760m`, `-7b`), loadable from any dir
 import importlib
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+)
 
 from .configuration_cm3leon import Cm3LeonConfig
 from .image_tokenizer import Cm3LeonImageTokenizer
@@ -44,6 +51,7 @@ AutoConfig.register(Cm3LeonConfig.model_type, Cm3LeonConfig, exist_ok=True)
 AutoModel.register(Cm3LeonConfig, Cm3LeonModel, exist_ok=True)
 AutoModelForCausalLM.register(Cm3LeonConfig, Cm3LeonForCausalLM, exist_ok=True)
 AutoModelForImageTextToText.register(Cm3LeonConfig, Cm3LeonForCausalLM, exist_ok=True)  # captioning, VQA
+AutoModelForMultimodalLM.register(Cm3LeonConfig, Cm3LeonForCausalLM, exist_ok=True)  # pipeline("any-to-any")
 AutoProcessor.register(Cm3LeonConfig, Cm3LeonProcessor, exist_ok=True)
 
 Cm3LeonConfig.register_for_auto_class()

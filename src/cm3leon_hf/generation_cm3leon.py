@@ -203,6 +203,12 @@ class Cm3LeonGenerationMixin(GenerationMixin):
                 The modality constraint: an image is exactly `image_seq_length` image codes followed by
                 `<break>`/`<eos>`, and text contains no image code. `False` samples the model's own distribution over
                 the whole vocabulary (then `generate_image` must stay `None`).
+            generation_mode (`str`, *optional*):
+                transformers' name for the output modality (its `any-to-any` pipeline passes it): `"text"` changes
+                nothing; `"image"` writes one image after the prompt: a `<break>` is appended to prompts that do not
+                end in one (the text-to-image layout `<eos> text <break>`), `generate_image=True`, and exactly
+                `image_seq_length` new tokens (a `max_new_tokens`/`max_length` given, such as the pipeline's default
+                256, is replaced). The unconditional stream and the guidance scale default as for any image.
             generator (`torch.Generator`, *optional*):
                 Makes sampling reproducible without touching the global RNG: every token is drawn from it
                 ([`GeneratorSamplingLogitsProcessor`]), so threads sampling at once each get their own seed's tokens
@@ -235,6 +241,9 @@ class Cm3LeonGenerationMixin(GenerationMixin):
             if old in kwargs:
                 raise ValueError(f"`{old}` is now `{new}` (one name from the command line to the logits processor).")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        generation_mode = kwargs.pop("generation_mode", None)
+        if generation_mode is not None:
+            input_ids, generate_image = self._apply_generation_mode(generation_mode, input_ids, generate_image, kwargs)
         settings = self._decoding_settings(
             generation_config,
             input_ids,
@@ -298,6 +307,33 @@ class Cm3LeonGenerationMixin(GenerationMixin):
             streams["uncond"] = (None, None)
             return False
         return guided
+
+    def _apply_generation_mode(self, generation_mode, input_ids, generate_image, kwargs: dict):
+        """`generation_mode="image"`/`"text"` (transformers' any-to-any convention) → `generate`'s own arguments
+        (see `generate`'s docstring); `kwargs` is updated in place."""
+        if generation_mode == "text":
+            return input_ids, generate_image
+        if generation_mode != "image":
+            raise ValueError(f"CM3Leon writes text or images: generation_mode must be 'text' or 'image', got "
+                             f"{generation_mode!r}.")
+        if generate_image is False:
+            raise ValueError("generation_mode='image' contradicts generate_image=False.")
+        if input_ids is None:
+            raise ValueError("generation_mode='image' needs the prompt `input_ids`.")
+        config = self.config
+        ends_in_break = input_ids[:, -1] == config.break_token_id
+        if not bool(ends_in_break.all()):
+            if bool(ends_in_break.any()):
+                raise ValueError("Some prompts end in <break> and others do not: write it at the end of all or none.")
+            column = torch.full_like(input_ids[:, :1], config.break_token_id)
+            input_ids = torch.cat([input_ids, column], dim=1)
+            if kwargs.get("attention_mask") is not None:
+                mask = kwargs["attention_mask"]
+                kwargs["attention_mask"] = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        kwargs.pop("max_length", None)
+        kwargs["max_new_tokens"] = config.image_seq_length
+        kwargs.pop("min_new_tokens", None)
+        return input_ids, True
 
     def _decoding_settings(self, generation_config, input_ids, **passed) -> dict:
         """This call's decoding settings: what it passed, else the generation config's, else `DECODING_DEFAULTS`."""

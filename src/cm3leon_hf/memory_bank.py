@@ -347,7 +347,7 @@ def _build_directory(target: Path, overwrite: bool) -> Path:
     elif overwrite and target.exists():  # an unfinished build: start over
         shutil.rmtree(target)
     if (save_directory / MANIFEST_FILE).exists():
-        raise ValueError(f"{save_directory} already holds a memory bank; pass overwrite=True to rebuild it.")
+        raise ValueError(f"{save_directory} already holds a memory bank; pass overwrite=True (the `--overwrite` flag of training/build_memory_bank.py) to rebuild it, or choose another folder.")
     return save_directory
 
 

@@ -86,6 +86,21 @@ class Cm3LeonAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.out_proj = Cm3LeonResidualProjection(config.hidden_size, config.hidden_size)
 
+    def decode_image_tokens(self, sequences: torch.LongTensor) -> torch.LongTensor:
+        """The image that ends each of `generate`'s sequences (`(batch, length)`), as image ids of the joint
+        vocabulary `(batch, image_seq_length)`: what transformers' any-to-any pipeline calls with
+        `generation_mode="image"` before `Cm3LeonProcessor.post_process_multimodal_output` decodes them to pixels
+        (the VQ belongs to the processor). A `ValueError` if a sequence does not end in a whole image."""
+        length = self.config.image_seq_length
+        sequences = torch.as_tensor(sequences)
+        sequences = sequences[None] if sequences.dim() == 1 else sequences
+        image_ids = sequences[:, -length:]
+        start, stop = self.config.image_token_offset, self.config.image_token_offset + self.config.image_vocab_size
+        if sequences.shape[1] < length or not bool(((image_ids >= start) & (image_ids < stop)).all()):
+            raise ValueError(f"The sequences do not end in an image ({length} image ids): generate with "
+                             f"generation_mode='image' (or generate_image=True).")
+        return image_ids
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' old name, as in Llama
     def forward(
         self,
@@ -131,6 +146,21 @@ class Cm3LeonDecoderLayer(GradientCheckpointingLayer):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.fc2 = Cm3LeonResidualProjection(config.intermediate_size, config.hidden_size)
         self.activation_fn = ACT2FN[config.hidden_act]
+
+    def decode_image_tokens(self, sequences: torch.LongTensor) -> torch.LongTensor:
+        """The image that ends each of `generate`'s sequences (`(batch, length)`), as image ids of the joint
+        vocabulary `(batch, image_seq_length)`: what transformers' any-to-any pipeline calls with
+        `generation_mode="image"` before `Cm3LeonProcessor.post_process_multimodal_output` decodes them to pixels
+        (the VQ belongs to the processor). A `ValueError` if a sequence does not end in a whole image."""
+        length = self.config.image_seq_length
+        sequences = torch.as_tensor(sequences)
+        sequences = sequences[None] if sequences.dim() == 1 else sequences
+        image_ids = sequences[:, -length:]
+        start, stop = self.config.image_token_offset, self.config.image_token_offset + self.config.image_vocab_size
+        if sequences.shape[1] < length or not bool(((image_ids >= start) & (image_ids < stop)).all()):
+            raise ValueError(f"The sequences do not end in an image ({length} image ids): generate with "
+                             f"generation_mode='image' (or generate_image=True).")
+        return image_ids
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' old name, as in Llama
     def forward(
@@ -242,6 +272,21 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
                 f"{self.config.image_token_offset + self.config.image_vocab_size})). Was it made by a processor for "
                 f"another model?"
             )
+
+    def decode_image_tokens(self, sequences: torch.LongTensor) -> torch.LongTensor:
+        """The image that ends each of `generate`'s sequences (`(batch, length)`), as image ids of the joint
+        vocabulary `(batch, image_seq_length)`: what transformers' any-to-any pipeline calls with
+        `generation_mode="image"` before `Cm3LeonProcessor.post_process_multimodal_output` decodes them to pixels
+        (the VQ belongs to the processor). A `ValueError` if a sequence does not end in a whole image."""
+        length = self.config.image_seq_length
+        sequences = torch.as_tensor(sequences)
+        sequences = sequences[None] if sequences.dim() == 1 else sequences
+        image_ids = sequences[:, -length:]
+        start, stop = self.config.image_token_offset, self.config.image_token_offset + self.config.image_vocab_size
+        if sequences.shape[1] < length or not bool(((image_ids >= start) & (image_ids < stop)).all()):
+            raise ValueError(f"The sequences do not end in an image ({length} image ids): generate with "
+                             f"generation_mode='image' (or generate_image=True).")
+        return image_ids
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
@@ -361,6 +406,9 @@ class Cm3LeonForCausalLM(Cm3LeonHubMixin, Cm3LeonPreTrainedModel, Cm3LeonGenerat
     ```
     """
 
+    # It writes images too, as tokens (transformers' any-to-any pipeline reads this, as for Janus). The input stays
+    # "text" for transformers: images reach the model as ids, tokenized by the processor's VQ.
+    output_modalities = ("text", "image")
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -378,6 +426,21 @@ class Cm3LeonForCausalLM(Cm3LeonHubMixin, Cm3LeonPreTrainedModel, Cm3LeonGenerat
         # Ours, not the model config's: its decoding settings (`guidance_scale`, ... see `generation_cm3leon.py`) must load
         # back from generation_config.json, which transformers skips for a config marked as derived from the model's.
         self.generation_config._from_model_config = False
+
+    def decode_image_tokens(self, sequences: torch.LongTensor) -> torch.LongTensor:
+        """The image that ends each of `generate`'s sequences (`(batch, length)`), as image ids of the joint
+        vocabulary `(batch, image_seq_length)`: what transformers' any-to-any pipeline calls with
+        `generation_mode="image"` before `Cm3LeonProcessor.post_process_multimodal_output` decodes them to pixels
+        (the VQ belongs to the processor). A `ValueError` if a sequence does not end in a whole image."""
+        length = self.config.image_seq_length
+        sequences = torch.as_tensor(sequences)
+        sequences = sequences[None] if sequences.dim() == 1 else sequences
+        image_ids = sequences[:, -length:]
+        start, stop = self.config.image_token_offset, self.config.image_token_offset + self.config.image_vocab_size
+        if sequences.shape[1] < length or not bool(((image_ids >= start) & (image_ids < stop)).all()):
+            raise ValueError(f"The sequences do not end in an image ({length} image ids): generate with "
+                             f"generation_mode='image' (or generate_image=True).")
+        return image_ids
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

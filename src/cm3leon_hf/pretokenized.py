@@ -203,7 +203,7 @@ def _check_pretokenize_inputs(dataset: Dataset, output_dir: Path, text_column: s
     if overwrite and output_dir.exists():
         shutil.rmtree(output_dir)
     if (output_dir / MANIFEST_FILE).exists():
-        raise ValueError(f"{output_dir} already holds pre-tokenized data; pass overwrite=True to redo it.")
+        raise ValueError(f"{output_dir} already holds pre-tokenized data; pass overwrite=True (the `--overwrite` flag of training/pretokenize.py) to redo it, or choose another folder.")
 
 
 def pretokenize(dataset: Dataset, processor, output_dir: str | os.PathLike, *, text_column: str = "text",

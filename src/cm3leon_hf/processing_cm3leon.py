@@ -14,6 +14,21 @@ marker) and the special tokens `<break>`, `<mask:i>`, `<eos>`, `<eoss>`, `<pad>`
   document (the paper's templates contain it), never added implicitly.
 - An image becomes `image_seq_length` ids `image_token_offset + code` (raster order).
 
+**Case.** The world writes lower case except its task prompts and sentence starts (`"Edit the image following…"`,
+`"Describe the given picture."`, `"The image shows…"`), and the BPE is case-sensitive: `"A LARGE RED TRIANGLE"` falls
+apart into letters. So each text piece (the text between two markers) is kept as written when the tokenizer knows
+every capitalised word of it, as written, as one learned token (`"Edit"`, `" The"`; a lone capital letter is a byte
+token of every BPE, not a learned one) and is lower-cased otherwise. Upper-case and title-case prompts thus give the
+ids of the lower-case prompt, and the world's own cased text gives the ids it was trained on. A blanket `Lowercase`
+normalizer in the tokenizer would not: it turns `"Edit"` (one id) into `"ed" "it"`, a prompt the model never saw.
+
+**Unknown words.** A word is *known* when the BPE holds it, after case folding, as one learned token (with or
+without the space in front of it): a word seen often enough in training to be merged. Any other word (`"cat"` →
+`"c" "at"`, `"bleu"`) encodes, the BPE being byte-level, but as pieces the model never learned as a word:
+`processor(...)` then warns with an `UnknownWordsWarning` naming them, and `unknown_words(text)` lists them. Every word
+of the synthetic world's text is known to the bundled tokenizer (tests/test_processing_cm3leon.py checks 420 rows of
+every task), so the world's prompts never warn.
+
 **Decoding** gives an ordered list of segments, `str` and `PIL.Image.Image`:
 
 - A run of image ids is cut into images of `image_seq_length` codes. A run whose length is not a multiple of it ends
@@ -47,6 +62,7 @@ import inspect
 import os
 import posixpath
 import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -70,6 +86,13 @@ from .tokenization_cm3leon import (
 )
 
 IMAGE_TOKENIZER_SUBFOLDER = "image_tokenizer"
+WORD_PATTERN = re.compile(r"[^\W\d_]+")
+"""A word, for case folding and the unknown-word check: a run of letters (digits and punctuation are not words)."""
+BYTE_LEVEL_SPACE = "\u0120"  # how a byte-level BPE writes the space in front of a word ("Ġred")
+
+
+class UnknownWordsWarning(UserWarning):
+    """A text holds words the text tokenizer never learned (see `Cm3LeonProcessor.unknown_words`)."""
 
 
 class Cm3LeonProcessor(ProcessorMixin):
@@ -160,6 +183,7 @@ class Cm3LeonProcessor(ProcessorMixin):
         self.image_vocab_size = self.image_tokenizer.codebook_size
         self.image_token_ids = range(self.image_token_offset, self.image_token_offset + self.image_vocab_size)
         self._special_ids = set(tokenizer.all_special_ids)
+        self._learned_tokens = {token for token in tokenizer.get_vocab() if len(token) > 1}  # not the 256 bytes
         self._marker_pattern = marker_pattern([*tokenizer.all_special_tokens, IMAGE_TOKEN])
         self._marker_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
 
@@ -186,6 +210,9 @@ class Cm3LeonProcessor(ProcessorMixin):
             text: one document or a list of documents.
             images: the images of the `<image>` placeholders, in order: one image, a flat list over the whole batch,
                 or one list per document. Any input `Cm3LeonImageTokenizer` accepts (PIL, arrays, bytes, paths).
+                Given a text without placeholders (`processor(images=image, text="Describe the picture.")`), the
+                images go where the chat template puts them: the document becomes the template's user turn with its
+                images, the captioning/VQA prompt (the same ids as `apply_chat_template` of that message).
             padding: `True`/`"longest"` pads to the longest document, `"max_length"` to `max_length`,
                 `False`/`"do_not_pad"` leaves lengths as they are.
             padding_side: `"left"` (for generation) or `"right"`; defaults to the tokenizer's `padding_side`.
@@ -207,6 +234,7 @@ class Cm3LeonProcessor(ProcessorMixin):
         documents = [text] if isinstance(text, str) else list(text)
         if not documents or not all(isinstance(d, str) for d in documents):
             raise ValueError("`text` must be a string or a non-empty list of strings.")
+        documents, images = self._place_images(documents, images)
         ids = self._encode_documents(documents, self._images_per_document(documents, images), prepend_eos)
         if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
             raise ValueError(f"`truncation` must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', "
@@ -233,6 +261,35 @@ class Cm3LeonProcessor(ProcessorMixin):
         while 0 < end < len(row) and self._is_image_id(row[end - 1]) and self._is_image_id(row[end]):
             end -= 1  # inside an image: drop all of it
         return row[:end]
+
+    def _place_images(self, documents: list[str], images) -> tuple[list[str], object]:
+        """transformers' usual call, `processor(images=image, text="Describe the picture.")`: documents without any
+        `<image>` placeholder, given images, become the chat template's user turn with those images (the captioning
+        and VQA prompt `"{text} <mask:0> <break> <image> <mask:0>"` of the default template), as
+        `apply_chat_template` renders a message with image entries. The images go one per document (or one list per
+        document). Documents with placeholders are left as written."""
+        if images is None or any(IMAGE_TOKEN in d for d in documents):
+            return documents, images
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            return documents, images
+        if all(isinstance(x, (list, tuple)) or x is None for x in images):
+            per_document = [list(x or []) for x in images]
+        elif len(documents) == 1:
+            per_document = [images]
+        else:
+            per_document = [[x] for x in images]
+        if len(per_document) != len(documents):
+            raise ValueError(f"The text has no `{IMAGE_TOKEN}` placeholders and {len(images)} images for "
+                             f"{len(documents)} documents: give one image (or one list of images) per document, or "
+                             f"write `{IMAGE_TOKEN}` where each image goes.")
+        placed = [
+            self.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * len(doc_images)
+                                       + [{"type": "text", "text": document}]}], tokenize=False)
+            if doc_images else document
+            for document, doc_images in zip(documents, per_document)
+        ]
+        return placed, per_document
 
     def _images_per_document(self, documents: list[str], images) -> list[list]:
         counts = [len(re.findall(re.escape(IMAGE_TOKEN), d)) for d in documents]
@@ -262,8 +319,16 @@ class Cm3LeonProcessor(ProcessorMixin):
 
     def _encode_documents(self, documents: list[str], images: list[list], prepend_eos: bool | None) -> list[list[int]]:
         prepend_eos = self.prepend_eos if prepend_eos is None else prepend_eos
-        pieces = [split_markers(d, self._marker_pattern) for d in documents]
+        pieces = [[p if p in self._marker_ids or p == IMAGE_TOKEN else self.fold_case(p) for p in
+                   split_markers(d, self._marker_pattern)] for d in documents]
         texts = [p for doc in pieces for p in doc if p not in self._marker_ids and p != IMAGE_TOKEN]
+        unknown = sorted({word for text in texts for word in self._unknown_words(text)})
+        if unknown:
+            warnings.warn(
+                f"Words the text tokenizer never learned: {unknown}. They encode as pieces the model did not see as "
+                f"words, so it cannot follow them (the bundled tiny model knows the synthetic world's words).",
+                UnknownWordsWarning, stacklevel=3,
+            )
         text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         flat_images = [image for doc_images in images for image in doc_images]
         image_ids = iter((self.get_image_tokens(flat_images) if flat_images else torch.empty(0)).tolist())
@@ -279,6 +344,49 @@ class Cm3LeonProcessor(ProcessorMixin):
                     ids.extend(next(text_ids))
             out.append(ids)
         return out
+
+    def fold_case(self, text: str) -> str:
+        """`text` as written if the tokenizer knows every capitalised word of it as one learned token where it stands
+        (after a space: `"Ġ" + word`), else lower-cased (see the module docstring). Markers must be cut out first.
+
+        ```python
+        >>> from cm3leon_hf.pretrained import TINY_PATH
+        >>> processor = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+        >>> processor.fold_case("A LARGE Red Triangle"), processor.fold_case("Edit the image following")
+        ('a large red triangle', 'Edit the image following')
+
+        ```
+        """
+        for match in WORD_PATTERN.finditer(text):
+            word = match.group()
+            if word.islower():
+                continue
+            after_space = match.start() > 0 and text[match.start() - 1] == " "
+            if (BYTE_LEVEL_SPACE + word if after_space else word) not in self._learned_tokens:
+                lower = text.lower()
+                # "<BREAK>" is text, not a marker: folding must not turn it into one
+                return text if self._marker_pattern.search(lower) else lower
+        return text
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of a document (markers and images left out, case folded as when encoding) that the model never
+        learned as words, in order of appearance and without repeats (see the module docstring).
+
+        ```python
+        >>> from cm3leon_hf.pretrained import TINY_PATH
+        >>> processor = Cm3LeonProcessor.from_pretrained(TINY_PATH)
+        >>> processor.unknown_words("a bleu circle on a white backgorund <break>")
+        ['bleu', 'backgorund']
+
+        ```
+        """
+        pieces = split_markers(text, self._marker_pattern)
+        words = [w for p in pieces if p not in self._marker_ids and p != IMAGE_TOKEN for w in self._unknown_words(self.fold_case(p))]
+        return list(dict.fromkeys(words))
+
+    def _unknown_words(self, text: str) -> list[str]:
+        return [word for word in WORD_PATTERN.findall(text)
+                if word not in self._learned_tokens and BYTE_LEVEL_SPACE + word not in self._learned_tokens]
 
     def _pad(self, ids: list[list[int]], padding, padding_side, max_length, return_tensors) -> BatchFeature:
         padding_side = padding_side or self.tokenizer.padding_side
@@ -450,6 +558,17 @@ class Cm3LeonProcessor(ProcessorMixin):
             for row in generated_outputs
         ]
 
+    def post_process_multimodal_output(self, generated_outputs, skip_special_tokens: bool = True,
+                                       generation_mode: str | None = None, **kwargs) -> list:
+        """What transformers' `any-to-any` pipeline reads: with `generation_mode="image"`, the image ids of each
+        sequence (as `Cm3LeonForCausalLM.decode_image_tokens` cuts them, `(batch, image_seq_length)`) → PIL images;
+        otherwise the text of each sequence (`post_process_image_text_to_text`)."""
+        if generation_mode in (None, "text"):
+            return self.post_process_image_text_to_text(generated_outputs, skip_special_tokens=skip_special_tokens)
+        if generation_mode == "image":
+            return self.decode_image_tokens(generated_outputs)
+        raise ValueError(f"CM3Leon writes text and images, not generation_mode={generation_mode!r}.")
+
     def decode_image_tokens(self, ids) -> list[Image.Image]:
         """Image ids of the joint vocabulary, `(batch_size, image_seq_length)` or `(image_seq_length,)` → PIL images.
         A `ValueError` names any id outside the image range."""
@@ -587,4 +706,4 @@ class Cm3LeonProcessor(ProcessorMixin):
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
 
 
-__all__ = ["Cm3LeonProcessor"]
+__all__ = ["Cm3LeonProcessor", "UnknownWordsWarning"]

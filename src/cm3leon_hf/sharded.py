@@ -79,7 +79,7 @@ def build_in_shards(
         if not same(json.loads(build_file.read_text()), settings):
             raise ValueError(
                 f"{shards_dir.parent} holds an unfinished {what} with other settings (one of: {', '.join(settings)}); "
-                f"pass overwrite=True to start over."
+                f"pass overwrite=True (the scripts' `--overwrite` flag) to start over."
             )
     else:
         shards_dir.mkdir(parents=True, exist_ok=True)
