@@ -164,6 +164,23 @@ def test_packed_examples_give_the_same_per_token_loss_as_alone(sft_data, process
     assert (crossed - alone).abs().max() > 1e-2
 
 
+def test_a_packed_row_may_be_longer_than_the_context_but_its_positions_may_not(tiny_config):
+    from conftest import random_model
+
+    model = random_model(tiny_config)
+    context = tiny_config.max_position_embeddings
+    ids = torch.randint(5, 300, (1, context + 100))
+    restarting = torch.cat([torch.arange(context // 2 + 50), torch.arange(context // 2 + 50)]).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=restarting).logits
+        second = model(input_ids=ids[:, context // 2 + 50:]).logits  # the second example alone
+    torch.testing.assert_close(logits[:, context // 2 + 50:], second, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="position_ids contains"):
+        model(input_ids=ids, position_ids=torch.arange(context + 100).unsqueeze(0))
+    with pytest.raises(ValueError, match="longer than max_position_embeddings"):
+        model(input_ids=ids)  # without position_ids it is one document
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 

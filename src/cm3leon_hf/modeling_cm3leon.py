@@ -332,13 +332,14 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
                 self._check_input_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)  # (batch, q_len, hidden)
 
-        if use_cache and cache is None and not self.training:
+        # A padding-free packed row (position_ids restarting per example, no cache, no mask; TRL's packing): it gets
+        # no cache (which would hide the packing from the mask below: attention would cross examples), and it may be
+        # longer than the context: its positions are what must fit, and they are checked below.
+        packed = position_ids is not None and cache is None and attention_mask is None
+        if use_cache and cache is None and not self.training and not packed:
             cache = DynamicCache(config=self.config)
         past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         query_length = inputs_embeds.shape[1]
-        # A padding-free packed row (position_ids restarting per example, no cache; TRL's packing) may be longer than
-        # the context: its positions are what must fit, and they are checked below.
-        packed = position_ids is not None and cache is None and attention_mask is None
         if past_seen_tokens + query_length > self.config.max_position_embeddings and not packed:
             raise ValueError(
                 f"The sequence is {past_seen_tokens + query_length} tokens long ({past_seen_tokens} cached + "
