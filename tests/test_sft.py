@@ -20,6 +20,7 @@ from cm3leon_hf.sft_data import (
     balanced_rows,
     check_task_columns,
     format_example,
+    format_messages,
     mixture_weights,
     pretokenize_sft,
 )
@@ -125,6 +126,47 @@ def test_a_row_that_cannot_be_formatted_is_skipped_and_counted(tmp_path, process
     assert documents[1]["input_ids"] == []
     with pytest.raises(ValueError, match="lacks \\['instruction'\\]"):
         pretokenize_sft(rows.remove_columns("instruction"), processor, tmp_path / "other", show_progress_bar=False)
+
+
+def test_trls_vision_language_recipe_trains_the_same_ids_as_pretokenized_sft(sft_data, processor):
+    """A user of TRL's own recipe (`messages` + `images` rows, `SFTTrainer(model, processing_class=processor)`, no
+    pre-tokenization) gets the ids `training/sft.py` trains on, images in the answer included: TRL's collator renders
+    the processor's chat template, which writes every task as `format_example` does."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    examples, _, _ = load_pretokenized(sft_data, processor)
+    rows = build_tasks(num_train=2, num_validation=0, num_test=0, num_heldout=0)["train"]
+    collator = DataCollatorForVisionLanguageModeling(processor=processor)
+    for k in range(len(rows)):
+        task = rows[k]["task"]
+        conversation = format_messages(task, rows[k], index=k)
+        batch = collator([conversation])
+        assert batch["input_ids"][0].tolist() == examples[k]["input_ids"], task
+        assert (batch["labels"] != -100).all()  # the whole sequence, as the paper trains (and training/sft.py)
+    edit = format_messages("edit", rows[rows["task"].index("edit")], index=rows["task"].index("edit"))
+    assert [part["type"] for part in edit["messages"][0]["content"]] == ["text", "image", "text"]
+    assert edit["messages"][1]["content"] == [{"type": "image"}] and len(edit["images"]) == 2
+
+
+def test_trls_sft_trainer_runs_on_conversations_with_images_in_the_answer(tmp_path):
+    """SFTTrainer with the processor and a dataset of conversations whose answers are images (text-to-image, edits):
+    no TRL fine-tuning path existed for a model that writes images."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [format_messages(task, make_row(task, "train", i), index=i) for task in ("text_to_image", "edit", "vqa")
+            for i in range(2)]
+    dataset = datasets.Dataset.from_list(rows)
+    model = Cm3LeonForCausalLM.from_pretrained(TINY_PATH)
+    trainer = SFTTrainer(model=model, processing_class=Cm3LeonProcessor.from_pretrained(TINY_PATH),
+                         train_dataset=dataset,
+                         args=SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                        learning_rate=1e-3, report_to="none", use_cpu=True, disable_tqdm=True,
+                                        activation_checkpointing=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------------ packing

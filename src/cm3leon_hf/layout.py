@@ -71,16 +71,34 @@ INFILL_CHAT_TEMPLATE = (
     "{%- set text = content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
     "{%- set images = content | selectattr('type', 'equalto', 'image') | list | length -%}"
     "{%- if message['role'] == 'user' -%}"
+    "{%- set reply = messages[loop.index0 + 1] if loop.index0 + 1 < messages | length else none -%}"
+    "{%- set reply_images = 0 if reply is none or reply['content'] is string "
+    "else reply['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- if images == 0 or reply_images > 0 -%}"
+    "{%- for part in content -%}"
+    f"{{{{ ' ' if not loop.first }}}}{{{{ part['text'] if part['type'] == 'text' else '{IMAGE_TOKEN}' }}}} {BREAK_TOKEN}"
+    "{%- endfor -%}"
+    "{%- else -%}"
     f"{{{{ text }}}} {MASK_TOKEN} {BREAK_TOKEN}{{% for _ in range(images) %}} {IMAGE_TOKEN}{{% endfor %}} {MASK_TOKEN}"
+    "{%- endif -%}"
     "{%- elif message['role'] == 'assistant' -%}"
-    f"{{{{ ' ' ~ text }}}} {EOSS_TOKEN}"
+    f"{{%- if images > 0 -%}}{{% for _ in range(images) %}} {IMAGE_TOKEN}{{% endfor %}} {EOS_TOKEN}"
+    f"{{%- else -%}}{{{{ ' ' ~ text }}}} {EOSS_TOKEN} {EOS_TOKEN}{{%- endif -%}}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
-"""The CM3 infill form as a chat template (the processor's default): a user turn `"{text} <mask:0> <break> <image>…
-<mask:0>"` asks for the masked span (CL §2.2: "Image of <mask>: [image] <infill>"), an assistant turn is the span,
-`"{text} <eoss>"`: how captioning and VQA run through transformers' `image-text-to-text` pipeline (the paper leaves the
-inference format of these tasks open)."""
+"""The processor's default chat template: the paper's documents as conversations, in the forms multi-task SFT trains
+on (`cm3leon_hf.sft_data`), so that TRL's vision-language recipe (`messages` + `images`, `SFTTrainer` with this
+processor) trains what `training/sft.py` trains, and transformers' pipelines prompt what was trained:
+
+- a user turn with images whose answer is text (or that awaits one): the CM3 infill form, `"{text} <mask:0> <break>
+  <image>… <mask:0>"`, which asks for the masked span (CL §2.2: "Image of <mask>: [image] <infill>"); the assistant
+  turn is the span, `"{text} <eoss> <eos>"`: captioning and VQA (transformers' `image-text-to-text` pipeline; the
+  paper leaves the inference format of these tasks open);
+- a user turn of text only, or one whose answer is an image: its parts in order, each followed by `<break>`
+  (`"a red star <break>"`; `"Edit the image following the text instruction <break> <image> <break> make it blue
+  <break>"`), and the assistant turn is the image, `"<image> <eos>"`: text-to-image, editing, structure-guided
+  generation, infilling."""
 
 
 # -------------------------------------------------------------------------------------------- marker text

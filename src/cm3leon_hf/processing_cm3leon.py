@@ -200,6 +200,8 @@ class Cm3LeonProcessor(ProcessorMixin):
         truncation: bool | str = False,
         prepend_eos: bool | None = None,
         return_tensors: str | None = None,
+        pad_to_multiple_of: int | None = None,
+        add_special_tokens: bool | None = None,
         videos=None,
         audio=None,
         **kwargs,
@@ -223,6 +225,10 @@ class Cm3LeonProcessor(ProcessorMixin):
                 document may end up shorter than `max_length`.
             prepend_eos: start each document with `<eos>`; defaults to the processor's `prepend_eos`.
             return_tensors: `"pt"`, `"np"` or `None` (lists).
+            pad_to_multiple_of: pad to a multiple of this length (with `padding`).
+            add_special_tokens: accepted as tokenizers and TRL pass it; it changes nothing: the only token a document
+                starts with is `<eos>`, which `prepend_eos` controls (a chat template of ours never writes one, so
+                `apply_chat_template` never doubles it).
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask`, each `(batch_size, sequence_length)`.
@@ -243,7 +249,7 @@ class Cm3LeonProcessor(ProcessorMixin):
             if max_length is None:
                 raise ValueError("`truncation` needs `max_length`.")
             ids = [self._truncate(row, max_length, self.tokenizer.truncation_side) for row in ids]
-        return self._pad(ids, padding, padding_side, max_length, return_tensors)
+        return self._pad(ids, padding, padding_side, max_length, return_tensors, pad_to_multiple_of)
 
     def _is_image_id(self, token: int) -> bool:
         return self.image_token_offset <= token < self.image_token_offset + self.image_tokenizer.codebook_size
@@ -388,7 +394,11 @@ class Cm3LeonProcessor(ProcessorMixin):
         return [word for word in WORD_PATTERN.findall(text)
                 if word not in self._learned_tokens and BYTE_LEVEL_SPACE + word not in self._learned_tokens]
 
-    def _pad(self, ids: list[list[int]], padding, padding_side, max_length, return_tensors) -> BatchFeature:
+    def _pad(self, ids: list[list[int]], padding, padding_side, max_length, return_tensors,
+             pad_to_multiple_of: int | None = None) -> BatchFeature:
+        if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or
+                                               not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(f"`pad_to_multiple_of` must be a positive integer, got {pad_to_multiple_of!r}.")
         padding_side = padding_side or self.tokenizer.padding_side
         if padding_side not in ("left", "right"):
             raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
@@ -408,7 +418,8 @@ class Cm3LeonProcessor(ProcessorMixin):
             return BatchFeature({"input_ids": ids, "attention_mask": [[1] * n for n in lengths]},
                                 tensor_type=return_tensors)
         padded = self.tokenizer.pad({"input_ids": ids}, padding="max_length" if padding == "max_length" else "longest",
-                                    max_length=max_length, padding_side=padding_side, return_attention_mask=True)
+                                    max_length=max_length, padding_side=padding_side, return_attention_mask=True,
+                                    pad_to_multiple_of=pad_to_multiple_of)
         return BatchFeature({"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]},
                             tensor_type=return_tensors)
 

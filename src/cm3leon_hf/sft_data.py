@@ -160,8 +160,37 @@ def format_example(task: str, row: Mapping, *, seed: int = 0, index: int = 0) ->
     answer = answer.strip()
     if answer not in text:
         raise ValueError(f"the answer {answer!r} is not in the {task!r} template {text!r}")
-    prompt = text.replace(answer, ANSWER_MASK, 1) + f" {ANSWER_MASK}"
-    return prompt, f"{answer} <eoss> <eos>", images
+    start = text.index(answer)
+    end = start + len(answer)
+    while end < len(text) and text[end] in ".?!":  # "Answer: {a}." — the full stop belongs to the span
+        end += 1
+    prompt = f"{text[:start]}{ANSWER_MASK}{text[end:]} {ANSWER_MASK}"
+    return prompt, f"{text[start:end]} <eoss> <eos>", images
+
+
+def format_messages(task: str, row: Mapping, *, seed: int = 0, index: int = 0) -> dict:
+    """The row as TRL's vision-language SFT recipe takes it, `{"messages": [user, assistant], "images": [...]}`:
+    `format_example`'s document as a conversation, which the processor's chat template
+    (`layout.INFILL_CHAT_TEMPLATE`) renders back into the same ids. So `SFTTrainer(model, processing_class=processor,
+    train_dataset=<rows of this>)` trains what `training/sft.py` trains on pre-tokenized data.
+
+    >>> row = {"caption": "a red star at the top left on a white background", "images": ["IMG"]}
+    >>> format_messages("caption", row)["messages"]  # doctest: +NORMALIZE_WHITESPACE
+    [{'role': 'user', 'content': [{'type': 'text', 'text': 'Describe the given picture.'}, {'type': 'image'}]},
+     {'role': 'assistant', 'content': [{'type': 'text', 'text': 'a red star at the top left on a white background'}]}]
+    """
+    prompt, completion, images = format_example(task, row, seed=seed, index=index)
+    if task in TEXT_OUTPUT_TASKS:
+        before = prompt.split(ANSWER_MASK)[0].strip()
+        user = [{"type": "text", "text": before}] + [{"type": "image"}] * prompt.count("<image>")
+        answer = completion.removesuffix("<eoss> <eos>").strip()
+        assistant = [{"type": "text", "text": answer}]
+    else:
+        parts = [part.strip() for part in prompt.split("<break>") if part.strip()]
+        user = [{"type": "image"} if part == "<image>" else {"type": "text", "text": part} for part in parts]
+        assistant = [{"type": "image"}]
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+            "images": images}
 
 
 def mixture_weights(sizes: Mapping[str, int], thresholds: tuple[float, float] = MIXTURE_THRESHOLDS) -> dict[str, float]:
@@ -317,6 +346,7 @@ def balance(examples: Dataset, thresholds: tuple[float, float] = MIXTURE_THRESHO
 
 
 __all__ = [
-    "TASK_COLUMNS", "balance", "balanced_rows", "check_task_columns", "format_example", "mixture_weights",
+    "TASK_COLUMNS", "balance", "balanced_rows", "check_task_columns", "format_example", "format_messages",
+    "mixture_weights",
     "pretokenize_sft",
 ]
