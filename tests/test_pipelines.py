@@ -271,7 +271,7 @@ def test_captioning_runs_in_transformers_image_text_to_text(model_dir, world):
     expected = " ".join(s for s in processor.decode(new, skip_special_tokens=True) if isinstance(s, str))
     assert out[0]["generated_text"].strip() == expected
     answer = [{"role": "assistant", "content": [{"type": "text", "text": "red."}]}]
-    assert processor.apply_chat_template(messages + answer, tokenize=False).endswith("<mask:0> red. <eoss>")
+    assert processor.apply_chat_template(messages + answer, tokenize=False).endswith("<mask:0> red. <eoss> <eos>")
 
 
 def test_image_to_image_editing_streams(model_dir, world):
