@@ -1,0 +1,150 @@
+"""Reliability, round three (issue 28): nothing deleted that a command did not write, no training that ends
+"successfully" with non-finite weights, every corrupt file named, and the inputs that generation, the collator,
+pre-tokenization and the CLI used to accept or crash on. Each test failed before its fix."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cm3leon_hf import Cm3LeonProcessor, pretokenized
+from cm3leon_hf.pretrained import CLIP_PATH, TINY_PATH
+from cm3leon_hf.synthetic import build_task
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Cm3LeonProcessor.from_pretrained(TINY_PATH)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return build_task("text_to_image", num_train=12, num_validation=0, num_test=0, num_heldout=0)["train"]
+
+
+def pretokenize(pairs, processor, directory, **kwargs):
+    return pretokenized.pretokenize(pairs, processor, directory, text_column="caption", image_column="images",
+                                    show_progress_bar=False, **kwargs)
+
+
+def tree(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------ 1. nothing deleted not ours
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_pretokenize_refuses_a_folder_of_other_files_and_deletes_nothing(tmp_path, pairs, processor, overwrite):
+    """It used to replace `D/data/` (deleting `D/data/precious.csv`), and `overwrite` emptied `D`."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"is not empty and does not hold pre-tokenized data .*"
+                                         r"data, notes.txt.*Nothing was deleted"):
+        pretokenize(pairs, processor, tmp_path, overwrite=overwrite)
+    assert tree(tmp_path) == before
+    assert (tmp_path / "data" / "precious.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_overwrite_removes_only_what_pretokenize_wrote(tmp_path, pairs, processor):
+    pretokenize(pairs, processor, tmp_path / "out")
+    (tmp_path / "out" / "README.md").write_text("my notes about this data")
+    with pytest.raises(ValueError, match="already holds pre-tokenized data; pass overwrite=True"):
+        pretokenize(pairs, processor, tmp_path / "out")
+    data = pretokenize(pairs, processor, tmp_path / "out", overwrite=True)
+    assert len(data) == len(pairs)
+    assert (tmp_path / "out" / "README.md").read_text() == "my notes about this data"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "data", "manifest.json"]
+
+
+def test_pretokenize_script_refuses_an_unrelated_folder(tmp_path):
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        import pretokenize as script
+    finally:
+        sys.path.remove(str(REPO / "training"))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    argv = ["--synthetic_task", "text_to_image", "--synthetic_rows", "4", "--output_dir", str(tmp_path),
+            "--no_progress", "true", "--overwrite", "true"]
+    with pytest.raises(ValueError, match="Nothing was deleted"):
+        script.main(argv)
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"\xff\xd8"
+
+
+def test_sft_pretokenize_refuses_an_unrelated_folder(tmp_path, processor):
+    from cm3leon_hf.sft_data import pretokenize_sft
+
+    rows = build_task("caption", num_train=4, num_validation=0, num_test=0, num_heldout=0)["train"]
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "mine.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="Nothing was deleted"):
+            pretokenize_sft(rows, processor, tmp_path, task="caption", overwrite=overwrite, show_progress_bar=False)
+    assert (tmp_path / "shards" / "mine.txt").read_text() == "keep"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(CLIP_PATH), device="cpu")
+
+
+def test_memory_bank_refuses_a_folder_of_other_files_and_keeps_notes_beside_a_rebuilt_bank(tmp_path, pairs, encoder):
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+
+    def build(directory, **kwargs):
+        return Cm3LeonMemoryBank.build(pairs, encoder, directory, text_column="caption", image_column="images",
+                                       show_progress_bar=False, **kwargs)
+
+    (tmp_path / "other" / "rows").mkdir(parents=True)
+    (tmp_path / "other" / "rows" / "table.parquet").write_bytes(b"PAR1")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="does not hold a memory bank .*Nothing was deleted"):
+            build(tmp_path / "other", overwrite=overwrite)
+    assert tree(tmp_path / "other") == ["rows", "rows/table.parquet"]
+
+    bank = build(tmp_path / "bank")
+    (tmp_path / "bank" / "NOTES.md").write_text("built for the demo")
+    rebuilt = build(tmp_path / "bank", overwrite=True)
+    assert len(rebuilt) == len(bank)
+    assert (tmp_path / "bank" / "NOTES.md").read_text() == "built for the demo"
+
+
+# ------------------------------------------------------------------------------------ 4. damaged files named
+
+
+def arrow_file(directory):
+    return next((directory / "data").glob("*.arrow"))
+
+
+def test_flipped_bytes_in_pretokenized_data_are_found_before_training(tmp_path, pairs, processor):
+    pretokenize(pairs, processor, tmp_path / "out")
+    path = arrow_file(tmp_path / "out")
+    content = bytearray(path.read_bytes())
+    content[-200] ^= 0x01  # a token id, not the schema: the data would load and train on a wrong token
+    path.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match=rf"damaged: data/{path.name} differs .*sha256.*--overwrite"):
+        pretokenized.load_pretokenized(tmp_path / "out", processor)
+
+
+def test_truncated_pretokenized_data_is_named(tmp_path, pairs, processor):
+    pretokenize(pairs, processor, tmp_path / "out")
+    path = arrow_file(tmp_path / "out")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"damaged: data/{path.name} has 100 bytes"):
+        pretokenized.load_pretokenized(tmp_path / "out")
+    # data written before the manifest listed its files: still named, from loading
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del manifest["files"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"pre-tokenized data in .*data/ does not load"):
+        pretokenized.load_pretokenized(tmp_path / "out")
