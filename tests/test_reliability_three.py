@@ -148,3 +148,49 @@ def test_truncated_pretokenized_data_is_named(tmp_path, pairs, processor):
     (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"pre-tokenized data in .*data/ does not load"):
         pretokenized.load_pretokenized(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------ 2. no NaN weights saved
+
+
+def pretraining_args(output_dir, **overrides):
+    from cm3leon_hf.pretraining_config import Cm3LeonPretrainingConfig
+
+    settings = dict(output_dir=str(output_dir), use_cpu=True, seed=0, max_steps=4, per_device_train_batch_size=4,
+                    warmup_steps=0, save_steps=1, logging_steps=1, report_to=[], disable_tqdm=True,
+                    dataloader_num_workers=0)
+    return Cm3LeonPretrainingConfig(**{**settings, **overrides})
+
+
+def test_a_step_that_breaks_the_weights_stops_the_run_and_the_last_checkpoint_stays_finite(tmp_path, pairs,
+                                                                                          processor):
+    """`--learning_rate inf` used to exit 0 with every weight NaN. 1e20 is finite (so the flag's check lets it
+    through): the first step's weights are huge but finite, the next step's loss overflows."""
+    from safetensors.torch import load_file
+
+    from cm3leon_hf.checkpointing import last_complete_checkpoint
+    from cm3leon_hf.pretraining_config import PretrainArguments
+    from cm3leon_hf.trainer import NonFiniteTrainingError, run_pretraining
+
+    pretokenize(pairs, processor, tmp_path / "data")
+    script_args = PretrainArguments(train_data=str(tmp_path / "data"), num_retrieved_docs=0, eval_num_images=0)
+    with pytest.raises(NonFiniteTrainingError, match=r"stopped at step \d+: .*NaN or infinite.*learning rate was "
+                                                     r"[0-9.]+e\+\d+.*last checkpoint, .*checkpoint-\d+.*Lower --learning_rate") as info:
+        run_pretraining(script_args, pretraining_args(tmp_path / "run", learning_rate=1e20))
+    last = last_complete_checkpoint(str(tmp_path / "run"))
+    assert last is not None and not (tmp_path / "run" / "model.safetensors").exists()
+    stopped_at = int(str(info.value).split("stopped at step ")[1].split(":")[0])
+    assert last.endswith(f"checkpoint-{stopped_at - 1}")
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(last, "model.safetensors")).values())
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max_steps", "0", "--max_steps must be a positive number of steps, or -1"),
+    ("--learning_rate", "inf", "--learning_rate must be a finite number >= 0"),
+    ("--learning_rate", "nan", "--learning_rate must be a finite number >= 0"),
+])
+def test_pretrain_refuses_a_run_that_cannot_train(tmp_path, flag, value, message):
+    command = [sys.executable, str(REPO / "training" / "pretrain.py"), "--train_data", str(tmp_path / "nowhere"),
+               "--output_dir", str(tmp_path / "out"), flag, value]
+    result = subprocess.run(command, capture_output=True, text=True)  # PYTHONPATH: the package under test
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
