@@ -194,3 +194,84 @@ def test_pretrain_refuses_a_run_that_cannot_train(tmp_path, flag, value, message
                "--output_dir", str(tmp_path / "out"), flag, value]
     result = subprocess.run(command, capture_output=True, text=True)  # PYTHONPATH: the package under test
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A copy of the bundled tiny model and processor (without its memory bank), to damage."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("saved") / "tiny"
+    shutil.copytree(TINY_PATH, directory, ignore=shutil.ignore_patterns("memory_bank"))
+    return directory
+
+
+@pytest.fixture
+def damaged(saved, tmp_path):
+    import shutil
+
+    shutil.copytree(saved, tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def cut(path, keep=None):
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2 if keep is None else keep])
+
+
+@pytest.mark.parametrize("file, loader, message", [
+    ("model.safetensors", "model", r"model in .* is damaged: model.safetensors has \d+ bytes, its header describes"),
+    ("generation_config.json", "model", r"damaged: generation_config.json is not valid JSON"),
+    ("config.json", "model", r"damaged: config.json is not valid JSON"),
+    ("tokenizer.json", "processor", r"processor in .* is damaged: tokenizer.json is not valid JSON"),
+    ("image_tokenizer/diffusion_pytorch_model.safetensors", "processor",
+     r"image tokenizer in .*image_tokenizer is damaged: diffusion_pytorch_model.safetensors has"),
+])
+def test_a_truncated_file_is_named_with_what_to_do(damaged, file, loader, message):
+    """These were SafetensorError "incomplete metadata", a bare JSONDecodeError, or (generation_config.json) a model
+    that loaded with the saved decoding silently dropped."""
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    cut(damaged / file)
+    load = Cm3LeonForCausalLM.from_pretrained if loader == "model" else Cm3LeonProcessor.from_pretrained
+    with pytest.raises(OSError, match=message + r".*save or download it again"):
+        load(damaged)
+
+
+def test_a_missing_image_tokenizer_or_folder_is_named(damaged, tmp_path):
+    import shutil
+
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    shutil.rmtree(damaged / "image_tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"image_tokenizer holds no image tokenizer.*copy that folder too"):
+        Cm3LeonProcessor.from_pretrained(damaged)
+    for load in (Cm3LeonForCausalLM.from_pretrained, Cm3LeonProcessor.from_pretrained):
+        with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder\. Give a folder saved with save_pretrained"):
+            load(tmp_path / "nowhere")
+        with pytest.raises(FileNotFoundError, match=r"no such folder"):
+            load("./nowhere/tiny")
+
+
+def test_resume_passes_over_a_damaged_checkpoint_for_the_one_before(tmp_path, pairs, processor, capsys):
+    from cm3leon_hf.checkpointing import last_complete_checkpoint
+    from cm3leon_hf.pretraining_config import PretrainArguments
+    from cm3leon_hf.trainer import run_pretraining
+
+    pretokenize(pairs, processor, tmp_path / "data")
+    script_args = PretrainArguments(train_data=str(tmp_path / "data"), num_retrieved_docs=0, eval_num_images=0)
+    run = tmp_path / "run"
+    run_pretraining(script_args, pretraining_args(run, max_steps=3, learning_rate=1e-3))
+    assert last_complete_checkpoint(str(run)) == str(run / "checkpoint-3")
+    cut(run / "checkpoint-3" / "optimizer.pt")
+    cut(run / "checkpoint-2" / "trainer_state.json")
+    (run / "model.safetensors").unlink()  # as if stopped before the final save
+    with pytest.warns(UserWarning) as caught:
+        assert last_complete_checkpoint(str(run)) == str(run / "checkpoint-1")
+    messages = [str(w.message) for w in caught]
+    assert any("checkpoint-3 is damaged (optimizer.pt is not a whole torch file" in m for m in messages)
+    assert any("checkpoint-2 is damaged (trainer_state.json is not valid JSON" in m for m in messages)
+    with pytest.warns(UserWarning, match="resuming from the checkpoint before it"):
+        run_pretraining(script_args, pretraining_args(run, max_steps=3, learning_rate=1e-3))
+    assert f"Resuming from {run / 'checkpoint-1'}" in capsys.readouterr().out
+    assert (run / "model.safetensors").exists() and last_complete_checkpoint(str(run)) == str(run / "checkpoint-3")
