@@ -275,3 +275,60 @@ def test_resume_passes_over_a_damaged_checkpoint_for_the_one_before(tmp_path, pa
         run_pretraining(script_args, pretraining_args(run, max_steps=3, learning_rate=1e-3))
     assert f"Resuming from {run / 'checkpoint-1'}" in capsys.readouterr().out
     assert (run / "model.safetensors").exists() and last_complete_checkpoint(str(run)) == str(run / "checkpoint-3")
+
+
+# ------------------------------------------------------------------------------------ 3. generate's inputs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    return Cm3LeonForCausalLM.from_pretrained(TINY_PATH).eval()
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 9), (1, 2), (3, 4)])
+def test_unguided_generate_refuses_a_mask_of_another_shape(tiny, mask_shape):
+    """(1, 9) on 4 ids used to run and return other tokens than no mask; (1, 2) and (3, 4) crashed in torch."""
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with pytest.raises(ValueError, match=rf"attention mask of `input_ids` has shape {re_tuple(mask_shape)}, its ids \(1, 4\)"):
+        tiny.generate(ids, attention_mask=torch.ones(mask_shape, dtype=torch.long), max_new_tokens=2,
+                      do_sample=False, image_token_constraint=False)
+
+
+def re_tuple(shape):
+    return r"\(" + ", ".join(map(str, shape)) + r"\)"
+
+
+def test_generate_names_a_1d_or_empty_prompt(tiny):
+    with pytest.raises(ValueError, match=r"shape \(3,\); it needs \(batch_size, length\) \(one prompt: `input_ids\[None\]`\)"):
+        tiny.generate(torch.tensor([1, 5, 6]), max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="The prompt is empty"):
+        tiny.generate(torch.zeros((1, 0), dtype=torch.long), max_new_tokens=2, do_sample=False)
+
+
+def test_logits_vocab_range_must_be_a_range_of_the_vocabulary(tiny):
+    """(5, 2) returned logits of width 0."""
+    for bad in [(5, 2), (-1, 4), (0, tiny.config.vocab_size + 1)]:
+        with pytest.raises(ValueError, match=r"`logits_vocab_range` must be \(start, end\) ids with 0 <= start < end"):
+            tiny(torch.tensor([[1, 5]]), logits_vocab_range=bad)
+    assert tiny(torch.tensor([[1, 5]]), logits_vocab_range=(2, 5)).logits.shape == (1, 2, 3)
+
+
+@pytest.mark.parametrize("top_p", [1.5, 0, -0.1, 7])
+def test_top_p_outside_0_1_is_refused_by_generate_the_pipeline_and_a_saved_config(tiny, top_p, tmp_path):
+    from transformers import pipeline
+
+    ids = torch.tensor([[1, 5, 6]])
+    with pytest.raises(ValueError, match=r"`top_p` must be a number in \(0, 1\]"):
+        tiny.generate(ids, max_new_tokens=2, do_sample=True, top_p=top_p)
+    pipe = pipeline("text-to-image", model=str(TINY_PATH))
+    with pytest.raises(ValueError, match=r"`top_p` must be a number in \(0, 1\]"):
+        pipe("a red square", top_p=top_p)
+    saved = tiny.generation_config.top_p
+    try:
+        tiny.generation_config.top_p = top_p  # as a generation_config.json with "top_p": 7 loads
+        with pytest.raises(ValueError, match=r"`top_p of the generation config \(generation_config.json\)` must be"):
+            tiny.generate(ids, max_new_tokens=2, do_sample=True)
+    finally:
+        tiny.generation_config.top_p = saved
