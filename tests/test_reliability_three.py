@@ -332,3 +332,44 @@ def test_top_p_outside_0_1_is_refused_by_generate_the_pipeline_and_a_saved_confi
             tiny.generate(ids, max_new_tokens=2, do_sample=True)
     finally:
         tiny.generation_config.top_p = saved
+
+
+# ------------------------------------------------------------------------------------ 5. the collator
+
+
+@pytest.fixture(scope="module")
+def collator_setup(tiny, processor):
+    layout = processor.layout
+    image = [layout.image_token_offset + i for i in range(layout.image_seq_length)]
+    documents = [{"input_ids": layout.document([100 + i, 200], image)} for i in range(3)]
+    return tiny.config, documents
+
+
+@pytest.mark.parametrize("feature, message", [
+    ({"input_ids": [1, 99999]}, r"Example 0 of the batch's input_ids holds the id 99999, outside the vocabulary"),
+    ({"input_ids": [-5, 300]}, r"holds the id -5, outside the vocabulary"),
+    ({"input_ids": []}, r"input_ids is empty"),
+    ({"input_ids": [300, 301], "retrieved_indices": [-1]}, r"`retrieved_indices` holds -1, not a row of the 3 documents"),
+    ({"input_ids": [300, 301], "retrieved_indices": [3]}, r"`retrieved_indices` holds 3, not a row of the 3 documents"),
+])
+def test_the_collator_refuses_what_the_model_cannot_use(collator_setup, feature, message):
+    """Each used to collate (an empty example to [[1, 1]], -1 to the last document) or crash with an IndexError."""
+    from cm3leon_hf.data_collator import Cm3LeonDataCollator
+
+    config, documents = collator_setup
+    with pytest.raises(ValueError, match=message):
+        Cm3LeonDataCollator(config, documents=documents, seed=0)([feature])
+
+
+def test_the_collator_refuses_settings_and_batches_it_cannot_use(collator_setup):
+    from cm3leon_hf.data_collator import Cm3LeonDataCollator
+
+    config, documents = collator_setup
+    with pytest.raises(ValueError, match=r"`max_length` \(5000\) is more than the model's 1024 positions"):
+        Cm3LeonDataCollator(config, documents=documents, max_length=5000)
+    with pytest.raises(ValueError, match=r"`pad_to_multiple_of` must be a positive integer or None, got -8"):
+        Cm3LeonDataCollator(config, documents=documents, pad_to_multiple_of=-8)
+    with pytest.raises(ValueError, match="The batch is empty"):
+        Cm3LeonDataCollator(config, documents=documents)([])
+    batch = Cm3LeonDataCollator(config, documents=documents, pad_to_multiple_of=8)([{"input_ids": [300, 301]}])
+    assert batch["input_ids"].shape[1] % 8 == 0
