@@ -373,3 +373,19 @@ def test_the_collator_refuses_settings_and_batches_it_cannot_use(collator_setup)
         Cm3LeonDataCollator(config, documents=documents)([])
     batch = Cm3LeonDataCollator(config, documents=documents, pad_to_multiple_of=8)([{"input_ids": [300, 301]}])
     assert batch["input_ids"].shape[1] % 8 == 0
+
+
+# ------------------------------------------------------------------------------------ 6. pre-tokenization that keeps nothing
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_length": 0}, r"max_length \(0\) leaves no room for a document"),
+    ({"max_length": 10}, r"kept no example: all 12 rows were skipped .*longer than max_length=10: 12"),
+    ({"text_column": "images"}, r"kept no example: all 12 rows were skipped \(no text in 'images': 12"),
+])
+def test_pretokenization_that_keeps_nothing_is_an_error(tmp_path, pairs, processor, kwargs, message):
+    """Each used to finish with 0 examples and exit 0."""
+    settings = {"text_column": "caption", "image_column": "images", "show_progress_bar": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        pretokenized.pretokenize(pairs, processor, tmp_path / "out", **settings)
+    assert not (tmp_path / "out" / "manifest.json").exists()

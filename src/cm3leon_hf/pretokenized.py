@@ -217,9 +217,12 @@ def data_files(output_dir: Path) -> dict:
 
 
 def _check_pretokenize_inputs(dataset: Dataset, output_dir: Path, text_column: str, image_column: str,
-                              batch_size: int, shard_size: int, overwrite: bool) -> None:
+                              batch_size: int, shard_size: int, overwrite: bool, max_length: int | None = None) -> None:
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be positive.")
+    if max_length is not None and max_length < 3:
+        raise ValueError(f"max_length ({max_length}) leaves no room for a document: a sample is at least its 2 <eos> "
+                         f"tokens and one more.")
     if len(dataset) == 0:
         raise ValueError("Cannot pre-tokenize an empty dataset.")
     for role, column in (("text_column", text_column), ("image_column", image_column)):
@@ -249,7 +252,8 @@ def pretokenize(dataset: Dataset, processor, output_dir: str | os.PathLike, *, t
             `manifest.json`), nothing else. A non-empty folder that holds no pre-tokenized data is refused.
     """
     output_dir = Path(output_dir)
-    _check_pretokenize_inputs(dataset, output_dir, text_column, image_column, batch_size, shard_size, overwrite)
+    _check_pretokenize_inputs(dataset, output_dir, text_column, image_column, batch_size, shard_size, overwrite,
+                              max_length)
     if retriever is not None:
         _check_bank(retriever.bank, dataset, text_column, image_column)
 
@@ -276,6 +280,13 @@ def pretokenize(dataset: Dataset, processor, output_dir: str | os.PathLike, *, t
                                   what="pre-tokenization", desc="pre-tokenizing", unit="pair",
                                   show_progress_bar=show_progress_bar)
     skipped = {reason: sum(info[reason] for info in infos) for reason in SKIP_REASONS}
+    if sum(skipped.values()) == len(dataset):
+        raise ValueError(
+            f"Pre-tokenization kept no example: all {len(dataset)} rows were skipped (no text in {text_column!r}: "
+            f"{skipped['no_text']}, no image in {image_column!r}: {skipped['no_image']}, longer than max_length="
+            f"{max_length}: {skipped['too_long']}). Check --text_column and --image_column, or raise --max_length "
+            f"(a caption-image document is its text, <break> and the image's codes, plus 2 <eos>)."
+        )
     data = save_dataset_atomically(data, output_dir / DATA_DIR)
     lengths = pc.list_value_length(data.data.column("input_ids"))  # from the offsets, chunk by chunk
     manifest = {
