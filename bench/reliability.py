@@ -526,6 +526,263 @@ def bundle_a_checkpoint_that_is_not_one():
             "--bundle-checkpoint", str(workdir() / "nowhere"))
 
 
+# ------------------------------------------------------------------------------------------------ issue 28
+
+def small_pairs():
+    if "pairs" not in _cache:
+        from cm3leon_hf.synthetic import build_task
+
+        _cache["pairs"] = build_task("text_to_image", num_train=8, num_validation=0, num_test=0, num_heldout=0)["train"]
+    return _cache["pairs"]
+
+
+def pretokenize_into(directory: Path, **kwargs):
+    from cm3leon_hf.pretokenized import pretokenize
+
+    settings = {"text_column": "caption", "image_column": "images", "show_progress_bar": False, **kwargs}
+    return pretokenize(small_pairs(), processor(), directory, **settings)
+
+
+def folder_of_other_files(name: str) -> Path:
+    folder = workdir() / name
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "precious.csv").write_text("a,b\n")
+    return folder
+
+
+def _kept(folder: Path) -> None:
+    if not (folder / "data" / "precious.csv").exists():
+        raise Silent("a file the command did not write was deleted")
+
+
+@probe("data loss", r"does not hold pre-tokenized data.*Nothing was deleted")
+def pretokenize_into_a_folder_of_other_files():
+    folder = folder_of_other_files("other-1")
+    try:
+        pretokenize_into(folder)
+    finally:
+        _kept(folder)
+
+
+@probe("data loss", r"does not hold pre-tokenized data.*Nothing was deleted")
+def pretokenize_overwrite_of_a_folder_of_other_files():
+    folder = folder_of_other_files("other-2")
+    try:
+        pretokenize_into(folder, overwrite=True)
+    finally:
+        _kept(folder)
+
+
+@probe("data loss", r"does not hold a memory bank.*Nothing was deleted")
+def memory_bank_overwrite_of_a_folder_of_other_files():
+    from sentence_transformers import SentenceTransformer
+
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+    from cm3leon_hf.pretrained import CLIP_PATH
+
+    folder = folder_of_other_files("other-3")
+    try:
+        Cm3LeonMemoryBank.build(small_pairs(), SentenceTransformer(str(CLIP_PATH)), folder, text_column="caption",
+                                image_column="images", overwrite=True, show_progress_bar=False)
+    finally:
+        _kept(folder)
+
+
+def pretokenized_copy(name: str) -> Path:
+    source = workdir() / "pretokenized"
+    if not source.exists():
+        pretokenize_into(source)
+    target = workdir() / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    return target
+
+
+@probe("corrupt files", r"damaged: data/.* differs")
+def pretokenized_data_with_a_flipped_byte():
+    from cm3leon_hf.pretokenized import load_pretokenized
+
+    folder = pretokenized_copy("pretok-flip")
+    path = next((folder / "data").glob("*.arrow"))
+    content = bytearray(path.read_bytes())
+    content[-200] ^= 1
+    path.write_bytes(bytes(content))
+    load_pretokenized(folder)
+
+
+@probe("corrupt files", r"damaged: data/.* has \d+ bytes")
+def pretokenized_data_truncated():
+    from cm3leon_hf.pretokenized import load_pretokenized
+
+    folder = pretokenized_copy("pretok-cut")
+    path = next((folder / "data").glob("*.arrow"))
+    path.write_bytes(path.read_bytes()[:100])
+    load_pretokenized(folder)
+
+
+def tiny_copy(name: str) -> Path:
+    from cm3leon_hf.pretrained import TINY_PATH
+
+    target = workdir() / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(TINY_PATH, target, ignore=shutil.ignore_patterns("memory_bank"))
+    return target
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@probe("corrupt files", r"model\.safetensors has \d+ bytes.*save or download it again")
+def truncated_model_weights():
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    folder = tiny_copy("cut-weights")
+    _cut(folder / "model.safetensors")
+    Cm3LeonForCausalLM.from_pretrained(folder)
+
+
+@probe("corrupt files", r"tokenizer\.json is not valid JSON")
+def truncated_tokenizer_json():
+    from cm3leon_hf import Cm3LeonProcessor
+
+    folder = tiny_copy("cut-tokenizer")
+    _cut(folder / "tokenizer.json")
+    Cm3LeonProcessor.from_pretrained(folder)
+
+
+@probe("corrupt files", r"generation_config\.json is not valid JSON")
+def truncated_generation_config():
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    folder = tiny_copy("cut-generation")
+    _cut(folder / "generation_config.json")
+    Cm3LeonForCausalLM.from_pretrained(folder)
+
+
+@probe("corrupt files", r"holds no image tokenizer")
+def missing_image_tokenizer_folder():
+    from cm3leon_hf import Cm3LeonProcessor
+
+    folder = tiny_copy("no-vq")
+    shutil.rmtree(folder / "image_tokenizer")
+    Cm3LeonProcessor.from_pretrained(folder)
+
+
+@probe("corrupt files", r"no such folder")
+def from_pretrained_of_a_missing_local_folder():
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    Cm3LeonForCausalLM.from_pretrained(workdir() / "no-such-model")
+
+
+@probe("model", r"attention mask of `input_ids` has shape \(1, 9\)")
+def unguided_mask_longer_than_ids():
+    model().generate(torch.tensor([[1, 5, 6, 7]]), attention_mask=torch.ones(1, 9, dtype=torch.long),
+                     do_sample=False, max_new_tokens=2, image_token_constraint=False)
+
+
+@probe("model", r"it needs \(batch_size, length\)")
+def unguided_one_dimensional_ids():
+    model().generate(torch.tensor([1, 5, 6]), do_sample=False, max_new_tokens=2)
+
+
+@probe("model", r"prompt is empty")
+def unguided_empty_prompt():
+    model().generate(torch.zeros(1, 0, dtype=torch.long), do_sample=False, max_new_tokens=2)
+
+
+@probe("model", r"logits_vocab_range")
+def logits_vocab_range_reversed():
+    model()(torch.tensor([[1, 5]]), logits_vocab_range=(5, 2))
+
+
+@probe("model", r"top_p.*\(0, 1\]")
+def top_p_above_one():
+    model().generate(prompt_ids(), do_sample=True, top_p=1.5, max_new_tokens=2)
+
+
+@probe("model", r"top_p of the generation config.*\(0, 1\]")
+def saved_top_p_of_seven():
+    config = model().generation_config
+    saved, config.top_p = config.top_p, 7
+    try:
+        model().generate(prompt_ids(), do_sample=True, max_new_tokens=2)
+    finally:
+        config.top_p = saved
+
+
+def collate(feature, **kwargs):
+    from cm3leon_hf.data_collator import Cm3LeonDataCollator
+
+    layout = processor().layout
+    documents = [{"input_ids": layout.document([100], list(range(layout.image_token_offset,
+                                                                layout.image_token_offset + layout.image_seq_length)))}]
+    collator = Cm3LeonDataCollator(model().config, documents=documents, **kwargs)
+    return collator([feature] if feature is not None else [])
+
+
+@probe("collator", r"outside the vocabulary")
+def collator_id_outside_the_vocabulary():
+    collate({"input_ids": [1, 99999]})
+
+
+@probe("collator", r"is empty")
+def collator_empty_input_ids():
+    collate({"input_ids": []})
+
+
+@probe("collator", r"retrieved_indices.*not a row")
+def collator_retrieved_index_minus_one():
+    collate({"input_ids": [300], "retrieved_indices": [-1]})
+
+
+@probe("collator", r"retrieved_indices.*not a row")
+def collator_retrieved_index_past_the_documents():
+    collate({"input_ids": [300], "retrieved_indices": [5]})
+
+
+@probe("collator", r"max_length.*positions")
+def collator_max_length_past_the_positions():
+    collate({"input_ids": [300]}, max_length=5000)
+
+
+@probe("collator", r"pad_to_multiple_of")
+def collator_negative_pad_multiple():
+    collate({"input_ids": [300]}, pad_to_multiple_of=-8)
+
+
+@probe("collator", r"batch is empty")
+def collator_empty_batch():
+    collate(None)
+
+
+@probe("pre-tokenization", r"max_length \(0\) leaves no room")
+def pretokenize_max_length_zero():
+    pretokenize_into(workdir() / "pt-0", max_length=0)
+
+
+@probe("pre-tokenization", r"kept no example.*max_length=10")
+def pretokenize_max_length_ten():
+    pretokenize_into(workdir() / "pt-10", max_length=10)
+
+
+@probe("pre-tokenization", r"kept no example.*no text in 'images'")
+def pretokenize_text_column_of_images():
+    pretokenize_into(workdir() / "pt-img", text_column="images")
+
+
+@probe("commands", r"max_steps must be a positive")
+def pretrain_max_steps_zero():
+    pretrain("--max_steps", "0")
+
+
+@probe("commands", r"learning_rate must be a finite")
+def pretrain_learning_rate_inf():
+    pretrain("--learning_rate", "inf")
+
+
 # ------------------------------------------------------------------------------------------------ runner
 
 def classify(expect: str | None, fn, seconds: int) -> tuple[str, str]:

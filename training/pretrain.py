@@ -48,4 +48,9 @@ if __name__ == "__main__":
         arguments = parser.parse_args_and_config()
     except ValueError as error:  # a flag's check (__post_init__), or a recipe key that is no flag
         parser.error(str(error))
-    main(*arguments)
+    from cm3leon_hf.trainer import NonFiniteTrainingError
+
+    try:
+        main(*arguments)
+    except NonFiniteTrainingError as error:  # a clear message and exit code 1, not a traceback through Trainer
+        raise SystemExit(f"error: {error}") from None

@@ -195,5 +195,81 @@ def read_manifest(directory, what: str, resume_hint: str, *, format_version: int
     return manifest
 
 
-__all__ = ["atomic_directory", "atomic_file", "atomic_write_json", "exchange_paths", "read_manifest",
-           "replace_directory"]
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def claim_output_directory(directory, *, outputs: Callable[[str], bool], signature: tuple, overwrite: bool,
+                           what: str, command: str, manifest_file: str = "manifest.json",
+                           partial: str = "shards") -> str:
+    """Make `directory` ready for a resumable build, deleting nothing that the build did not write.
+
+    The build writes only top-level entries that `outputs` accepts (its data, `partial/` while unfinished, and
+    `manifest_file` last, as its commit point); a directory is its own when its manifest is a JSON object holding
+    every key of `signature`, or when it holds an unfinished build's `partial/build.json` (a JSON object with a
+    `format_version`: `sharded.build_in_shards` writes it first). Returns `"new"` (missing or empty),
+    `"unfinished"` (its own unfinished build: resume it) or `"cleared"` (with `overwrite`, its own entries were
+    removed, other files left in place). Raises `ValueError`, deleting nothing, for a finished build without
+    `overwrite`, and for a non-empty directory that is not its own, with or without `overwrite`.
+
+    Args:
+        what: what the build writes, with its article ("pre-tokenized data", "a memory bank").
+        command: how to redo it, for the messages ("pass overwrite=True (the `--overwrite` flag of ...)").
+
+    Example:
+
+    >>> import tempfile
+    >>> directory = Path(tempfile.mkdtemp())
+    >>> _ = (directory / "precious.csv").write_text("a,b")
+    >>> claim_output_directory(directory, outputs=lambda name: name == "data", signature=("format_version",),
+    ...                        overwrite=True, what="pre-tokenized data", command="")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ... is not empty and does not hold pre-tokenized data ... precious.csv)... Nothing was deleted...
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return "new"
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a folder: choose a folder for {what}.")
+    entries = sorted(p.name for p in directory.iterdir())
+    if not entries:
+        return "new"
+
+    def ours(record: dict | None) -> bool:
+        return record is not None and all(key in record for key in signature)
+
+    finished = ours(read_json_object(directory / manifest_file))
+    partial_dir = directory / partial
+    started = partial_dir.is_dir() and (
+        "format_version" in (read_json_object(partial_dir / "build.json") or {})  # `sharded.build_in_shards`'s
+        or all(p.name.startswith(".build.json.tmp-") for p in partial_dir.iterdir())  # killed before build.json
+    )
+    if not finished and not started:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(
+            f"{directory} is not empty and does not hold {what} written by this command (it holds: {shown}). Nothing was "
+            f"deleted: choose a new or empty folder, or move those files away first."
+        )
+    if finished and not overwrite:
+        raise ValueError(f"{directory} already holds {what}; {command} to redo it, or choose another folder.")
+    if not overwrite:
+        return "unfinished"
+    for name in entries:
+        leftover = name.startswith(".") and ".tmp-" in name and outputs(name[1:].split(".tmp-")[0])
+        if outputs(name) or leftover:
+            path = directory / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return "cleared"
+
+
+__all__ = ["atomic_directory", "atomic_file", "atomic_write_json", "claim_output_directory", "exchange_paths",
+           "read_json_object", "read_manifest", "replace_directory"]

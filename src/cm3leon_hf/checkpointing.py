@@ -15,10 +15,19 @@ Example:
 True
 """
 
+import logging
 import os
+import re
 import shutil
+import warnings
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .file_checks import file_problems
+
+logger = logging.getLogger(__name__)
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 STAGING_DIR = ".staging"
 
@@ -56,10 +65,35 @@ class AtomicCheckpointsMixin:
         self.accelerator.wait_for_everyone()
 
 
+def checkpoint_problems(checkpoint: str) -> list[str]:
+    """What is damaged in a Trainer checkpoint (empty when whole): `trainer_state.json` missing or not JSON, a
+    safetensors file whose size is not the one its header describes, a torch file (optimizer, scheduler, RNG states)
+    that fails its zip CRCs (`file_checks.file_problems`: this reads those files once)."""
+    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+        return [f"{TRAINER_STATE_NAME} is missing"]
+    return file_problems(checkpoint, torch_files=True)
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """`output_dir`'s `checkpoint-N` folders, last step first."""
+    steps = [(int(match.group(1)), name) for name in os.listdir(output_dir)
+             if (match := _CHECKPOINT_RE.fullmatch(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(steps, reverse=True)]
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The last complete checkpoint of `output_dir`, or None; a partial one (left in `.staging/` by a kill) is
-    deleted."""
+    deleted. A checkpoint whose files are damaged (`checkpoint_problems`: a file truncated or changed after it was
+    saved) is passed over, with a warning that names it and its files, for the one before it; it is not deleted."""
     if not os.path.isdir(output_dir):
         return None
     shutil.rmtree(os.path.join(output_dir, STAGING_DIR), ignore_errors=True)
-    return get_last_checkpoint(output_dir)
+    for checkpoint in _checkpoints(output_dir):
+        problems = checkpoint_problems(checkpoint)
+        if not problems:
+            return checkpoint
+        message = (f"Checkpoint {checkpoint} is damaged ({'; '.join(problems)}): resuming from the checkpoint before "
+                   f"it instead. Delete or move it once you have looked at it.")
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+    return None

@@ -20,14 +20,23 @@ from .layout import Cm3LeonLayout
 IGNORE_INDEX = -100
 
 
-def _flat_ids(ids, what: str) -> list[int]:
-    """`ids` as a list of ints, or a clear error: a nested list is usually a processor's batched output."""
+def _flat_ids(ids, what: str, vocab_size: int | None = None) -> list[int]:
+    """`ids` as a list of ints, or a clear error: a nested list is usually a processor's batched output; an empty
+    one, or an id outside `[0, vocab_size)`, is nothing the model can train on."""
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     for token in ids:
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
             hint = " (a batch of one? take [0] of a processor's input_ids)" if isinstance(token, (list, tuple)) else ""
             raise ValueError(f"{what} must be a flat sequence of token ids, found {type(token).__name__} {token!r:.40}{hint}")
-    return [int(token) for token in ids]
+    ids = [int(token) for token in ids]
+    if not ids:
+        raise ValueError(f"{what} is empty: a row that pre-tokenization skipped? Train on the examples "
+                         f"`load_pretokenized` returns, which leave those out.")
+    if vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(t for t in ids if t < 0 or t >= vocab_size)
+        raise ValueError(f"{what} holds the id {bad}, outside the vocabulary [0, {vocab_size}): data tokenized for "
+                         f"another model? Pre-tokenize it with this model's processor.")
+    return ids
 
 
 @dataclass
@@ -114,15 +123,26 @@ class Cm3LeonDataCollator:
     epoch: int = 0
     return_tensors: str = "pt"
     _generator: np.random.Generator = field(default=None, init=False, repr=False)
+    _vocab_size: int = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         source = self.layout
         if not isinstance(source, Cm3LeonLayout):
             self.layout = Cm3LeonLayout.of(source)
+        # ids at or past it are not the model's (the config's vocab_size; a bare layout's ends with the image codes)
+        self._vocab_size = getattr(source, "vocab_size", None) or (
+            self.layout.image_token_offset + self.layout.image_vocab_size)
+        positions = getattr(source, "max_position_embeddings", None)
         if self.max_length is None:
-            self.max_length = getattr(source, "max_position_embeddings", None)
+            self.max_length = positions
             if self.max_length is None:
                 raise ValueError("`max_length` is needed when the collator is not built from a Cm3LeonConfig.")
+        if positions is not None and self.max_length > positions:
+            raise ValueError(f"`max_length` ({self.max_length}) is more than the model's {positions} positions: its "
+                             f"samples could not be trained on. Use at most {positions}.")
+        if self.pad_to_multiple_of is not None and (isinstance(self.pad_to_multiple_of, bool) or not isinstance(
+                self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1):
+            raise ValueError(f"`pad_to_multiple_of` must be a positive integer or None, got {self.pad_to_multiple_of!r}.")
         if self.max_spans is None:
             self.max_spans = len(self.layout.sentinel_token_ids)
         if not 0 <= self.max_spans <= len(self.layout.sentinel_token_ids):
@@ -191,6 +211,10 @@ class Cm3LeonDataCollator:
             return [[] for _ in features]
         if self.documents is None:
             raise ValueError("Examples carry `retrieved_indices` but the collator has no `documents` to read them from.")
+        if flat[0] < 0 or flat[-1] >= len(self.documents):
+            bad = flat[0] if flat[0] < 0 else flat[-1]
+            raise ValueError(f"`retrieved_indices` holds {bad}, not a row of the {len(self.documents)} documents: the "
+                             f"indices must come from the pre-tokenization of these documents.")
         if isinstance(self.documents, Sequence) and not hasattr(self.documents, "column_names"):
             found = [self.documents[i]["input_ids"] for i in flat]
         else:  # one batched Arrow read for the whole batch
@@ -202,7 +226,7 @@ class Cm3LeonDataCollator:
                 name: str = "") -> list[int]:
         """One sample's ids (laid out, masked, truncated; not padded)."""
         layout = self.layout
-        query = _flat_ids(query, f"Example{name}'s input_ids")
+        query = _flat_ids(query, f"Example{name}'s input_ids", self._vocab_size)
         if len(query) + 2 > self.max_length:
             raise ValueError(
                 f"Example{name} is {len(query) + 2} tokens long with its <eos> tokens, more than max_length="
@@ -210,7 +234,7 @@ class Cm3LeonDataCollator:
                 f"to skip such examples)."
             )
         num_spans = self.num_spans(rng)
-        retrieved = [_flat_ids(d, f"A document retrieved for example{name}") for d in retrieved]
+        retrieved = [_flat_ids(d, f"A document retrieved for example{name}", self._vocab_size) for d in retrieved]
         length = len(query) + 2 + sum(len(d) + 1 for d in retrieved)
         while retrieved and length + 3 * num_spans > self.max_length:
             length -= len(retrieved.pop(0)) + 1
@@ -219,6 +243,8 @@ class Cm3LeonDataCollator:
         return layout.infill(ids, self.sample_spans(ids, num_spans, rng))
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("The batch is empty: the collator needs at least one example.")
         retrieved = self._retrieved(features)
         samples = []
         for i, (feature, docs) in enumerate(zip(features, retrieved)):

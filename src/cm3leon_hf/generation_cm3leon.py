@@ -59,6 +59,7 @@ from .logits_process import (
     GeneratorSamplingLogitsProcessor,
     ImageTokenConstraintLogitsProcessor,
     check_guidance_scale,
+    check_top_p,
     InstructClassifierFreeGuidanceLogitsProcessor,
     next_token_modality,
     trailing_image_run,
@@ -241,6 +242,7 @@ class Cm3LeonGenerationMixin(GenerationMixin):
             if old in kwargs:
                 raise ValueError(f"`{old}` is now `{new}` (one name from the command line to the logits processor).")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        self._check_call(input_ids, kwargs, generation_config)
         generation_mode = kwargs.pop("generation_mode", None)
         if generation_mode is not None:
             input_ids, generate_image = self._apply_generation_mode(generation_mode, input_ids, generate_image, kwargs)
@@ -272,6 +274,33 @@ class Cm3LeonGenerationMixin(GenerationMixin):
             )
             input_ids = kwargs.pop("input_ids")
         return self._sample_from(generator, input_ids, generation_config, logits_processor, kwargs)
+
+    def _check_call(self, input_ids, kwargs, generation_config) -> None:
+        """What transformers' `generate` would run with anyway, or fail on deep inside: prompt ids that are not one
+        row per prompt (1-D, or empty), an attention mask of another shape than the ids (or the embeddings), a
+        `top_p` outside (0, 1] passed or saved in the generation config."""
+        embeds = kwargs.get("inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor):
+                raise ValueError(f"`input_ids` must be a tensor of token ids, got {type(input_ids).__name__}.")
+            if input_ids.ndim != 2:
+                hint = " (one prompt: `input_ids[None]`)" if input_ids.ndim == 1 else ""
+                raise ValueError(f"`input_ids` has shape {tuple(input_ids.shape)}; it needs (batch_size, length){hint}.")
+            if input_ids.shape[1] == 0 and embeds is None:
+                raise ValueError("The prompt is empty (`input_ids` of length 0): give at least one token; a CM3Leon "
+                                 "document starts with <eos> (the processor writes it).")
+        mask = kwargs.get("attention_mask")
+        reference = embeds.shape[:2] if embeds is not None else (input_ids.shape if input_ids is not None else None)
+        if mask is not None and reference is not None and tuple(mask.shape) != tuple(reference):
+            what = "inputs_embeds" if embeds is not None else "input_ids"  # the words of the guided check
+            raise ValueError(f"The attention mask of `{what}` has shape {tuple(mask.shape)}, its ids "
+                             f"{tuple(reference)}: a mask of another length would drop or invent tokens.")
+        if kwargs.get("top_p") is not None:
+            check_top_p(kwargs["top_p"])
+        else:
+            saved = getattr(generation_config if generation_config is not None else self.generation_config, "top_p", None)
+            if saved is not None:
+                check_top_p(saved, "top_p of the generation config (generation_config.json)")
 
     def _sample_from(self, generator, input_ids, generation_config, logits_processor, kwargs):
         """`GenerationMixin.generate`, every sampled token drawn from `generator` when one is given."""

@@ -13,6 +13,7 @@ import os
 import tempfile
 
 from .atomic import atomic_directory
+from .file_checks import check_pretrained_folder
 
 
 def _is_weights_file(name: str) -> bool:
@@ -22,7 +23,14 @@ def _is_weights_file(name: str) -> bool:
 
 
 class Cm3LeonHubMixin:
-    """`save_pretrained` and `push_to_hub` for a `PreTrainedModel` subclass that lists this mixin before it."""
+    """`save_pretrained` and `push_to_hub` for a `PreTrainedModel` subclass that lists this mixin before it, and a
+    `from_pretrained` that names a missing local folder or a damaged file (`file_checks.check_pretrained_folder`)
+    before transformers reads it."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        check_pretrained_folder(pretrained_model_name_or_path, kwargs.get("subfolder"), what="model")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(
         self,

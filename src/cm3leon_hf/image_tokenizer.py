@@ -55,6 +55,8 @@ from diffusers.utils.pil_utils import PIL_INTERPOLATION
 from huggingface_hub import hf_hub_download
 from PIL import Image, UnidentifiedImageError
 
+from .file_checks import check_pretrained_folder, looks_local
+
 IMAGE_TOKENIZER_CONFIG_NAME = "image_tokenizer_config.json"
 RESAMPLE_FILTERS = tuple(PIL_INTERPOLATION)  # what diffusers' VaeImageProcessor resizes with
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -270,6 +272,15 @@ class Cm3LeonImageTokenizer:
         `VQModel.from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`, `torch_dtype`…), except
         `background_color` and `resample`, which override the saved settings."""
         overrides = {key: kwargs.pop(key) for key in ("background_color", "resample") if key in kwargs}
+        check_pretrained_folder(pretrained_model_name_or_path, subfolder, what="image tokenizer")
+        if looks_local(pretrained_model_name_or_path):
+            folder = os.path.join(os.path.expanduser(os.fspath(pretrained_model_name_or_path)), subfolder or "")
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise FileNotFoundError(
+                    f"{folder} holds no image tokenizer (no config.json of a VQ model). A processor saved with "
+                    f"Cm3LeonProcessor.save_pretrained keeps its image tokenizer in image_tokenizer/: copy that folder "
+                    f"too, or save the processor again."
+                )
         vq_model = VQModel.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isdir(path):

@@ -25,6 +25,15 @@ def check_guidance_scale(value: float, name: str = "guidance_scale") -> float:
     return float(value)
 
 
+def check_top_p(value, name: str = "top_p") -> float:
+    """A nucleus-sampling `top_p` as a float in (0, 1], or a `ValueError` naming where it came from (`name`): 0 keeps
+    no token and a value above 1 means nothing, yet transformers samples with either without a word."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"`{name}` must be a number in (0, 1] (the share of probability mass sampled from; 1 keeps "
+                         f"every token), got {value!r}.")
+    return float(value)
+
+
 def _split_streams(input_ids: torch.LongTensor, scores: torch.FloatTensor, num_streams: int) -> tuple:
     batch_size = input_ids.shape[0]
     if scores.shape[0] != num_streams * batch_size:

@@ -63,7 +63,7 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 from PIL import Image
 
-from .atomic import atomic_write_json, read_manifest, replace_directory
+from .atomic import atomic_write_json, claim_output_directory, read_json_object, read_manifest, replace_directory
 from .memory_bank_checks import FULL_CHECK_BYTES, bank_file, check_files, consistency_problems, file_digests, rows_hash
 from .memory_bank_encoding import (
     CONTENT_HASH_COLUMN,
@@ -261,6 +261,7 @@ class Cm3LeonMemoryBank:
         atomic_write_json(save_directory / MANIFEST_FILE, manifest)  # the commit point
         shutil.rmtree(save_directory / SHARDS_DIR)
         if save_directory != target:
+            _keep_other_files(target, save_directory)
             replace_directory(save_directory, target)
         return cls.load(target)
 
@@ -334,21 +335,51 @@ def _check_build_arguments(dataset: Dataset, text_column: str, image_column: str
         raise ValueError(f"Columns {reserved} are reserved for the memory bank; rename them in the dataset.")
 
 
+BUILD_SIGNATURE = ("format_version", "num_source_rows", "encoder")  # keys of a bank's manifest and of its build.json
+
+
+def _is_bank_output(name: str) -> bool:
+    """A top-level entry that `build` (or `reindex`) writes in a bank's directory."""
+    return name in (ROWS_DIR, SHARDS_DIR, MANIFEST_FILE, INDEX_FILE) or (
+        name.startswith("index-") and name.endswith(".faiss"))
+
+
 def _build_directory(target: Path, overwrite: bool) -> Path:
     """Where to build the bank at `target`: `target` itself, or, to rebuild a finished bank (`overwrite`), the sibling
-    `.<name>.rebuild`, swapped in when complete so that the old bank stays until then. Clears an unfinished build
-    with `overwrite`; refuses a finished bank without it."""
-    save_directory = target
-    if overwrite and (target / MANIFEST_FILE).exists():
+    `.<name>.rebuild`, swapped in when complete so that the old bank stays until then. Refuses a finished bank without
+    `overwrite` and, with or without it, a non-empty folder that is not a bank (`claim_output_directory`: nothing the
+    build did not write is deleted); clears an unfinished build's own files with `overwrite`."""
+    manifest = read_json_object(target / MANIFEST_FILE)
+    if overwrite and manifest is not None and all(key in manifest for key in BUILD_SIGNATURE):
         # Keep the old bank until the new one is complete: build beside it, then swap it in.
         save_directory = target.with_name(f".{target.name}.rebuild")
         if save_directory.exists():
             shutil.rmtree(save_directory)
-    elif overwrite and target.exists():  # an unfinished build: start over
-        shutil.rmtree(target)
-    if (save_directory / MANIFEST_FILE).exists():
-        raise ValueError(f"{save_directory} already holds a memory bank; pass overwrite=True (the `--overwrite` flag of training/build_memory_bank.py) to rebuild it, or choose another folder.")
-    return save_directory
+        return save_directory
+    claim_output_directory(
+        target, outputs=_is_bank_output, signature=BUILD_SIGNATURE, overwrite=overwrite, what="a memory bank",
+        command="pass overwrite=True (the `--overwrite` flag of training/build_memory_bank.py)",
+        manifest_file=MANIFEST_FILE, partial=SHARDS_DIR,
+    )
+    return target
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Hard-link (or copy) into the rebuilt bank `new` the top-level entries of `old` that a build does not write
+    (a user's notes beside the bank), so that swapping `new` in removes only the old bank's own files."""
+    def link(source, destination):
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+
+    for entry in old.iterdir():
+        if _is_bank_output(entry.name) or entry.name.startswith(".") or (new / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link)
+        else:
+            link(entry, new / entry.name)
 
 
 def _same_build_settings(previous: dict, current: dict) -> bool:

@@ -491,6 +491,9 @@ class Cm3LeonForCausalLM(Cm3LeonHubMixin, Cm3LeonPreTrainedModel, Cm3LeonGenerat
             logits = self.lm_head(hidden_states)  # (batch, kept_len, vocab)
         else:
             start, end = logits_vocab_range
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= self.config.vocab_size):
+                raise ValueError(f"`logits_vocab_range` must be (start, end) ids with 0 <= start < end <= vocab_size "
+                                 f"({self.config.vocab_size}), got {logits_vocab_range!r}.")
             logits = nn.functional.linear(hidden_states, self.lm_head.weight[start:end])  # (batch, kept_len, end - start)
 
         loss = None

@@ -29,7 +29,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .generation_cm3leon import CONTRASTIVE_K, DECODING_DEFAULTS
 from .layout import EDIT_TEMPLATE
-from .logits_process import check_guidance_scale
+from .logits_process import check_guidance_scale, check_top_p
 
 DECODING_STRATEGIES = ("top-p", "temperature", "cd-k", "pooled")
 OUTPUT_TYPES = ("pil", "np", "ids")
@@ -302,7 +302,10 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
         settings where the call gives none. "pooled" is the paper's ½ top-p + ½ CD-K pool (CL Fig. 4): ceil(n/2)
         top-p candidates and floor(n/2) CD-K candidates, re-ranked together."""
         saved = self.model.generation_config
-        top_p = saved.top_p if top_p is None else top_p
+        if top_p is None:
+            top_p = saved.top_p if saved.top_p is None else check_top_p(saved.top_p, "top_p of the model's generation config")
+        else:
+            top_p = check_top_p(top_p)
         for name, default in (("contrastive_k", CONTRASTIVE_K), ("contrastive_alpha", DECODING_DEFAULTS["contrastive_alpha"]),
                               ("amateur_temperature", DECODING_DEFAULTS["amateur_temperature"])):
             if contrastive.get(name) is None:

@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, List, Value, load_from_disk
 
-from .atomic import atomic_write_json, read_manifest
+from .atomic import atomic_write_json, claim_output_directory, read_manifest
 from .layout import document_text
 from .memory_bank_encoding import one_image
 from .sharded import build_in_shards, save_dataset_atomically
@@ -191,19 +191,44 @@ def _tokenize_shard(part: Dataset, start: int, processor, text_column, image_col
     return Dataset.from_dict(columns, features=datasets.Features(features)), skipped
 
 
+OUTPUTS = (DATA_DIR, SHARDS_DIR, MANIFEST_FILE)  # all that pre-tokenization writes in its output directory
+SIGNATURE = ("format_version", "num_source_rows", "vocabulary")  # keys of its manifest and of its build.json
+
+
+def claim_pretokenized_output(output_dir: Path, overwrite: bool, script: str) -> str:
+    """Ready `output_dir` for a pre-tokenization (`pretokenize`, `sft_data.pretokenize_sft`) without deleting what it
+    did not write: `atomic.claim_output_directory` with this format's outputs (`data/`, `shards/`, `manifest.json`).
+    A non-empty folder that holds no pre-tokenized data is refused, with or without `overwrite`; `overwrite` removes
+    only those outputs. `script` is the command whose `--overwrite` flag the messages name."""
+    return claim_output_directory(
+        output_dir, outputs=OUTPUTS.__contains__, signature=SIGNATURE, overwrite=overwrite,
+        what="pre-tokenized data", command=f"pass overwrite=True (the `--overwrite` flag of {script})",
+        manifest_file=MANIFEST_FILE, partial=SHARDS_DIR,
+    )
+
+
+def data_files(output_dir: Path) -> dict:
+    """Size and sha256 of every file of `output_dir / data` (the manifest's `files`, checked by `load_pretokenized`
+    as a memory bank's are: flipped or truncated bytes are found before training on them)."""
+    from .memory_bank_checks import file_digests  # (lazily: it imports faiss)
+
+    names = sorted(str(p.relative_to(output_dir)) for p in (output_dir / DATA_DIR).rglob("*") if p.is_file())
+    return file_digests(output_dir, names)
+
+
 def _check_pretokenize_inputs(dataset: Dataset, output_dir: Path, text_column: str, image_column: str,
-                              batch_size: int, shard_size: int, overwrite: bool) -> None:
+                              batch_size: int, shard_size: int, overwrite: bool, max_length: int | None = None) -> None:
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be positive.")
+    if max_length is not None and max_length < 3:
+        raise ValueError(f"max_length ({max_length}) leaves no room for a document: a sample is at least its 2 <eos> "
+                         f"tokens and one more.")
     if len(dataset) == 0:
         raise ValueError("Cannot pre-tokenize an empty dataset.")
     for role, column in (("text_column", text_column), ("image_column", image_column)):
         if column not in dataset.column_names:
             raise ValueError(f"{role}={column!r} is not a column of the dataset (columns: {dataset.column_names}).")
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
-    if (output_dir / MANIFEST_FILE).exists():
-        raise ValueError(f"{output_dir} already holds pre-tokenized data; pass overwrite=True (the `--overwrite` flag of training/pretokenize.py) to redo it, or choose another folder.")
+    claim_pretokenized_output(output_dir, overwrite, "training/pretokenize.py")
 
 
 def pretokenize(dataset: Dataset, processor, output_dir: str | os.PathLike, *, text_column: str = "text",
@@ -223,10 +248,12 @@ def pretokenize(dataset: Dataset, processor, output_dir: str | os.PathLike, *, t
         batch_size: pairs per processor call (and per retrieval generator).
         shard_size: rows per resumable shard.
         seed: the retrieval's seed (batch `j` draws from `numpy.random.default_rng([seed, j])`).
-        overwrite: delete what `output_dir` holds and start over.
+        overwrite: start over: remove what an earlier pre-tokenization wrote in `output_dir` (`data/`, `shards/`,
+            `manifest.json`), nothing else. A non-empty folder that holds no pre-tokenized data is refused.
     """
     output_dir = Path(output_dir)
-    _check_pretokenize_inputs(dataset, output_dir, text_column, image_column, batch_size, shard_size, overwrite)
+    _check_pretokenize_inputs(dataset, output_dir, text_column, image_column, batch_size, shard_size, overwrite,
+                              max_length)
     if retriever is not None:
         _check_bank(retriever.bank, dataset, text_column, image_column)
 
@@ -253,12 +280,20 @@ def pretokenize(dataset: Dataset, processor, output_dir: str | os.PathLike, *, t
                                   what="pre-tokenization", desc="pre-tokenizing", unit="pair",
                                   show_progress_bar=show_progress_bar)
     skipped = {reason: sum(info[reason] for info in infos) for reason in SKIP_REASONS}
+    if sum(skipped.values()) == len(dataset):
+        raise ValueError(
+            f"Pre-tokenization kept no example: all {len(dataset)} rows were skipped (no text in {text_column!r}: "
+            f"{skipped['no_text']}, no image in {image_column!r}: {skipped['no_image']}, longer than max_length="
+            f"{max_length}: {skipped['too_long']}). Check --text_column and --image_column, or raise --max_length "
+            f"(a caption-image document is its text, <break> and the image's codes, plus 2 <eos>)."
+        )
     data = save_dataset_atomically(data, output_dir / DATA_DIR)
     lengths = pc.list_value_length(data.data.column("input_ids"))  # from the offsets, chunk by chunk
     manifest = {
         **{k: v for k, v in settings.items() if k not in ("batch_size", "shard_size")},
         "num_rows": len(data), "num_examples": int(pc.sum(pc.greater(lengths, 0)).as_py() or 0),
         "num_skipped": skipped, "num_tokens": int(pc.sum(lengths).as_py() or 0),
+        "files": data_files(output_dir),
     }
     atomic_write_json(output_dir / MANIFEST_FILE, manifest)  # the commit point
     shutil.rmtree(shards_dir)
@@ -281,7 +316,8 @@ def _check_vocabulary(directory: Path, vocabulary: dict, processor) -> None:
             )
 
 
-def load_pretokenized(directory: str | os.PathLike, processor=None) -> tuple[Dataset, Dataset, dict]:
+def load_pretokenized(directory: str | os.PathLike, processor=None,
+                      verify: bool | None = None) -> tuple[Dataset, Dataset, dict]:
     """`(examples, documents, manifest)` of a `pretokenize` output: `documents` is every row (what
     `retrieved_indices` point to), `examples` the rows that were not skipped (a `select` on `documents`, no copy).
 
@@ -289,6 +325,9 @@ def load_pretokenized(directory: str | os.PathLike, processor=None) -> tuple[Dat
         directory: a `pretokenize` output directory.
         processor: the `Cm3LeonProcessor` the data will be trained with; when given, data made with another
             vocabulary (a different `model_config_fields`) is refused, naming the field.
+        verify: check the data files against the sizes and sha256 digests of the manifest: sizes always, contents
+            when the data is at most 1 GiB (`None`) or always (`True`); data written before the manifest recorded
+            them is checked for loading only.
     """
     directory = Path(directory)
     manifest = read_manifest(directory, "pre-tokenized data", "an unfinished run: re-run the command to resume",
@@ -296,7 +335,18 @@ def load_pretokenized(directory: str | os.PathLike, processor=None) -> tuple[Dat
                              partial=SHARDS_DIR)
     if processor is not None:
         _check_vocabulary(directory, manifest["vocabulary"], processor)
-    documents = load_from_disk(str(directory / DATA_DIR))
+    from .memory_bank_checks import check_files  # (lazily: it imports faiss)
+
+    redo = "Pre-tokenize it again (the same command with --overwrite)."
+    damaged = check_files(directory, manifest.get("files") or {}, verify)
+    if damaged:
+        raise ValueError(f"The pre-tokenized data in {directory} is damaged: {'; '.join(damaged)}. {redo}")
+    try:
+        documents = load_from_disk(str(directory / DATA_DIR))
+        documents.data.column("input_ids")  # reads the Arrow files' schema: a truncated file fails here
+    except Exception as error:  # noqa: BLE001 - datasets and pyarrow raise several kinds for a damaged directory
+        raise ValueError(f"The pre-tokenized data in {directory}: {DATA_DIR}/ does not load ({type(error).__name__}: "
+                         f"{error}). {redo}") from error
     if len(documents) != manifest["num_rows"]:
         raise ValueError(f"{directory}: {len(documents)} rows, the manifest says {manifest['num_rows']}. Redo it.")
     if manifest["num_examples"] == len(documents):  # nothing skipped: the examples are the rows

@@ -79,5 +79,15 @@ class Cm3LeonPretrainingConfig(TrainingArguments):
         default=False, metadata={"help": "Keep the columns the collator reads (retrieved_indices, source_index)."}
     )
 
+    def __post_init__(self):
+        # transformers accepts these and fails later: max_steps 0 in a ZeroDivisionError, an infinite learning rate
+        # with NaN weights saved as a finished run
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be a positive number of steps, or -1 to train --num_train_epochs "
+                             f"epochs; got {self.max_steps}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"--learning_rate must be a finite number >= 0, got {self.learning_rate}")
+        super().__post_init__()
+
 
 __all__ = ["Cm3LeonPretrainingConfig", "PretrainArguments"]

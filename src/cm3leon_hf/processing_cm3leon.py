@@ -73,6 +73,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils.hub import hf_api
 
 from .atomic import atomic_directory
+from .file_checks import check_pretrained_folder
 from .image_tokenizer import Cm3LeonImageTokenizer
 from .layout import EDIT_TEMPLATE, INFILL_CHAT_TEMPLATE, MASK_TOKEN, Cm3LeonLayout, build_retrieval_prompt, prompt_text
 from .tokenization_cm3leon import (
@@ -692,6 +693,7 @@ class Cm3LeonProcessor(ProcessorMixin):
         # As `ProcessorMixin.from_args_and_dict`: arguments that are not the processor's (a pipeline passes the
         # model's `dtype`, Auto classes `trust_remote_code`) are left out, and returned with `return_unused_kwargs`.
         unused = {key: value for key, value in kwargs.items() if key not in init_names}
+        check_pretrained_folder(pretrained_model_name_or_path, hub.get("subfolder"), what="processor")
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub)
         init = {key: processor_dict[key] for key in init_names if key in processor_dict}
         init.update({key: value for key, value in kwargs.items() if key in init_names})

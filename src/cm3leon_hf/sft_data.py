@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, List, Value
 
 from .atomic import atomic_write_json
-from .pretokenized import DATA_DIR, FORMAT_VERSION, MANIFEST_FILE, SHARDS_DIR
+from .pretokenized import DATA_DIR, FORMAT_VERSION, MANIFEST_FILE, SHARDS_DIR, claim_pretokenized_output
 from .sharded import build_in_shards, save_dataset_atomically
 from .synthetic.captions import article
 from .synthetic.tasks import (
@@ -290,10 +290,7 @@ def pretokenize_sft(dataset: Dataset, processor, output_dir: str | os.PathLike, 
         check_task_columns(task, dataset.column_names)
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be positive.")
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
-    if (output_dir / MANIFEST_FILE).exists():
-        raise ValueError(f"{output_dir} already holds pre-tokenized data; pass overwrite=True to redo it.")
+    claim_pretokenized_output(output_dir, overwrite, "training/pretokenize_sft.py")
     settings = {
         "format_version": FORMAT_VERSION, "kind": "sft", "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "num_source_rows": len(dataset), "task": task, "task_column": None if task else task_column, "seed": seed,

@@ -14,6 +14,9 @@ backends are `Trainer`'s and accelerate's. This module adds:
 - atomic checkpoints: `Trainer` writes `checkpoint-N` in place, so a kill while saving leaves a partial directory
   that `get_last_checkpoint` would pick; here every checkpoint is written to `.staging/` and renamed when complete
   (`cm3leon_hf.checkpointing`);
+- `StopOnNonFiniteCallback`: a step that leaves a NaN or infinite weight (a non-finite loss or gradient: too high a
+  learning rate, an fp32 overflow) stops the run with `NonFiniteTrainingError`, naming the step, before anything of it
+  is saved (transformers' `logging_nan_inf_filter` would hide the loss and the run would end "successfully");
 - `run_pretraining`: train, or resume from the last complete checkpoint, and never train a finished run further.
 
 The paper's optimiser is the default (`Cm3LeonPretrainingConfig`; CL states only the peak LR and warmup, CM3's recipe
@@ -38,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from .checkpointing import AtomicCheckpointsMixin, last_complete_checkpoint
 from .configuration_cm3leon import Cm3LeonConfig
@@ -145,6 +149,47 @@ def captions_of(examples, processor, count: int) -> list[str]:
 # ------------------------------------------------------------------------------------------------ trainer
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced NaN or infinite weights (`StopOnNonFiniteCallback`)."""
+
+
+class StopOnNonFiniteCallback(TrainerCallback):
+    """Stop training at the first optimizer step that leaves a NaN or infinite trainable weight, raising
+    `NonFiniteTrainingError` with the step, the first such tensor and the learning rate.
+
+    A non-finite loss or gradient reaches the weights at the optimizer step (with clipping, one NaN gradient makes
+    every update NaN), and transformers' `logging_nan_inf_filter` keeps the logged loss finite, so without this a run
+    with `--learning_rate inf` ends with exit code 0 and every weight NaN. The check runs after each optimizer step
+    and before the step's checkpoint is saved, so that the last checkpoint on disk, which a resumed run starts from,
+    holds finite weights. A step skipped by fp16's gradient scaler leaves the weights finite and is not an error. Its
+    cost is one norm over the trainable weights per optimizer step (`torch.nn.utils.get_total_norm`). With sharded
+    weights (FSDP, DeepSpeed ZeRO-3) each process checks its own shard.
+
+    Used by `build_trainer`; any `Trainer` takes it: `Trainer(..., callbacks=[StopOnNonFiniteCallback()])`.
+    """
+
+    def on_optimizer_step(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        if model is None:
+            return
+        weights = [p.detach() for p in model.parameters() if p.requires_grad]
+        if not weights or torch.isfinite(torch.nn.utils.get_total_norm(weights)):
+            return
+        names = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+        if not names:  # finite weights whose norm overflowed (fp16): not an error
+            return
+        step = state.global_step + 1  # global_step counts the steps finished before this one
+        rate = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        raise NonFiniteTrainingError(
+            f"Training stopped at step {step}: after its optimizer step, {len(names)} weight tensor(s) are NaN or "
+            f"infinite (first: {names[0]}); the learning rate was {rate:g}. A non-finite loss or gradient reached the "
+            f"weights (too high a learning rate, an overflow, or bad data). Nothing of step {step} was saved: "
+            + (f"the last checkpoint, {last}, holds the weights of an earlier step and is where a resumed run starts. "
+               if last else "no checkpoint was written. ")
+            + "Lower --learning_rate (or check the data) and run again."
+        )
+
+
 class Cm3LeonTrainer(AtomicCheckpointsMixin, Trainer):
     """`Trainer` with atomic checkpoints (`AtomicCheckpointsMixin`) and its own evaluation collator (causal samples).
 
@@ -231,7 +276,7 @@ def build_trainer(script_args: PretrainArguments, training_args: TrainingArgumen
         processing_class=processor,
         compute_metrics=metrics,
         preprocess_logits_for_metrics=next_token_nll if metrics is not None else None,
-        callbacks=[Cm3LeonCollatorEpochCallback(collator)],
+        callbacks=[Cm3LeonCollatorEpochCallback(collator), StopOnNonFiniteCallback()],
     )
 
 
@@ -293,8 +338,10 @@ def run_pretraining(script_args: PretrainArguments, training_args: TrainingArgum
 __all__ = [
     "Cm3LeonPretrainingConfig",
     "Cm3LeonTrainer",
+    "NonFiniteTrainingError",
     "PretrainArguments",
     "PretrainingMetrics",
+    "StopOnNonFiniteCallback",
     "build_trainer",
     "captions_of",
     "next_token_nll",
