@@ -99,6 +99,7 @@ def test_mixture_weights_clip_each_task_to_the_thresholds_around_the_mean():
 def test_sft_pretokenization_marks_the_completion_and_round_trips(sft_data, processor):
     examples, _, manifest = load_pretokenized(sft_data, processor)
     assert manifest["kind"] == "sft" and manifest["num_examples_per_task"] == dict.fromkeys(sorted(TASKS), 2)
+    assert manifest["files"]  # sizes and checksums of the data, checked when it loads
     rows = build_tasks(num_train=2, num_validation=0, num_test=0, num_heldout=0)["train"]
     for k, example in enumerate(examples):
         task = example["task"]
@@ -124,6 +125,9 @@ def test_a_row_that_cannot_be_formatted_is_skipped_and_counted(tmp_path, process
     examples, documents, manifest = load_pretokenized(tmp_path / "data", processor)
     assert manifest["num_skipped"] == {"bad_row": 1, "too_long": 0} and len(examples) == 2
     assert documents[1]["input_ids"] == []
+    with pytest.raises(ValueError, match="kept no example: all 1 rows were skipped"):
+        pretokenize_sft(rows.select([1]), processor, tmp_path / "none", show_progress_bar=False)
+    assert not (tmp_path / "none" / "manifest.json").exists()
     with pytest.raises(ValueError, match="lacks \\['instruction'\\]"):
         pretokenize_sft(rows.remove_columns("instruction"), processor, tmp_path / "other", show_progress_bar=False)
 
@@ -350,3 +354,12 @@ def test_the_sft_commands_run_as_written(tmp_path):
                               "--task", "vqa", "--output_dir", str(tmp_path / "x")], cwd=REPO, env=env,
                              capture_output=True, text=True, check=False)
     assert refused.returncode != 0 and "it lacks ['answer']" in refused.stderr
+
+
+def test_an_sft_step_that_breaks_the_weights_stops_the_run(tmp_path, sft_data):
+    from cm3leon_hf.trainer import NonFiniteTrainingError
+
+    args, model = SFTArguments(train_data=str(sft_data)), ModelConfig(model_name_or_path=TINY_PATH)
+    with pytest.raises(NonFiniteTrainingError, match="step"):
+        run_sft(args, _config(tmp_path / "broken", learning_rate=1e20, save_steps=1), model)
+    assert not (tmp_path / "broken" / "model.safetensors").exists()

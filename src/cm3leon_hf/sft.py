@@ -40,6 +40,7 @@ from .modeling_cm3leon import Cm3LeonForCausalLM
 from .pretokenized import load_pretokenized
 from .processing_cm3leon import Cm3LeonProcessor
 from .sft_data import MIXTURE_THRESHOLDS, balance
+from .trainer import StopOnNonFiniteCallback
 
 
 @dataclass
@@ -140,7 +141,8 @@ def build_sft_trainer(script_args: SFTArguments, training_args: SFTConfig, model
     if script_args.eval_data:
         evaluation = _load(script_args.eval_data, processor, script_args.max_eval_examples).remove_columns("task")
     return Cm3LeonSFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                             processing_class=processor, peft_config=get_peft_config(model_args))
+                             processing_class=processor, peft_config=get_peft_config(model_args),
+                             callbacks=[StopOnNonFiniteCallback()])  # a NaN step stops the run, before its checkpoint
 
 
 def run_sft(script_args: SFTArguments, training_args: SFTConfig, model_args) -> Cm3LeonSFTTrainer:

@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, List, Value
 
 from .atomic import atomic_write_json
-from .pretokenized import DATA_DIR, FORMAT_VERSION, MANIFEST_FILE, SHARDS_DIR, claim_pretokenized_output
+from .pretokenized import DATA_DIR, FORMAT_VERSION, MANIFEST_FILE, SHARDS_DIR, claim_pretokenized_output, data_files
 from .sharded import build_in_shards, save_dataset_atomically
 from .synthetic.captions import article
 from .synthetic.tasks import (
@@ -306,6 +306,10 @@ def pretokenize_sft(dataset: Dataset, processor, output_dir: str | os.PathLike, 
                                   what="SFT pre-tokenization", desc="pre-tokenizing", unit="example",
                                   show_progress_bar=show_progress_bar)
     skipped = {reason: sum(info[reason] for info in infos) for reason in SFT_SKIP_REASONS}
+    if sum(skipped.values()) == len(dataset):
+        raise ValueError(f"SFT pre-tokenization kept no example: all {len(dataset)} rows were skipped ({skipped}; "
+                         f"bad_row: a row missing a value or with the wrong number of images, too_long: longer than "
+                         f"max_length={max_length}). Nothing was written.")
     data = save_dataset_atomically(data, output_dir / DATA_DIR)
     lengths = pc.list_value_length(data.data.column("input_ids"))
     counts = {}
@@ -316,7 +320,7 @@ def pretokenize_sft(dataset: Dataset, processor, output_dir: str | os.PathLike, 
         **{k: v for k, v in settings.items() if k not in ("batch_size", "shard_size")},
         "num_rows": len(data), "num_examples": int(pc.sum(pc.greater(lengths, 0)).as_py() or 0),
         "num_examples_per_task": dict(sorted(counts.items())), "num_skipped": skipped,
-        "num_tokens": int(pc.sum(lengths).as_py() or 0),
+        "num_tokens": int(pc.sum(lengths).as_py() or 0), "files": data_files(output_dir),
     }
     atomic_write_json(output_dir / MANIFEST_FILE, manifest)  # the commit point
     shutil.rmtree(shards_dir)
