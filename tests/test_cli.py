@@ -175,6 +175,8 @@ def test_caption_grid_keeps_pixels_sharp():
     (["--temperature", "0"], "--temperature must be above 0"),
     (["--retrieve", "-1"], "--retrieve must be at least 0"),
     (["--threads", "two"], "--threads must be an integer, got 'two'"),
+    (["--seed", str(2**70)], f"--seed must be at least 0 and at most {2**64 - 1}, got {2**70}"),
+    (["--seed", "-1"], "--seed must be at least 0"),
 ])
 def test_counts_and_scales_out_of_range_are_usage_errors(flags, message, capsys):
     """Checked before anything loads: a usage error that names the flag, not a traceback from the pipeline."""
@@ -182,3 +184,51 @@ def test_counts_and_scales_out_of_range_are_usage_errors(flags, message, capsys)
         main(["generate", "a red star", *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,flags,message", [
+    ("demo", ["-n", "2", "--num-candidates", "1"], "--num-candidates (1) must be at least -n/--num-images (2)"),
+    ("generate", ["-n", "3", "--num-candidates", "2"], "--num-candidates (2) must be at least -n/--num-images (3)"),
+    ("generate", ["-n", "2", "--num-candidates", "5000"], "re-ranking generates all 5000 candidates"),
+    ("generate", ["-n", "2000", "--rerank"], "at most 1024"),
+    ("generate", ["-n", "65", "--grid"], "--grid puts all images in one row: at most 64, got -n 65"),
+])
+def test_image_counts_that_cannot_work_are_refused_before_loading(command, flags, message, monkeypatch, tmp_path):
+    """The demo used to keep 2 of "1 candidate" silently; a million re-ranked candidates tried to fill the memory."""
+    from transformers import Pipeline
+
+    monkeypatch.setattr(Pipeline, "__init__", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    argv = [command, *(["a red star"] if command == "generate" else []), "-o", str(tmp_path / "o.png"), *flags]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(argv)
+
+
+def test_many_images_are_drawn_in_batches_and_the_first_batch_is_unchanged(model_dir, tmp_path, monkeypatch):
+    """Without re-ranking, -n N draws 16 images per batch and writes each batch's files before the next: memory does
+    not grow with N, and up to 16 images are the one batch they always were."""
+    import cm3leon_hf.cli as cli
+    from transformers import Pipeline
+
+    monkeypatch.setattr(cli, "CHUNK", 2)
+    batches = []
+    call = Pipeline.__call__
+    monkeypatch.setattr(Pipeline, "__call__", lambda self, *a, **k: batches.append(k["num_images_per_prompt"]) or call(self, *a, **k))
+    prompt = "a red circle at the top left"
+    main(["generate", prompt, "-o", str(tmp_path / "m.png"), "--model", str(model_dir), "-n", "5", "-q", "--seed", "3"])
+    assert batches == [2, 2, 1]
+    main(["generate", prompt, "-o", str(tmp_path / "two.png"), "--model", str(model_dir), "-n", "2", "-q", "--seed", "3"])
+    images = [np.asarray(Image.open(tmp_path / f"m-{i}.png")) for i in range(5)]
+    assert all(np.array_equal(images[i], np.asarray(Image.open(tmp_path / f"two-{i}.png"))) for i in (0, 1))
+    assert len({image.tobytes() for image in images}) == 5  # the generator carries on: no batch repeats another
+
+
+def test_a_prompt_that_is_not_utf8_is_named(model_dir, tmp_path):
+    prompt = b"a red \xff star".decode("utf-8", errors="surrogateescape")  # what Python makes of such argv bytes
+    with pytest.raises(SystemExit, match="not UTF-8 text: the byte 0xff at character 6"):
+        main(["generate", prompt, "-o", str(tmp_path / "o.png"), "--model", str(model_dir), "-q"])
+
+
+def test_the_largest_seed_draws(model_dir, tmp_path):
+    out = tmp_path / "s.png"
+    assert main(["generate", "a red star", "-o", str(out), "--model", str(model_dir), "-q", "--seed", str(2**64 - 1)]) == 0
+    assert Image.open(out).size == (64, 64)

@@ -261,6 +261,8 @@ def test_mismatched_model_config_is_rejected(processor, tiny_config):
 
 def test_bad_input_raises_errors_naming_the_problem(processor, rows):
     image = rows[0]["images"][0]
+    with pytest.raises(ValueError, match=r"not valid Unicode: '\\udcff' at character 6"):
+        processor(["a red star", b"a red \xff star".decode("utf-8", errors="surrogateescape")])
     with pytest.raises(ValueError, match="2 `<image>` placeholders but 1 images"):
         processor("<image> <break> <image>", images=[image])
     with pytest.raises(ValueError, match="Document 1 has 0 `<image>` placeholders but 1 images"):

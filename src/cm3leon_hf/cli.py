@@ -50,6 +50,13 @@ def check_prompt(processor, prompt: str, allow_unknown_words: bool = False) -> N
     unless `allow_unknown_words`. Case does not matter: the processor folds it."""
     if not prompt.strip():
         raise SystemExit("error: the prompt is empty.")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
+        bad = prompt[error.start]
+        what = f"the byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else repr(bad)
+        raise SystemExit(f"error: the prompt is not UTF-8 text: {what} at character {error.start}. Write it in UTF-8 "
+                         "(a terminal or file in another encoding passes other bytes).") from None
     unknown = processor.unknown_words(prompt)
     if unknown and not allow_unknown_words:
         raise SystemExit(
@@ -88,6 +95,29 @@ def check_output(output: Path, images: int) -> list[Path]:
         if path.exists() and not os.access(path, os.W_OK):
             raise SystemExit(f"error: -o {path} exists and is not writable.")
     return paths
+
+
+# Images generated in one batch when nothing is re-ranked: `-n 1000` writes its files 16 at a time, never holding
+# more (re-ranking needs all of a prompt's candidates at once: at most MAX_CANDIDATES).
+CHUNK = 16
+MAX_CANDIDATES = 1024
+MAX_GRID_IMAGES = 64
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse image counts that cannot do what they say, before anything loads: fewer candidates than images (the
+    best `-n` of `--num-candidates`), more candidates than one batch should hold, a grid too wide to look at."""
+    candidates = args.num_candidates or args.num_images
+    if candidates < args.num_images:
+        raise SystemExit(f"error: --num-candidates ({candidates}) must be at least -n/--num-images "
+                         f"({args.num_images}): the best {args.num_images} of the candidates are kept.")
+    if (candidates > args.num_images or args.rerank) and candidates > MAX_CANDIDATES:
+        raise SystemExit(f"error: re-ranking generates all {candidates} candidates of a prompt as one batch; at most "
+                         f"{MAX_CANDIDATES}. Without re-ranking (no --rerank, --num-candidates at most -n), -n has no "
+                         f"limit: images are written {CHUNK} at a time.")
+    if getattr(args, "grid", False) and args.num_images > MAX_GRID_IMAGES:
+        raise SystemExit(f"error: --grid puts all images in one row: at most {MAX_GRID_IMAGES}, got -n "
+                         f"{args.num_images}. Without --grid each image is its own file.")
 
 
 def caption_grid(rows: list[tuple[str, list]], cell: int = 128):
@@ -131,10 +161,10 @@ def _generation_kwargs(args: argparse.Namespace, seed_offset: int, reranker=None
     kwargs = dict(
         guidance_scale=args.guidance_scale, decoding=args.decoding, top_p=args.top_p, temperature=args.temperature,
         num_images_per_prompt=args.num_images, progress_bar=not args.quiet,
-        generator=torch.Generator().manual_seed(args.seed + seed_offset),
+        generator=torch.Generator().manual_seed((args.seed + seed_offset) % 2**64),
     )
     if reranker is not None:
-        kwargs.update(num_candidates=max(args.num_candidates or args.num_images, args.num_images), reranker=reranker)
+        kwargs.update(num_candidates=args.num_candidates or args.num_images, reranker=reranker)
     if args.retrieve:
         kwargs.update(num_retrieved_docs=args.retrieve, retriever=retriever)
     return kwargs
@@ -179,22 +209,33 @@ def _write(image, output: Path) -> None:
 def generate(args: argparse.Namespace) -> None:
     """The images for one prompt: one file per image (`-o out.png`: `out.png` for one image, `out-0.png`… for
     several), or one captioned row with `--grid`."""
+    check_counts(args)
     paths = check_output(args.output, 1 if args.grid else args.num_images)
     pipe = _pipeline(args)
     check_prompt(pipe.processor, args.prompt, args.allow_unknown_words)
     retriever = _retriever(args) if args.retrieve else None
-    results = pipe(args.prompt, **_generation_kwargs(args, 0, _reranker(args), retriever))
-    images = [r["image"] for r in results]
-    if args.grid:
-        _write(caption_grid([(args.prompt, images)]), args.output)
+    reranker = _reranker(args)
+    kwargs = _generation_kwargs(args, 0, reranker, retriever)
+    if args.grid or reranker is not None:  # all at once: one grid, or the best of all candidates
+        images = [r["image"] for r in pipe(args.prompt, **kwargs)]
+        if args.grid:
+            _write(caption_grid([(args.prompt, images)]), args.output)
+            return
+        for image, path in zip(images, paths):
+            _write(image, path)
         return
-    for image, path in zip(images, paths):
-        _write(image, path)
+    # CHUNK images per batch, each written as soon as it is drawn; the generator carries on from batch to batch (up
+    # to CHUNK images, one batch as before).
+    for start in range(0, args.num_images, CHUNK):
+        kwargs["num_images_per_prompt"] = min(CHUNK, args.num_images - start)
+        for result, path in zip(pipe(args.prompt, **kwargs), paths[start:]):
+            _write(result["image"], path)
 
 
 def demo(args: argparse.Namespace) -> None:
     """A captioned grid: one row per prompt (`DEMO_PROMPTS`, or `--prompts`). The CLIP re-ranker (and a retriever)
     load once for all prompts."""
+    check_counts(args)
     check_output(args.output, 1)
     pipe = _pipeline(args)
     prompts = args.prompts or list(DEMO_PROMPTS)
@@ -251,7 +292,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, num_images: int, 
 
     parser.add_argument("--model", default=str(TINY_PATH), help="a saved CM3Leon directory (default: the bundled tiny)")
     parser.add_argument("-n", "--num-images", type=_bounded(int, 1, "--num-images"), default=num_images, help="images per prompt")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_bounded(int, 0, "--seed", high=2**64 - 1), default=0,
+                        help="the sampling seed, 0 to 2**64 - 1 (the demo's prompt i draws with seed + i)")
     parser.add_argument("--guidance-scale", type=_checked(check_guidance_scale, "--guidance-scale"), default=None,
                         help="CFG scale (1: the conditional stream only; default: the model's saved guidance_scale)")
     parser.add_argument("--decoding", default=decoding, choices=["top-p", "temperature", "cd-k", "pooled"],

@@ -96,6 +96,17 @@ class UnknownWordsWarning(UserWarning):
     """A text holds words the text tokenizer never learned (see `Cm3LeonProcessor.unknown_words`)."""
 
 
+def _check_unicode(text: str) -> None:
+    """Refuse text that is not valid Unicode (lone surrogates: bytes that were not UTF-8, kept by Python's
+    `surrogateescape` in argv and some file reads), which the tokenizer would reject without saying where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"`text` is not valid Unicode: {text[error.start]!r} at character {error.start} of "
+                         f"{text[:40]!r}..., a byte that was not UTF-8. Decode the text as UTF-8 first (e.g. "
+                         "`data.decode('utf-8', errors='replace')`).") from None
+
+
 class Cm3LeonProcessor(ProcessorMixin):
     r"""
     Constructs a CM3Leon processor from a text BPE tokenizer and a [`Cm3LeonImageTokenizer`] (a diffusers `VQModel`).
@@ -241,6 +252,8 @@ class Cm3LeonProcessor(ProcessorMixin):
         documents = [text] if isinstance(text, str) else list(text)
         if not documents or not all(isinstance(d, str) for d in documents):
             raise ValueError("`text` must be a string or a non-empty list of strings.")
+        for document in documents:
+            _check_unicode(document)
         documents, images = self._place_images(documents, images)
         ids = self._encode_documents(documents, self._images_per_document(documents, images), prepend_eos)
         if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
