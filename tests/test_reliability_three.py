@@ -389,3 +389,98 @@ def test_pretokenization_that_keeps_nothing_is_an_error(tmp_path, pairs, process
     with pytest.raises(ValueError, match=message):
         pretokenized.pretokenize(pairs, processor, tmp_path / "out", **settings)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------- issue 28 item 8: public API crashes
+@pytest.fixture(scope="module")
+def tiny_model():
+    from cm3leon_hf import Cm3LeonForCausalLM
+
+    return Cm3LeonForCausalLM.from_pretrained(TINY_PATH)
+
+
+@pytest.mark.parametrize("text,message", [(None, ", got NoneType"), (5, ", got int"), ([], "")])
+def test_processor_names_text_that_is_not_text(processor, text, message):
+    with pytest.raises(ValueError, match=f"`text` must be a string or a non-empty list of strings.*{message}"):
+        processor(text)
+
+
+def test_image_tokenizer_refuses_a_batch_size_of_zero(processor):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
+        processor.image_tokenizer.encode([Image.new("RGB", (64, 64))], batch_size=0)
+
+
+def test_labels_outside_the_vocabulary_are_named(tiny_model):
+    ids = torch.tensor([[2, 5, 7]])
+    vocab = tiny_model.config.vocab_size
+    for bad in (vocab, -5):
+        with pytest.raises(ValueError, match=f"labels contains the id {bad}, neither -100"):
+            tiny_model(input_ids=ids, labels=torch.tensor([[2, bad, 7]]))
+    loss = tiny_model(input_ids=ids, labels=torch.tensor([[-100, 5, 7]])).loss  # -100 is ignored, as in transformers
+    assert torch.isfinite(loss)
+
+
+def test_inputs_embeds_of_another_width_are_named(tiny_model):
+    width = tiny_model.config.hidden_size
+    with pytest.raises(ValueError, match=rf"hidden_size={width}\), got \(1, 3, 7\)"):
+        tiny_model(inputs_embeds=torch.randn(1, 3, 7))
+    ids = torch.tensor([[2, 5, 7]])
+    by_ids = tiny_model(input_ids=ids).logits
+    by_embeds = tiny_model(inputs_embeds=tiny_model.get_input_embeddings()(ids)).logits
+    torch.testing.assert_close(by_embeds, by_ids)  # the right width is the same forward as the ids
+
+
+def test_a_float_offset_is_named_not_the_vocab_size_it_makes():
+    from cm3leon_hf import Cm3LeonConfig
+
+    with pytest.raises(ValueError, match="`image_token_offset` must be an integer, got 256.0"):
+        Cm3LeonConfig(image_token_offset=256.0)
+
+
+@pytest.fixture(scope="module")
+def edit_pipe():
+    from transformers import pipeline
+
+    import cm3leon_hf.pipelines  # noqa: F401
+
+    return pipeline("image-text-to-image", model=str(TINY_PATH))
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{foo} {prompt} <image>", r"only the `\{prompt\}` field, got \['foo'\]"),
+    ("{prompt} <image> {", "is not a format string"),
+    ("{prompt} <image> {0}", r"got \['0'\]"),
+])
+def test_an_edit_template_with_other_fields_is_refused_before_generating(edit_pipe, template, message):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match=message):
+        edit_pipe(Image.new("RGB", (64, 64)), prompt="make the star red", template=template, progress_bar=False)
+
+
+def test_a_reranker_that_cannot_encode_is_refused_before_generating():
+    from transformers import pipeline
+
+    import cm3leon_hf.pipelines  # noqa: F401
+
+    pipe = pipeline("text-to-image", model=str(TINY_PATH))
+    with pytest.raises(ValueError, match="`reranker` must be a sentence-transformers CLIP model .* got object"):
+        pipe("a red star", reranker=object(), num_candidates=2, progress_bar=False)
+
+
+def test_retriever_sizes_are_checked_by_name():
+    from sentence_transformers import SentenceTransformer
+
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+    from cm3leon_hf.retriever import Cm3LeonRetriever
+
+    bank, encoder = Cm3LeonMemoryBank.load(TINY_PATH / "memory_bank"), SentenceTransformer(str(CLIP_PATH))
+    for name in ("k", "overfetch", "batch_size"):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive integer, got 0"):
+            Cm3LeonRetriever(bank, encoder, **{name: 0})
+    retriever = Cm3LeonRetriever(bank, encoder)
+    with pytest.raises(ValueError, match="`k` must be a positive integer, got 2.5"):
+        retriever.retrieve(["a red star"], k=2.5)
+    assert [len(docs) for docs in retriever.retrieve(["a red star"], k=3)] == [3]

@@ -282,7 +282,7 @@ def test_bad_input(tmp_path, dataset, encoder, bank):
     retriever = Cm3LeonRetriever(bank, encoder)
     with pytest.raises(ValueError, match="k=119 is larger than the memory bank \\(118 documents\\)"):
         retriever.retrieve(texts=["a red square"], k=119)
-    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="`k` must be a positive integer, got 0"):
         retriever.retrieve(texts=["a red square"], k=0)
     with pytest.raises(ValueError, match="exactly one of `texts` or `images`"):
         retriever.retrieve(texts=["a"], images=[square("red", 0)])

@@ -178,14 +178,15 @@ class Cm3LeonConfig(PreTrainedConfig):
             "intermediate_size",
             "max_position_embeddings",
         )
-        for name in (*positive, "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        # The offsets first: `vocab_size` is computed from them, and the value to name is the one given.
         for name in ("image_token_offset", "num_sentinel_tokens", "sentinel_token_start_id"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+        for name in (*positive, "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         for name in ("initializer_range", "position_initializer_range", "initializer_truncation", "layer_norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

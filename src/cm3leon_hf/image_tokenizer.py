@@ -201,6 +201,8 @@ class Cm3LeonImageTokenizer:
             images: one image or a list of images (any accepted input; see the module docstring).
             batch_size: images per forward pass of the encoder (bounds memory; does not change the codes).
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         images = _as_list(images)
         if not images:
             return torch.empty(0, self.image_seq_length, dtype=torch.long)

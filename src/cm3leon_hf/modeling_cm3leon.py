@@ -86,21 +86,6 @@ class Cm3LeonAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.out_proj = Cm3LeonResidualProjection(config.hidden_size, config.hidden_size)
 
-    def decode_image_tokens(self, sequences: torch.LongTensor) -> torch.LongTensor:
-        """The image that ends each of `generate`'s sequences (`(batch, length)`), as image ids of the joint
-        vocabulary `(batch, image_seq_length)`: what transformers' any-to-any pipeline calls with
-        `generation_mode="image"` before `Cm3LeonProcessor.post_process_multimodal_output` decodes them to pixels
-        (the VQ belongs to the processor). A `ValueError` if a sequence does not end in a whole image."""
-        length = self.config.image_seq_length
-        sequences = torch.as_tensor(sequences)
-        sequences = sequences[None] if sequences.dim() == 1 else sequences
-        image_ids = sequences[:, -length:]
-        start, stop = self.config.image_token_offset, self.config.image_token_offset + self.config.image_vocab_size
-        if sequences.shape[1] < length or not bool(((image_ids >= start) & (image_ids < stop)).all()):
-            raise ValueError(f"The sequences do not end in an image ({length} image ids): generate with "
-                             f"generation_mode='image' (or generate_image=True).")
-        return image_ids
-
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' old name, as in Llama
     def forward(
         self,
@@ -146,21 +131,6 @@ class Cm3LeonDecoderLayer(GradientCheckpointingLayer):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.fc2 = Cm3LeonResidualProjection(config.intermediate_size, config.hidden_size)
         self.activation_fn = ACT2FN[config.hidden_act]
-
-    def decode_image_tokens(self, sequences: torch.LongTensor) -> torch.LongTensor:
-        """The image that ends each of `generate`'s sequences (`(batch, length)`), as image ids of the joint
-        vocabulary `(batch, image_seq_length)`: what transformers' any-to-any pipeline calls with
-        `generation_mode="image"` before `Cm3LeonProcessor.post_process_multimodal_output` decodes them to pixels
-        (the VQ belongs to the processor). A `ValueError` if a sequence does not end in a whole image."""
-        length = self.config.image_seq_length
-        sequences = torch.as_tensor(sequences)
-        sequences = sequences[None] if sequences.dim() == 1 else sequences
-        image_ids = sequences[:, -length:]
-        start, stop = self.config.image_token_offset, self.config.image_token_offset + self.config.image_vocab_size
-        if sequences.shape[1] < length or not bool(((image_ids >= start) & (image_ids < stop)).all()):
-            raise ValueError(f"The sequences do not end in an image ({length} image ids): generate with "
-                             f"generation_mode='image' (or generate_image=True).")
-        return image_ids
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' old name, as in Llama
     def forward(
@@ -211,8 +181,8 @@ class Cm3LeonPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, std=config.initializer_range, a=-cut, b=cut)
 
 
-def _check_shapes(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
-    """Integer ids of shape (batch, length) with length >= 1, or embeddings (batch, length, hidden)."""
+def _check_shapes(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, hidden_size: int) -> None:
+    """Integer ids of shape (batch, length) with length >= 1, or embeddings (batch, length, hidden_size)."""
     if input_ids is not None:
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}.")
@@ -221,9 +191,9 @@ def _check_shapes(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | 
                              f"for one sequence, add a batch dimension: ids[None].")
         length = input_ids.shape[1]
     else:
-        if inputs_embeds.ndim != 3:
-            raise ValueError(f"inputs_embeds must have shape (batch_size, sequence_length, hidden_size), got "
-                             f"{tuple(inputs_embeds.shape)}.")
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(f"inputs_embeds must have shape (batch_size, sequence_length, hidden_size={hidden_size}), "
+                             f"got {tuple(inputs_embeds.shape)}.")
         length = inputs_embeds.shape[1]
     if length == 0:
         raise ValueError("The input is empty (sequence_length 0): give at least one token, e.g. the <eos> that starts a "
@@ -323,7 +293,7 @@ class Cm3LeonModel(Cm3LeonPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        _check_shapes(input_ids, inputs_embeds)
+        _check_shapes(input_ids, inputs_embeds, self.config.hidden_size)
         # A decoding step (one new token per row, after a cache) feeds back sampled ids: checking them would cost a
         # host sync per token, which also stops CUDA graphs. Prompts and any longer input are checked.
         decoding_step = cache is not None and (input_ids if input_ids is not None else inputs_embeds).shape[1] == 1
@@ -429,19 +399,19 @@ class Cm3LeonForCausalLM(Cm3LeonHubMixin, Cm3LeonPreTrainedModel, Cm3LeonGenerat
         self.generation_config._from_model_config = False
 
     def decode_image_tokens(self, sequences: torch.LongTensor) -> torch.LongTensor:
-        """The image that ends each of `generate`'s sequences (`(batch, length)`), as image ids of the joint
-        vocabulary `(batch, image_seq_length)`: what transformers' any-to-any pipeline calls with
-        `generation_mode="image"` before `Cm3LeonProcessor.post_process_multimodal_output` decodes them to pixels
-        (the VQ belongs to the processor). A `ValueError` if a sequence does not end in a whole image."""
-        length = self.config.image_seq_length
-        sequences = torch.as_tensor(sequences)
-        sequences = sequences[None] if sequences.dim() == 1 else sequences
-        image_ids = sequences[:, -length:]
-        start, stop = self.config.image_token_offset, self.config.image_token_offset + self.config.image_vocab_size
-        if sequences.shape[1] < length or not bool(((image_ids >= start) & (image_ids < stop)).all()):
-            raise ValueError(f"The sequences do not end in an image ({length} image ids): generate with "
-                             f"generation_mode='image' (or generate_image=True).")
-        return image_ids
+        """`Cm3LeonModel.decode_image_tokens` (the any-to-any pipeline calls it on the model it holds)."""
+        return self.model.decode_image_tokens(sequences)
+
+    def _check_labels(self, labels: torch.LongTensor) -> None:
+        """Labels are ids of the vocabulary or -100 (ignored): anything else would be an index error inside the loss,
+        or a silent wrong loss on a device that does not check. One reduction per call, skipped under compile."""
+        if torch.compiler.is_compiling() or labels.numel() == 0:
+            return
+        kept = labels[labels != -100]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= self.config.vocab_size):
+            bad = int(kept.min()) if int(kept.min()) < 0 else int(kept.max())
+            raise ValueError(f"labels contains the id {bad}, neither -100 (ignored) nor inside the vocabulary [0, "
+                             f"{self.config.vocab_size}) of this model.")
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -498,6 +468,7 @@ class Cm3LeonForCausalLM(Cm3LeonHubMixin, Cm3LeonPreTrainedModel, Cm3LeonGenerat
 
         loss = None
         if labels is not None:
+            self._check_labels(labels)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(

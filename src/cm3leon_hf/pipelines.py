@@ -19,6 +19,7 @@ trust_remote_code=True)`.
 """
 
 import math
+import string
 
 import numpy as np
 import torch
@@ -283,6 +284,9 @@ class Cm3LeonTextToImagePipeline(_Cm3LeonPipeline):
             raise ValueError(f"Need 1 <= num_images_per_prompt ({num_images}) <= num_candidates ({num_candidates}).")
         if num_candidates > num_images and params.get("reranker") is None:
             raise ValueError("Generating more candidates than images to return needs a `reranker` (a CLIP model).")
+        if params.get("reranker") is not None and not callable(getattr(params["reranker"], "encode", None)):
+            raise ValueError(f"`reranker` must be a sentence-transformers CLIP model (with `encode` for images and "
+                             f"text), got {type(params['reranker']).__name__}.")
         _check_generator(params.get("generator"), num_candidates)
         num_retrieved_docs = params.get("num_retrieved_docs", 0)
         if num_retrieved_docs < 0:
@@ -430,8 +434,15 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
         _check_common(self.model.config, params, params.get("num_images_per_prompt", 1))
         _check_generator(params.get("generator"), 1)
         template = params.get("template", EDIT_TEMPLATE)
-        if "{prompt}" not in template or template.count("<image>") != 1:
+        if not isinstance(template, str) or "{prompt}" not in template or template.count("<image>") != 1:
             raise ValueError("`template` needs exactly one `<image>` and a `{prompt}` field.")
+        try:
+            fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+        except ValueError as error:
+            raise ValueError(f"`template` {template!r} is not a format string: {error}.") from None
+        if fields != {"prompt"}:
+            raise ValueError(f"`template` may hold only the `{{prompt}}` field, got {sorted(fields - {'prompt'})}; "
+                             "write a literal brace as `{{` or `}}`.")
 
     def preprocess(self, inputs, template: str = EDIT_TEMPLATE):
         if inputs.get("image") is None:

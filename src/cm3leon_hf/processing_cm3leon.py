@@ -249,6 +249,8 @@ class Cm3LeonProcessor(ProcessorMixin):
             raise TypeError(f"Unexpected keyword arguments {sorted(kwargs)}.")
         if videos is not None or audio is not None:  # `apply_chat_template` passes both, as None
             raise ValueError("CM3Leon reads text and images only, not videos or audio.")
+        if not isinstance(text, (str, list, tuple)):
+            raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}.")
         documents = [text] if isinstance(text, str) else list(text)
         if not documents or not all(isinstance(d, str) for d in documents):
             raise ValueError("`text` must be a string or a non-empty list of strings.")

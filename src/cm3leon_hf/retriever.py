@@ -98,6 +98,11 @@ class RetrievedDocument:
     extra: dict = field(default_factory=dict)
 
 
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
 class Cm3LeonRetriever:
     """CM3Leon's retriever (CL §2.1): CLIP relevance over a memory bank, with the paper's filters and query dropout.
 
@@ -136,12 +141,10 @@ class Cm3LeonRetriever:
 
     def __init__(self, bank: Cm3LeonMemoryBank, encoder, *, k: int = 2, max_score: float = 0.9,
                  query_dropout: float = 0.2, overfetch: int = 4, seed: int = 0, batch_size: int = 64):
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}.")
+        for name, value in (("k", k), ("overfetch", overfetch), ("batch_size", batch_size)):
+            _check_positive_int(name, value)
         if not 0 <= query_dropout < 1:
             raise ValueError(f"query_dropout must be in [0, 1), got {query_dropout}.")
-        if overfetch < 1:
-            raise ValueError(f"overfetch must be at least 1, got {overfetch}.")
         if len(bank) == 0:
             raise ValueError("The memory bank is empty.")
         bank.check_encoder(encoder)
@@ -200,6 +203,8 @@ class Cm3LeonRetriever:
             `list[list[RetrievedDocument]]`: per query, documents in decreasing relevance, each scoring `<= max_score`,
             no two with the same row or content.
         """
+        if k is not None:
+            _check_positive_int("k", k)
         modality = "text" if texts is not None else "image"
         queries = self.encode_queries(texts, images, training=training, generator=generator)
         return self._retrieve_embeddings(queries, self.k if k is None else k, modality, exclude, exclude_content)
