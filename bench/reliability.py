@@ -783,6 +783,125 @@ def pretrain_learning_rate_inf():
     pretrain("--learning_rate", "inf")
 
 
+# ------------------------------------------------------------------------------------ issue 28, items 7 to 9
+
+@probe("cli", r"num-candidates \(1\) must be at least -n")
+def demo_with_fewer_candidates_than_images():
+    command("-m", "cm3leon_hf.cli", "demo", "-n", "2", "--num-candidates", "1", "-o", "d.png")
+
+
+@probe("cli", r"re-ranking generates all .* at most 1024")
+def a_million_reranked_images():
+    command("-m", "cm3leon_hf.cli", "generate", "a red star", "-n", "1000000", "--rerank", "-o", "x.png")
+
+
+@probe("cli", r"--seed must be at least 0 and at most")
+def a_seed_beyond_torch():
+    command("-m", "cm3leon_hf.cli", "generate", "a red star", "--seed", str(2**70), "-o", "x.png")
+
+
+@probe("cli", r"not UTF-8 text: the byte 0xff")
+def a_prompt_that_is_not_utf8():
+    from cm3leon_hf.cli import main
+
+    main(["generate", b"a red \xff star".decode("utf-8", errors="surrogateescape"), "-o", str(workdir() / "u.png"),
+          "-q"])
+
+
+@probe("processor", r"`text` must be a string.*got NoneType")
+def processor_of_none():
+    processor()(None)
+
+
+@probe("processor", r"`text` must be a string.*got int")
+def processor_of_a_number():
+    processor()(5)
+
+
+@probe("processor", r"batch_size.*positive integer, got 0")
+def image_tokenizer_batch_size_zero():
+    from PIL import Image
+
+    processor().image_tokenizer.encode([Image.new("RGB", (64, 64))], batch_size=0)
+
+
+@probe("model", r"labels contains the id .*neither -100")
+def labels_outside_the_vocabulary():
+    model()(input_ids=prompt_ids(), labels=torch.full_like(prompt_ids(), 10**6))
+
+
+@probe("model", r"inputs_embeds must have shape .*hidden_size=")
+def inputs_embeds_of_another_width():
+    model()(inputs_embeds=torch.randn(1, 3, 7))
+
+
+@probe("config", r"`image_token_offset` must be an integer, got 256.0")
+def a_float_image_token_offset():
+    config_with(image_token_offset=256.0)
+
+
+@probe("pipelines", r"`reranker` must be a sentence-transformers CLIP model")
+def a_reranker_without_encode():
+    from transformers import pipeline
+
+    import cm3leon_hf.pipelines  # noqa: F401
+    from cm3leon_hf.pretrained import TINY_PATH
+
+    pipeline("text-to-image", model=str(TINY_PATH))("a red star", reranker=object(), num_candidates=2,
+                                                    progress_bar=False)
+
+
+@probe("pipelines", r"only the `\{prompt\}` field, got \['foo'\]")
+def an_edit_template_with_an_unknown_field():
+    from PIL import Image
+    from transformers import pipeline
+
+    import cm3leon_hf.pipelines  # noqa: F401
+    from cm3leon_hf.pretrained import TINY_PATH
+
+    pipe = pipeline("image-text-to-image", model=str(TINY_PATH))
+    pipe(Image.new("RGB", (64, 64)), prompt="make the star red", template="{foo} {prompt} <image>", progress_bar=False)
+
+
+def _retriever(**kwargs):
+    from sentence_transformers import SentenceTransformer
+
+    from cm3leon_hf.memory_bank import Cm3LeonMemoryBank
+    from cm3leon_hf.pretrained import CLIP_PATH
+    from cm3leon_hf.retriever import Cm3LeonRetriever
+
+    return Cm3LeonRetriever(Cm3LeonMemoryBank.load(bank_copy("bank-retriever")), SentenceTransformer(str(CLIP_PATH)),
+                            **kwargs)
+
+
+@probe("memory bank", r"`batch_size` must be a positive integer, got 0")
+def retriever_batch_size_zero():
+    _retriever(batch_size=0)
+
+
+@probe("memory bank", r"`k` must be a positive integer, got 2.5")
+def retrieve_a_fractional_k():
+    _retriever().retrieve(["a red star"], k=2.5)
+
+
+@probe("guidance", r"cannot use `inputs_embeds`")
+def guided_decoding_with_embeddings():
+    ids = prompt_ids()
+    model().generate(input_ids=ids, inputs_embeds=model().get_input_embeddings()(ids), guidance_scale=3.0,
+                     max_new_tokens=4)
+
+
+@probe("guidance", None)
+def embeddings_with_their_ids_decode_as_the_ids():
+    ids = prompt_ids()
+    embeds = model().get_input_embeddings()(ids).detach()
+    runs = [model().generate(max_new_tokens=6, do_sample=True, generator=torch.Generator().manual_seed(0),
+                             guidance_scale=1.0, **inputs)[0, -6:]
+            for inputs in ({"input_ids": ids}, {"input_ids": ids, "inputs_embeds": embeds})]
+    if not torch.equal(*runs):
+        raise Silent(f"ids {runs[0].tolist()} but ids + their embeddings {runs[1].tolist()}")
+
+
 # ------------------------------------------------------------------------------------------------ runner
 
 def classify(expect: str | None, fn, seconds: int) -> tuple[str, str]:

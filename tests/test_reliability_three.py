@@ -484,3 +484,40 @@ def test_retriever_sizes_are_checked_by_name():
     with pytest.raises(ValueError, match="`k` must be a positive integer, got 2.5"):
         retriever.retrieve(["a red star"], k=2.5)
     assert [len(docs) for docs in retriever.retrieve(["a red star"], k=3)] == [3]
+
+
+# ------------------------------------------------- issue 28 item 9: generate(inputs_embeds=...) against the ids
+@pytest.fixture(scope="module")
+def image_prompt(processor):
+    return processor("a red star at the top left on a white background <break>", return_tensors="pt")["input_ids"]
+
+
+def _sample(model, **kwargs):
+    return model.generate(max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_guided_decoding_refuses_embeddings_it_would_ignore(tiny_model, image_prompt):
+    """It stacked its streams from the ids and dropped the embeddings: zeros gave the ids' image."""
+    embeds = tiny_model.get_input_embeddings()(image_prompt)
+    for guidance in ({}, {"guidance_scale": 3.0}, {"contrastive_k": 5}):  # {}: the saved guidance (1.25) for images
+        with pytest.raises(ValueError, match="cannot use `inputs_embeds`.*guidance_scale=1.0"):
+            _sample(tiny_model, input_ids=image_prompt, inputs_embeds=embeds, **guidance)
+
+
+def test_ids_steer_and_embeddings_feed_the_model(tiny_model, image_prompt):
+    embeds = tiny_model.get_input_embeddings()(image_prompt).detach()
+    by_ids = _sample(tiny_model, input_ids=image_prompt, guidance_scale=1.0)[0, -8:]
+    both = _sample(tiny_model, input_ids=image_prompt, inputs_embeds=embeds, guidance_scale=1.0)[0, -8:]
+    assert torch.equal(both, by_ids)  # the ids' own embeddings: the ids' tokens, constraint included
+    zeros = _sample(tiny_model, input_ids=image_prompt, inputs_embeds=embeds * 0, guidance_scale=1.0)[0, -8:]
+    assert not torch.equal(zeros, by_ids)  # the embeddings are what the model reads
+    offset = tiny_model.config.image_token_offset
+    assert bool((zeros >= offset).all())  # and the ids' layout still constrains: the continuation is an image
+
+
+def test_embeddings_alone_decode_as_a_plain_causal_lm(tiny_model, image_prompt):
+    embeds = tiny_model.get_input_embeddings()(image_prompt).detach()
+    with pytest.warns(UserWarning, match="decodes as a plain causal LM"):
+        alone = _sample(tiny_model, inputs_embeds=embeds)[0, -8:]
+    plain = _sample(tiny_model, input_ids=image_prompt, guidance_scale=1.0, image_token_constraint=False)[0, -8:]
+    assert torch.equal(alone, plain)

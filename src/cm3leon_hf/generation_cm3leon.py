@@ -43,6 +43,7 @@ Example:
 ```
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,10 @@ DECODING_DEFAULTS = {
 CONTRASTIVE_K = 5  # ours, not tuned: the paper does not report k (bench/RESULTS.md has CD-K at this k)
 GUIDANCE_SETTINGS = ("guidance_scale", "image_guidance_scale", "contrastive_k")
 RENAMED = {"cfg_scale": "guidance_scale", "image_cfg_scale": "image_guidance_scale"}
+
+
+def _guidance_in_use(settings: dict) -> dict:
+    return {name: settings[name] for name in GUIDANCE_SETTINGS if settings[name] is not None}
 
 
 @dataclass
@@ -176,6 +181,12 @@ class Cm3LeonGenerationMixin(GenerationMixin):
         Args:
             inputs (`torch.LongTensor` of shape `(batch_size, prompt_length)`):
                 The conditional prompts (`input_ids=` works too), left-padded with `attention_mask`.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, prompt_length, hidden_size)`, *optional*):
+                transformers' embeddings input. The modality constraint and guidance read the prompt's ids (where an
+                image starts; the unconditional stream), so: with `input_ids` too, the ids steer the constraint and
+                the embeddings feed the model (the ids' own embeddings give the ids' tokens); alone, decoding is a
+                plain causal LM's, without constraint or saved guidance (a warning says so); with guidance, a
+                `ValueError` (the streams are stacked as ids; pass `guidance_scale=1.0` to decode embeddings).
             guidance_scale (`float`, *optional*):
                 Classifier-free guidance `uncond + guidance_scale * (cond - uncond)` (the paper's α_c), with the
                 streams as rows of one forward pass (transformers' own `guidance_scale` processor, which runs a second
@@ -265,9 +276,19 @@ class Cm3LeonGenerationMixin(GenerationMixin):
             # An image's length is known, so its cache can be allocated once: on an H200 (350M, bf16, CFG) 4.35 ms per
             # token against 13.0 with the growing dynamic cache. On CPU the dynamic cache is ~7% faster (tiny).
             kwargs["cache_implementation"] = "static"
+        if guided and kwargs.get("inputs_embeds") is not None:
+            raise ValueError("Guided decoding (guidance_scale, image_guidance_scale or contrastive_k, here "
+                             f"{_guidance_in_use(settings)}, possibly from the generation config) stacks its streams "
+                             "from ids: it cannot use `inputs_embeds`. Pass `input_ids` alone, or guidance_scale=1.0 to "
+                             "decode the embeddings without guidance.")
         if input_ids is None:
             if guided or settings["generate_image"] is not None:
                 raise ValueError("Guided or image-constrained generation needs the prompt `input_ids`.")
+            if kwargs.get("inputs_embeds") is not None:
+                warnings.warn(
+                    "generate(inputs_embeds=...) without input_ids decodes as a plain causal LM: the modality constraint "
+                    "and the saved guidance read the prompt's ids (where an image starts, the unconditional stream). "
+                    "Pass input_ids as well for them.", stacklevel=2)
         elif guided or settings["image_token_constraint"]:
             kwargs, logits_processor = self._prepare_cm3leon_decoding(
                 input_ids, kwargs, logits_processor, settings, streams, generation_config
