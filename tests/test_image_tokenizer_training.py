@@ -367,3 +367,37 @@ def test_the_shipped_vq_chain_parses_and_each_stage_starts_from_an_earlier_one(t
         seen.append(stage["name"])
     assert chain["result"] == seen[-1] == "v4"
     assert (args.num_codes, args.block_out_channels, args.bf16, args.stop_at_step) == (2048, [16, 32, 64, 128], True, 3000)
+
+
+def _images_dataset(path, splits: dict):
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image())})
+    rng = np.random.default_rng(1)
+    make = lambda n, per_row: [[Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8))] * per_row for _ in range(n)]  # noqa: E731
+    datasets.DatasetDict({name: datasets.Dataset.from_dict({"images": make(*shape)}, features=features)
+                          for name, shape in splits.items()}).save_to_disk(str(path))
+    return path
+
+
+def test_a_dataset_without_the_eval_split_is_named(tmp_path):
+    data = _images_dataset(tmp_path / "train-only", {"train": (4, 1)})
+    with pytest.raises(ValueError, match=r"no split 'validation' \(its splits: \['train'\]\); pick one with --eval_split"):
+        train_image_tokenizer.main(arguments(data, tmp_path / "run", 2))
+
+
+def test_training_rows_without_images_are_an_error_not_an_endless_loop(tmp_path):
+    data = _images_dataset(tmp_path / "no-images", {"train": (5, 0), "validation": (2, 1)})
+    with pytest.raises(ValueError, match="rows hold no images in column 'images'"):
+        train_image_tokenizer.main(arguments(data, tmp_path / "run", 2))
+
+
+def test_resume_refuses_options_the_checkpoint_was_not_trained_with(dataset_dir, tmp_path):
+    """--resume continues the checkpoint's VQ: another --num_codes crashed in the usage counts, another width was
+    silently ignored, a discriminator the run never had was a FileNotFoundError."""
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 2))
+    with pytest.raises(ValueError, match=r"--num_codes 32 \(the checkpoint: 16\).*--init_from"):
+        train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 4, "--resume", "--num-codes", "32"))
+    with pytest.raises(ValueError, match=r"--block_out_channels \[8, 16\] \(the checkpoint: \[8, 8\]\)"):
+        train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 4, "--resume", "--block-out-channels", "8", "16"))
+    with pytest.raises(ValueError, match="has no discriminator to resume"):
+        train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 4, "--resume", "--disc-weight", "0.1"))
+    assert train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 4, "--resume"))["step"] == 4  # the same options

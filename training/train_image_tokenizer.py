@@ -103,7 +103,7 @@ from cm3leon_hf.image_tokenizer_training.losses import (
     vq_forward,
     vq_loss,
 )
-from cm3leon_hf.image_tokenizer_training.model import build_vq_model, init_from_pretrained
+from cm3leon_hf.image_tokenizer_training.model import architecture_differences, build_vq_model, init_from_pretrained
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -287,6 +287,13 @@ class VQTrainer:
         """The VQ, its image tokenizer (for evals and the final save), the discriminator and their optimizers."""
         args, device = self.args, self.accelerator.device
         vq = (VQModel.from_pretrained(resume_from / "vq") if resume_from else build_vq_model(args)).to(device).train()
+        if resume_from is not None and (differences := architecture_differences(vq.config, args)):
+            raise ValueError(f"--resume continues {resume_from}, whose VQ differs from these options: "
+                             f"{'; '.join(differences)}. Resume with the run's options, or start a new --output_dir "
+                             f"(with --init_from {resume_from / 'vq'} to start from its weights).")
+        if resume_from is not None and args.disc_weight > 0 and not (resume_from / "discriminator.safetensors").exists():
+            raise ValueError(f"--disc_weight {args.disc_weight}: {resume_from} has no discriminator to resume (the run "
+                             f"trained without one). Start a new --output_dir with --init_from {resume_from / 'vq'}.")
         self.codebook_loaded = resume_from is not None
         if args.init_from is not None and resume_from is None:
             self.codebook_loaded = init_from_pretrained(vq, args.init_from)

@@ -18,12 +18,15 @@ def load_splits(args):
             num_heldout=0,
             cache_dir=None if args.synthetic_cache is None else str(args.synthetic_cache),
         )
-        train, evaluation = world[args.train_split], world[args.eval_split]
+        train, evaluation = _split(world, args.train_split, "--train_split"), _split(world, args.eval_split, "--eval_split")
         if args.streaming:
             train, evaluation = train.to_iterable_dataset(), evaluation.to_iterable_dataset()
     elif Path(args.dataset).is_dir():
         loaded = datasets.load_from_disk(args.dataset)
-        train, evaluation = loaded[args.train_split], loaded[args.eval_split]
+        if not isinstance(loaded, datasets.DatasetDict):
+            raise ValueError(f"--dataset {args.dataset} holds one split, not a DatasetDict: save it as "
+                             f"DatasetDict({{'train': ..., 'validation': ...}}) (a few hundred images to evaluate on).")
+        train, evaluation = _split(loaded, args.train_split, "--train_split"), _split(loaded, args.eval_split, "--eval_split")
         if args.streaming:
             train, evaluation = train.to_iterable_dataset(), evaluation.to_iterable_dataset()
     else:
@@ -34,8 +37,17 @@ def load_splits(args):
     for name, ds in (("train", train), ("eval", evaluation)):
         if ds.column_names is not None and args.image_column not in ds.column_names:
             raise ValueError(f"The {name} split has no column {args.image_column!r} (columns: {ds.column_names}).")
+        if hasattr(ds, "__len__") and len(ds) == 0:
+            raise ValueError(f"The {name} split ({args.train_split if name == 'train' else args.eval_split!r}) of "
+                             f"--dataset has no rows.")
     keep = [args.image_column]
     return train.select_columns(keep), evaluation.select_columns(keep)
+
+
+def _split(splits, name: str, flag: str):
+    if name not in splits:
+        raise ValueError(f"The dataset has no split {name!r} (its splits: {sorted(splits)}); pick one with {flag}.")
+    return splits[name]
 
 
 def row_images(row: dict, column: str) -> list:
@@ -57,14 +69,18 @@ def image_stream(dataset, args, position: dict):
             shuffled = dataset.shuffle(seed=args.seed + epoch)
         else:
             shuffled = dataset.shuffle(seed=args.seed + epoch, buffer_size=args.shuffle_buffer)
+        images_this_epoch = 0
         for row in shuffled.skip(offset):
             images = row_images(row, args.image_column)
+            images_this_epoch += len(images)
             for j in range(used, len(images)):
                 last = j == len(images) - 1
                 yield images[j], {"rows": rows + last, "images": 0 if last else j + 1, "epoch_rows": epoch_rows}
             rows, used = rows + 1, 0
         if rows == 0:
             raise ValueError("The training split has no rows.")
+        if images_this_epoch == 0 and offset == 0:  # a whole pass without an image would loop for ever
+            raise ValueError(f"The training split's rows hold no images in column {args.image_column!r}.")
         epoch_rows = epoch_rows or rows  # an iterable dataset's length is known after its first pass
 
 

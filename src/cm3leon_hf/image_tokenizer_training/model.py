@@ -27,6 +27,30 @@ def build_vq_model(args) -> VQModel:
     )
 
 
+def architecture_differences(vq_config, args) -> list[str]:
+    """What the options of `args` would build that a checkpoint's VQ (its `config`) is not: `--resume` continues the
+    checkpoint's model, so an option changed since would be silently ignored (or, for `--num_codes`, break the code
+    usage counts). `["--num_codes 32 (the checkpoint: 16)", ...]`, empty when they agree."""
+    wanted = {
+        "num_vq_embeddings": ("--num_codes", args.num_codes),
+        "block_out_channels": ("--block_out_channels", list(args.block_out_channels)),
+        "layers_per_block": ("--layers_per_block", args.layers_per_block),
+        "latent_channels": ("--latent_channels", args.latent_channels),
+        "vq_embed_dim": ("--vq_embed_dim", args.vq_embed_dim),
+        "norm_num_groups": ("--norm_num_groups", args.norm_num_groups),
+        "sample_size": ("--resolution", args.resolution),
+        "mid_block_add_attention": ("--mid_block_attention", args.mid_block_attention),
+        "norm_type": ("--norm_type", args.norm_type),
+    }
+    differences = []
+    for key, (flag, value) in wanted.items():
+        saved = vq_config.get(key) if isinstance(vq_config, dict) else getattr(vq_config, key, None)
+        saved = list(saved) if isinstance(saved, (list, tuple)) else saved
+        if saved != value:
+            differences.append(f"{flag} {value} (the checkpoint: {saved})")
+    return differences
+
+
 def init_from_pretrained(vq: VQModel, source_dir: Path) -> bool:
     """Copy a trained VQ's weights into `vq` (`--init-from`). Every tensor but the codebook must match in shape, or
     `vq` must be the source widened by a whole factor (`widen_state_dict`); a `ValueError` lists the tensors that do
