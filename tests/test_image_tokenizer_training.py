@@ -401,3 +401,20 @@ def test_resume_refuses_options_the_checkpoint_was_not_trained_with(dataset_dir,
     with pytest.raises(ValueError, match="has no discriminator to resume"):
         train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 4, "--resume", "--disc-weight", "0.1"))
     assert train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 4, "--resume"))["step"] == 4  # the same options
+
+
+def test_a_saved_empty_train_split_is_named(tmp_path):
+    data = _images_dataset(tmp_path / "empty-train", {"train": (0, 1), "validation": (2, 1)})
+    with pytest.raises(ValueError, match="a split saved with no rows"):
+        train_image_tokenizer.main(arguments(data, tmp_path / "run", 2))
+
+
+def test_resume_passes_over_a_damaged_checkpoint(dataset_dir, tmp_path):
+    train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 4))
+    weights = tmp_path / "checkpoint-4" / "vq" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated after it was saved
+    with pytest.warns(UserWarning, match=r"checkpoint-4 is damaged \(vq/.*resuming from the checkpoint before it"):
+        final = train_image_tokenizer.main(arguments(dataset_dir, tmp_path, 6, "--resume"))
+    assert final["step"] == 6
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "l1" in r or "loss" in r].count(3) == 2  # steps 3 and 4 ran again from step 2

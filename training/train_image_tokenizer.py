@@ -40,9 +40,10 @@ accelerate launch --num_processes 8 training/train_image_tokenizer.py --dataset 
 
 What is the libraries' and what is ours. accelerate places the model and optimizers on the device and wraps them for
 DDP (`accelerate launch`, `torchrun`; gloo on CPU); transformers gives the schedule (linear warmup from 0, then
-cosine to `--min_learning_rate`: `get_cosine_with_min_lr_schedule_with_warmup`), the checkpoint discovery and rotation
-(`get_last_checkpoint`, `rotate_checkpoints`), and, with TRL's parser, the options (`HfArgumentParser` dataclasses;
-`--config` YAML sets defaults, options win). Ours: the losses, the codebook's data-dependent initialisation and
+cosine to `--min_learning_rate`: `get_cosine_with_min_lr_schedule_with_warmup`), the checkpoint rotation
+(`rotate_checkpoints`), and, with TRL's parser, the options (`HfArgumentParser` dataclasses; `--config` YAML sets
+defaults, options win); `--resume` takes the last whole checkpoint as pretraining does (a damaged one is passed over,
+with a warning). Ours: the losses, the codebook's data-dependent initialisation and
 restarts, which under DDP are drawn on the main process and broadcast (code usage is summed over processes, so every
 process restarts the same codes), the data order that `--resume` replays, and the checkpoint files. With the same
 schedule, this loop gives bit-identical weights to the hand-written loop it replaced (checked over 150 steps of the
@@ -80,8 +81,8 @@ from diffusers import VQModel
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
-from transformers.trainer_utils import get_last_checkpoint
 
+from cm3leon_hf.checkpointing import last_complete_checkpoint
 from cm3leon_hf.image_tokenizer import Cm3LeonImageTokenizer
 from cm3leon_hf.image_tokenizer_training.checkpoints import load_optimizer_tensors, save_checkpoint
 from cm3leon_hf.image_tokenizer_training.codebook import dead_codes, normalize_codebook, pick_latents, reset_moments
@@ -266,7 +267,9 @@ class VQTrainer:
         torch.manual_seed(args.seed)  # the same initial weights in every process (DDP also broadcasts them)
         self.generator = torch.Generator().manual_seed(args.seed)
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        resume_from = get_last_checkpoint(str(args.output_dir)) if args.resume else None
+        # The last whole checkpoint: a damaged one (a file truncated or changed since it was saved) is passed over, with
+        # a warning, for the one before it.
+        resume_from = last_complete_checkpoint(str(args.output_dir)) if args.resume else None
         resume_from = None if resume_from is None else Path(resume_from)
         if args.resume and resume_from is None and self.main_process:
             print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch", file=sys.stderr)

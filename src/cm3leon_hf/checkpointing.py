@@ -71,7 +71,11 @@ def checkpoint_problems(checkpoint: str) -> list[str]:
     that fails its zip CRCs (`file_checks.file_problems`: this reads those files once)."""
     if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
         return [f"{TRAINER_STATE_NAME} is missing"]
-    return file_problems(checkpoint, torch_files=True)
+    problems = file_problems(checkpoint, torch_files=True)
+    for sub in sorted(os.listdir(checkpoint)):  # a model saved in a subfolder (the VQ trainer's `vq/`)
+        if os.path.isdir(os.path.join(checkpoint, sub)) and not sub.startswith("."):
+            problems += [f"{sub}/{problem}" for problem in file_problems(os.path.join(checkpoint, sub))]
+    return problems
 
 
 def _checkpoints(output_dir: str) -> list[str]:

@@ -22,7 +22,11 @@ def load_splits(args):
         if args.streaming:
             train, evaluation = train.to_iterable_dataset(), evaluation.to_iterable_dataset()
     elif Path(args.dataset).is_dir():
-        loaded = datasets.load_from_disk(args.dataset)
+        try:
+            loaded = datasets.load_from_disk(args.dataset)
+        except IndexError as error:  # datasets' concat of a split's zero Arrow files
+            raise ValueError(f"datasets cannot load --dataset {args.dataset}: a split saved with no rows has no data "
+                             f"files, and load_from_disk fails on it ({error!r}). Leave empty splits out.") from error
         if not isinstance(loaded, datasets.DatasetDict):
             raise ValueError(f"--dataset {args.dataset} holds one split, not a DatasetDict: save it as "
                              f"DatasetDict({{'train': ..., 'validation': ...}}) (a few hundred images to evaluate on).")
