@@ -7,7 +7,8 @@ code and `auto_map` and loads elsewhere with `trust_remote_code=True`.
 
 The retrieval classes need the `retrieval` extra (faiss, sentence-transformers) and are imported on first use, as are
 the training collator (`Cm3LeonDataCollator`) and pretraining's `Cm3LeonTrainer` and `Cm3LeonPretrainingConfig`
-(`cm3leon_hf.trainer`; `training/pretrain.py` is its command).
+(`cm3leon_hf.trainer`; `training/pretrain.py` is its command), and `TransformersVQImageTokenizer` (the Janus, Emu3
+and Chameleon VQ-VAEs of transformers as image tokenizers).
 
 `HUB_CONFIGS` is the installed copy of the repository's `hub_configs/`: the paper's model sizes as configurations
 without weights (`cm3leon-tiny`, `-350m`, `-760m`, `-7b`), loadable from any directory:
@@ -67,6 +68,7 @@ _LAZY = {
     "Cm3LeonRetriever": "retriever",
     "Cm3LeonTrainer": "trainer",
     "RetrievedDocument": "retriever",
+    "TransformersVQImageTokenizer": "transformers_image_tokenizers",
     "build_retrieval_prompt": "layout",
 }
 
@@ -99,5 +101,6 @@ __all__ = [
     "ImageTokenConstraintLogitsProcessor",
     "InstructClassifierFreeGuidanceLogitsProcessor",
     "RetrievedDocument",
+    "TransformersVQImageTokenizer",
     "build_retrieval_prompt",
 ]
