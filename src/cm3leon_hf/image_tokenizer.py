@@ -62,7 +62,49 @@ RESAMPLE_FILTERS = tuple(PIL_INTERPOLATION)  # what diffusers' VaeImageProcessor
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class Cm3LeonImageTokenizer:
+class VQModelPlacement:
+    """`device`, `dtype` and `to` of an image tokenizer, read from and applied to its `vq_model`."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vq_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vq_model.parameters()).dtype
+
+    def to(self, *args, **kwargs):
+        """Move the VQ model (`torch.nn.Module.to` arguments); returns `self`."""
+        self.vq_model.to(*args, **kwargs)
+        return self
+
+
+def open_image(image, index: int = 0) -> Image.Image:
+    """Any accepted input (a PIL image, a uint8 numpy array, encoded bytes, a path, a `datasets` image dict) → a PIL
+    image in its own mode and size, or a `ValueError` naming image `index` and the problem."""
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):  # a `datasets.Image` cell
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
+        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
+        what = "image bytes" if isinstance(source, io.BytesIO) else f"image file {os.fspath(image)!r}"
+        try:
+            image = Image.open(source)
+            image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"Image {index}: cannot decode the {what} ({error}).") from error
+    elif isinstance(image, np.ndarray):
+        image = _array_to_pil(image, index)
+    elif not isinstance(image, Image.Image):
+        raise ValueError(
+            f"Image {index}: expected a PIL image, a uint8 numpy array, bytes, a path or a `datasets` image dict, "
+            f"got {type(image).__name__}."
+        )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Image {index} has zero size ({image.width}×{image.height}).")
+    return image
+
+
+class Cm3LeonImageTokenizer(VQModelPlacement):
     r"""
     Turns images into `image_seq_length` VQ codes and back, with a diffusers [`VQModel`].
 
@@ -114,46 +156,12 @@ class Cm3LeonImageTokenizer:
         self.codebook_size = int(vq_model.config.num_vq_embeddings)
         self.embed_dim = int(vq_model.quantize.vq_embed_dim)
 
-    # ------------------------------------------------------------------------------------------------ placement
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vq_model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vq_model.parameters()).dtype
-
-    def to(self, *args, **kwargs) -> "Cm3LeonImageTokenizer":
-        """Move the VQ model (`torch.nn.Module.to` arguments); returns `self`."""
-        self.vq_model.to(*args, **kwargs)
-        return self
-
     # ------------------------------------------------------------------------------------------------ pixels
 
     def load_image(self, image, index: int = 0) -> Image.Image:
         """Any accepted input → an RGB PIL image of its own size (see the module docstring). `index` names the image
         in error messages."""
-        if isinstance(image, dict) and ("bytes" in image or "path" in image):  # a `datasets.Image` cell
-            image = image.get("bytes") or image.get("path")
-        if isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
-            source = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
-            what = "image bytes" if isinstance(source, io.BytesIO) else f"image file {os.fspath(image)!r}"
-            try:
-                image = Image.open(source)
-                image.load()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-                raise ValueError(f"Image {index}: cannot decode the {what} ({error}).") from error
-        elif isinstance(image, np.ndarray):
-            image = _array_to_pil(image, index)
-        elif not isinstance(image, Image.Image):
-            raise ValueError(
-                f"Image {index}: expected a PIL image, a uint8 numpy array, bytes, a path or a `datasets` image dict, "
-                f"got {type(image).__name__}."
-            )
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"Image {index} has zero size ({image.width}×{image.height}).")
-        return self._to_rgb(image)
+        return self._to_rgb(open_image(image, index))
 
     def _to_rgb(self, image: Image.Image) -> Image.Image:
         if image.mode == "P":

@@ -52,19 +52,21 @@ Example:
 ```
 """
 
-import io
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import ChameleonVQVAE, Emu3VQVAE, JanusVQVAE
 from transformers.image_transforms import convert_to_rgb
 
+from .atomic import atomic_write_json
 from .file_checks import check_pretrained_folder, looks_local
+from .image_tokenizer import VQModelPlacement, _as_list, open_image
 
 TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME = "transformers_image_tokenizer_config.json"
 VQ_SUBFOLDER = "vq_model"
@@ -76,7 +78,7 @@ IMAGE_PROCESSOR_CLASSES = (
 )
 
 
-class TransformersVQImageTokenizer:
+class TransformersVQImageTokenizer(VQModelPlacement):
     r"""
     Turns images into `image_seq_length` VQ codes and back with a transformers VQ-VAE (Janus, Emu3, Chameleon) and
     that model's own image processor. See the module docstring for what each model does.
@@ -147,48 +149,11 @@ class TransformersVQImageTokenizer:
         self.image_seq_length = self.grid_size**2
         self.codebook_size = codebook_size
 
-    # ------------------------------------------------------------------------------------------------ placement
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vq_model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vq_model.parameters()).dtype
-
-    def to(self, *args, **kwargs) -> "TransformersVQImageTokenizer":
-        """Move the VQ model (`torch.nn.Module.to` arguments); returns `self`."""
-        self.vq_model.to(*args, **kwargs)
-        return self
-
     # ------------------------------------------------------------------------------------------------ pixels
 
     def load_image(self, image, index: int = 0) -> Image.Image:
         """Any accepted input → an RGB PIL image of its own size. `index` names the image in error messages."""
-        if isinstance(image, dict) and ("bytes" in image or "path" in image):  # a `datasets.Image` cell
-            image = image.get("bytes") or image.get("path")
-        if isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
-            source = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
-            what = "image bytes" if isinstance(source, io.BytesIO) else f"image file {os.fspath(image)!r}"
-            try:
-                image = Image.open(source)
-                image.load()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-                raise ValueError(f"Image {index}: cannot decode the {what} ({error}).") from error
-        elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] in (3, 4)):
-                raise ValueError(f"Image {index}: numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4), got "
-                                 f"{image.dtype} {image.shape}.")
-            image = Image.fromarray(image)
-        elif not isinstance(image, Image.Image):
-            raise ValueError(
-                f"Image {index}: expected a PIL image, a uint8 numpy array, bytes, a path or a `datasets` image dict, "
-                f"got {type(image).__name__}."
-            )
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"Image {index} has zero size ({image.width}×{image.height}).")
-        return convert_to_rgb(image)
+        return convert_to_rgb(open_image(image, index))
 
     def preprocess(self, images) -> torch.Tensor:
         """Images (a list, or one image) → the image processor's `pixel_values`, `(batch_size, 3, resolution,
@@ -319,8 +284,7 @@ class TransformersVQImageTokenizer:
             "image_processor_class": type(self.image_processor).__name__,
             "resolution": self.resolution,
         }
-        with open(os.path.join(save_directory, TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME), "w", encoding="utf-8") as f:
-            f.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(Path(save_directory) / TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME, settings)
 
     @classmethod
     def from_pretrained(
@@ -384,12 +348,6 @@ def _centre_square(image: Image.Image) -> Image.Image:
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side))
-
-
-def _as_list(images) -> list:
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    return [images]
 
 
 __all__ = ["TransformersVQImageTokenizer"]
