@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from .configuration_cm3leon import Cm3LeonConfig
-from .image_tokenizer import Cm3LeonImageTokenizer
+from .image_tokenizer import Cm3LeonImageTokenizer, load_image_tokenizer
 from .layout import Cm3LeonLayout
 from .logits_process import (
     BatchedClassifierFreeGuidanceLogitsProcessor,
@@ -103,4 +103,5 @@ __all__ = [
     "RetrievedDocument",
     "TransformersVQImageTokenizer",
     "build_retrieval_prompt",
+    "load_image_tokenizer",
 ]

@@ -326,4 +326,48 @@ def _array_to_pil(array: np.ndarray, index: int) -> Image.Image:
     raise ValueError(f"Image {index}: numpy images must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
 
 
-__all__ = ["Cm3LeonImageTokenizer"]
+
+
+TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME = "transformers_image_tokenizer_config.json"
+
+
+def load_image_tokenizer(pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs):
+    """Load whichever image tokenizer a directory (or Hub repository) holds, by the settings file its
+    `save_pretrained` wrote: `transformers_image_tokenizer_config.json` → `TransformersVQImageTokenizer` (a Janus,
+    Emu3 or Chameleon VQ-VAE), `image_tokenizer_config.json` → `Cm3LeonImageTokenizer` (a diffusers `VQModel`). A local
+    folder with neither but a diffusers `VQModel`'s `config.json` (a VQ training checkpoint's `vq/`) gives a
+    `Cm3LeonImageTokenizer` with the default settings. `kwargs` go to that class's `from_pretrained`.
+
+    Example:
+
+    ```python
+    >>> from cm3leon_hf.pretrained import TINY_PATH
+    >>> load_image_tokenizer(TINY_PATH, subfolder="image_tokenizer").image_seq_length
+    64
+
+    ```
+    """
+    from .transformers_image_tokenizers import TransformersVQImageTokenizer
+
+    check_pretrained_folder(pretrained_model_name_or_path, subfolder, what="image tokenizer")
+    if looks_local(pretrained_model_name_or_path):
+        folder = os.path.join(os.path.expanduser(os.fspath(pretrained_model_name_or_path)), subfolder or "")
+        if os.path.isfile(os.path.join(folder, TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME)):
+            return TransformersVQImageTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+        if not os.path.isfile(os.path.join(folder, IMAGE_TOKENIZER_CONFIG_NAME)) and os.path.isfile(
+            os.path.join(folder, "config.json")
+        ):
+            return Cm3LeonImageTokenizer(VQModel.from_pretrained(folder, **kwargs))
+        return Cm3LeonImageTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+    from huggingface_hub.errors import EntryNotFoundError
+
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    try:
+        hf_hub_download(os.fspath(pretrained_model_name_or_path), TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME,
+                        subfolder=subfolder, **hub)
+    except EntryNotFoundError:
+        return Cm3LeonImageTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+    return TransformersVQImageTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+
+
+__all__ = ["Cm3LeonImageTokenizer", "load_image_tokenizer"]

@@ -15,24 +15,14 @@ Example:
 (0.0, 148.13)
 """
 
-from pathlib import Path
 
 import numpy as np
-from diffusers import VQModel
 
-from .image_tokenizer import IMAGE_TOKENIZER_CONFIG_NAME, Cm3LeonImageTokenizer
+from .image_tokenizer import Cm3LeonImageTokenizer, load_image_tokenizer
 from .synthetic import Scene, read_scene, render
 from .synthetic.evaluator import ATTRIBUTES, compare_scenes
 
 FREEFORM_TEST_SEED = 2_000_003  # neither training batches (--seed) nor training evals (1_000_003) draw from it
-
-
-def load_image_tokenizer(path: str | Path) -> Cm3LeonImageTokenizer:
-    """A saved `Cm3LeonImageTokenizer`, or a bare VQModel (a training checkpoint's `vq/`) with default settings."""
-    path = Path(path)
-    if (path / IMAGE_TOKENIZER_CONFIG_NAME).is_file():
-        return Cm3LeonImageTokenizer.from_pretrained(path)
-    return Cm3LeonImageTokenizer(VQModel.from_pretrained(path))
 
 
 def reconstruct(image_tokenizer: Cm3LeonImageTokenizer, images: list, batch_size: int) -> list:

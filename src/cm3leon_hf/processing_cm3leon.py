@@ -74,7 +74,7 @@ from transformers.utils.hub import hf_api
 
 from .atomic import atomic_directory
 from .file_checks import check_pretrained_folder
-from .image_tokenizer import Cm3LeonImageTokenizer
+from .image_tokenizer import Cm3LeonImageTokenizer, load_image_tokenizer
 from .layout import EDIT_TEMPLATE, INFILL_CHAT_TEMPLATE, MASK_TOKEN, Cm3LeonLayout, build_retrieval_prompt, prompt_text
 from .tokenization_cm3leon import (
     BREAK_TOKEN,
@@ -109,14 +109,18 @@ def _check_unicode(text: str) -> None:
 
 class Cm3LeonProcessor(ProcessorMixin):
     r"""
-    Constructs a CM3Leon processor from a text BPE tokenizer and a [`Cm3LeonImageTokenizer`] (a diffusers `VQModel`).
+    Constructs a CM3Leon processor from a text BPE tokenizer and an image tokenizer: a [`Cm3LeonImageTokenizer`] (a
+    diffusers `VQModel`, such as the VQ we train) or a [`TransformersVQImageTokenizer`] (the Janus, Emu3 or Chameleon
+    VQ-VAE that transformers ships, with that model's own image processor).
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`):
             The text tokenizer, with `pad_token`, `eos_token` and the extra special tokens `<break>`, `<eoss>`,
             `<mask:0>`… (as built by `train_text_tokenizer`). Its ids must stay below `text_vocab_size`.
-        image_tokenizer (`Cm3LeonImageTokenizer`):
-            The VQ image tokenizer. It is saved in diffusers format in the `image_tokenizer/` subfolder.
+        image_tokenizer (`Cm3LeonImageTokenizer` or `TransformersVQImageTokenizer`):
+            The VQ image tokenizer, saved by its own `save_pretrained` in the `image_tokenizer/` subfolder (and loaded
+            back as the class that wrote it). Its codebook size is the image vocabulary and its `image_seq_length`
+            the tokens of every image: `validate_model_config` checks both against a model's config.
         text_vocab_size (`int`, *optional*):
             Number of text ids of the layout (`Cm3LeonConfig.text_vocab_size`); defaults to `len(tokenizer)`.
         image_token_offset (`int`, *optional*):
@@ -139,15 +143,18 @@ class Cm3LeonProcessor(ProcessorMixin):
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        image_tokenizer: Cm3LeonImageTokenizer,
+        image_tokenizer,
         text_vocab_size: int | None = None,
         image_token_offset: int | None = None,
         prepend_eos: bool = True,
         chat_template: str | None = None,
     ):
-        if not isinstance(image_tokenizer, Cm3LeonImageTokenizer):
+        from .transformers_image_tokenizers import TransformersVQImageTokenizer
+
+        if not isinstance(image_tokenizer, (Cm3LeonImageTokenizer, TransformersVQImageTokenizer)):
             raise ValueError(
-                f"`image_tokenizer` must be a `Cm3LeonImageTokenizer`, got {type(image_tokenizer).__name__}."
+                "`image_tokenizer` must be a `Cm3LeonImageTokenizer` (diffusers VQModel) or a "
+                f"`TransformersVQImageTokenizer` (Janus, Emu3, Chameleon VQ-VAE), got {type(image_tokenizer).__name__}."
             )
         super().__init__(tokenizer, chat_template=INFILL_CHAT_TEMPLATE if chat_template is None else chat_template)
         self.image_tokenizer = image_tokenizer
@@ -223,7 +230,7 @@ class Cm3LeonProcessor(ProcessorMixin):
         Args:
             text: one document or a list of documents.
             images: the images of the `<image>` placeholders, in order: one image, a flat list over the whole batch,
-                or one list per document. Any input `Cm3LeonImageTokenizer` accepts (PIL, arrays, bytes, paths).
+                or one list per document. Any input the image tokenizer accepts (PIL, arrays, bytes, paths).
                 Given a text without placeholders (`processor(images=image, text="Describe the picture.")`), the
                 images go where the chat template puts them: the document becomes the template's user turn with its
                 images, the captioning/VQA prompt (the same ids as `apply_chat_template` of that message).
@@ -656,7 +663,7 @@ class Cm3LeonProcessor(ProcessorMixin):
     # -------------------------------------------------------------------------------------------- saving
 
     def to_dict(self) -> dict:
-        # The VQ weights live in `image_tokenizer/` (diffusers format); processor_config.json holds the layout only.
+        # The VQ weights live in `image_tokenizer/` (its own format); processor_config.json holds the layout only.
         output = {
             "processor_class": type(self).__name__,
             "text_vocab_size": self.text_vocab_size,
@@ -668,7 +675,7 @@ class Cm3LeonProcessor(ProcessorMixin):
         return output
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
-        """Save the text tokenizer, `processor_config.json` and the VQ (diffusers format, in `image_tokenizer/`), as a
+        """Save the text tokenizer, `processor_config.json` and the image tokenizer (in `image_tokenizer/`), as a
         whole (`atomic.atomic_directory`: a kill leaves the earlier copy; other files already there are kept).
 
         With `push_to_hub=True`, everything in `save_directory` is then uploaded in one commit to `repo_id` (default:
@@ -691,7 +698,7 @@ class Cm3LeonProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, model_config=None, **kwargs) -> "Cm3LeonProcessor":
         """Load a processor saved by `save_pretrained` (a directory or a Hub repository): the text tokenizer with
         `AutoTokenizer`, `processor_config.json` (and the chat template) with `ProcessorMixin.get_processor_dict`, and
-        the VQ from `image_tokenizer/`. Keyword arguments named like `__init__`'s (`tokenizer=`, `image_tokenizer=`,
+        the image tokenizer from `image_tokenizer/` (`load_image_tokenizer`: the class that saved it). Keyword arguments named like `__init__`'s (`tokenizer=`, `image_tokenizer=`,
         `prepend_eos=`, `chat_template=`, ...) replace what is loaded; the Hub arguments (`revision=`, `token=`,
         `cache_dir=`, `subfolder=`, ...) apply to every file. With `model_config` (a `Cm3LeonConfig`), check that it
         matches the processor's vocabulary (`validate_model_config`).
@@ -718,9 +725,7 @@ class Cm3LeonProcessor(ProcessorMixin):
             init["tokenizer"] = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub, **trust)
         if init.get("image_tokenizer") is None:
             subfolder = posixpath.join(hub.get("subfolder") or "", IMAGE_TOKENIZER_SUBFOLDER)
-            init["image_tokenizer"] = Cm3LeonImageTokenizer.from_pretrained(
-                pretrained_model_name_or_path, **{**hub, "subfolder": subfolder}
-            )
+            init["image_tokenizer"] = load_image_tokenizer(pretrained_model_name_or_path, **{**hub, "subfolder": subfolder})
         processor = cls(**init)
         if model_config is not None:
             processor.validate_model_config(model_config)

@@ -66,9 +66,8 @@ from transformers.image_transforms import convert_to_rgb
 
 from .atomic import atomic_write_json
 from .file_checks import check_pretrained_folder, looks_local
-from .image_tokenizer import VQModelPlacement, _as_list, open_image
+from .image_tokenizer import TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME, VQModelPlacement, _as_list, open_image
 
-TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME = "transformers_image_tokenizer_config.json"
 VQ_SUBFOLDER = "vq_model"
 # The classes `from_pretrained` may build, by the names `save_pretrained` writes (nothing else is looked up).
 VQ_CLASSES = {"JanusVQVAE": "janus", "Emu3VQVAE": "emu3", "ChameleonVQVAE": "chameleon"}
