@@ -69,7 +69,8 @@ class DataSourceArguments:
     `trl.TrlParser`), so that both read the same rows; `load_source` loads them."""
 
     dataset: str | None = field(
-        default=None, metadata={"help": "a directory saved with save_to_disk, or a name for datasets.load_dataset"}
+        default=None, metadata={"help": "a directory saved with save_to_disk, a folder of pictures with a metadata.jsonl "
+                                         "of captions (imagefolder), or a name for datasets.load_dataset"}
     )
     synthetic_task: str | None = field(
         default=None, metadata={"help": "a synthetic-world task (its `caption` and `images` columns)"}
@@ -93,8 +94,9 @@ class DataSourceArguments:
 
 def load_source(args: DataSourceArguments) -> tuple[Dataset, str, str]:
     """`(dataset, text_column, image_column)` of `args`: the synthetic task's split (`synthetic_rows` rows of
-    `synthetic_split`, columns `caption` and `images`), or `dataset` (a `save_to_disk` directory, or a name for
-    `datasets.load_dataset`, columns `text` and `image`); `text_column`/`image_column` override the column names."""
+    `synthetic_split`, columns `caption` and `images`), or `dataset` (a `save_to_disk` directory; a folder of files
+    that `datasets.load_dataset` reads, such as an `imagefolder` of pictures with their captions in `metadata.jsonl`;
+    or a dataset's name), columns `text` and `image`; `text_column`/`image_column` override the column names."""
     if args.synthetic_task:
         from .synthetic import build_task
 
@@ -102,13 +104,18 @@ def load_source(args: DataSourceArguments) -> tuple[Dataset, str, str]:
         sizes[f"num_{args.synthetic_split}"] = args.synthetic_rows
         splits = build_task(args.synthetic_task, seed=args.synthetic_seed, **sizes)
         return splits[args.synthetic_split], args.text_column or "caption", args.image_column or "images"
-    if os.path.isdir(args.dataset):
+    if os.path.isdir(args.dataset) and _saved_to_disk(args.dataset):
         dataset = datasets.load_from_disk(args.dataset)
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[args.split]
-    else:
+    else:  # a name, or a folder of files: datasets infers the builder (imagefolder for pictures + metadata.jsonl)
         dataset = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
     return dataset, args.text_column or "text", args.image_column or "image"
+
+
+def _saved_to_disk(folder: str) -> bool:
+    """Whether `folder` was written by `save_to_disk` (a `Dataset` or a `DatasetDict`) rather than holding data files."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json"))
 
 
 # ------------------------------------------------------------------------------------------------ pre-tokenization

@@ -130,9 +130,13 @@ class PretrainingMetrics:
 
 
 def captions_of(examples, processor, count: int) -> list[str]:
-    """The caption of the first `count` examples whose caption the synthetic world can read (`text <break> image`)."""
-    from .synthetic import parse_caption
+    """The caption of the first `count` examples whose caption the synthetic world can read (`text <break> image`).
+    None when the processor's images are smaller than the world's evaluator reads (a user's own pictures through
+    another image tokenizer): scene metrics are for the synthetic world's data only."""
+    from .synthetic import MIN_RESOLUTION, parse_caption
 
+    if processor.image_tokenizer.resolution < MIN_RESOLUTION:
+        return []
     captions = []
     for ids in examples.select(range(min(len(examples), 4 * count)))["input_ids"]:
         text = processor.tokenizer.decode(ids[: ids.index(processor.break_token_id)]).strip()
