@@ -276,3 +276,17 @@ def test_chameleon_processor_encodes_and_says_it_cannot_draw(tmp_path):
     assert sum(i in processor.image_token_ids for i in ids) == 64
     with pytest.raises(ValueError, match="no decoder"):
         processor.decode(ids)
+
+
+def test_diffusers_pipeline_draws_at_the_tokenizers_resolution(processor, model, tmp_path):
+    from cm3leon_hf.pipeline_cm3leon_diffusers import Cm3LeonDiffusionPipeline
+
+    pipe = Cm3LeonDiffusionPipeline(model=model, processor=processor)
+    assert pipe.resolution == RES
+    images = pipe("a red square", generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, RES, RES, 3)
+    pipe.save_pretrained(tmp_path / "pipe")  # diffusers' layout, the wrapped tokenizer inside processor/
+    again = Cm3LeonDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(again.processor.image_tokenizer, TransformersVQImageTokenizer)
+    assert np.array_equal(again("a red square", generator=torch.Generator().manual_seed(0), output_type="np").images,
+                          images)
