@@ -152,7 +152,8 @@ class TransformersVQImageTokenizer(VQModelPlacement):
 
     def load_image(self, image, index: int = 0) -> Image.Image:
         """Any accepted input → an RGB PIL image of its own size. `index` names the image in error messages."""
-        return convert_to_rgb(open_image(image, index))
+        # transformers' conversion (transparency onto white); as an array, its non-deprecated form
+        return Image.fromarray(convert_to_rgb(open_image(image, index), return_numpy=True))
 
     def preprocess(self, images) -> torch.Tensor:
         """Images (a list, or one image) → the image processor's `pixel_values`, `(batch_size, 3, resolution,
