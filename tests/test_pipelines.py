@@ -296,6 +296,42 @@ def test_image_to_image_editing_streams(model_dir, world):
         pipe(image)
 
 
+@pytest.mark.filterwarnings("ignore::cm3leon_hf.processing_cm3leon.UnknownWordsWarning")  # a BPE of captions only
+def test_image_task_presets_are_the_instruction_tuning_prompts(model_dir, world):
+    """`task="edge" | "segmentation" | "infill" | "edit"`: the prompt `sft_data.format_example` trains on (its first
+    template form) and the paper's guidance (CFG 3 for structure; instruct-CFG 7.5 / 1.5 for edits)."""
+    from cm3leon_hf.layout import EDIT_TEMPLATE
+    from cm3leon_hf.pipelines import IMAGE_TASKS
+    from cm3leon_hf.sft_data import format_example
+    from cm3leon_hf.synthetic import make_row
+    from cm3leon_hf.synthetic.tasks import box_text
+
+    assert IMAGE_TASKS["edit"]["template"] == EDIT_TEMPLATE
+    pipe = pipeline("image-text-to-image", model=str(model_dir))
+    processor = pipe.processor
+    checked = set()
+    for index in range(12):  # rows whose drawn template is the first form, for each condition and for infill
+        for task in ("structure", "infill"):
+            row = make_row(task, "test", index)
+            prompt, _, images = format_example(task, row, index=index)
+            preset = row["condition"] if task == "structure" else "infill"
+            text = row["caption"] if task == "structure" else box_text(row["region"])
+            ours = processor.encode_prompt(text, image=images[0], template=IMAGE_TASKS[preset]["template"])
+            if ours["input_ids"][0].tolist() == processor(prompt, images=images[:1])["input_ids"][0]:
+                checked.add(preset)
+    assert checked == {"edge", "segmentation", "infill"}
+    image = world["test"][1]["images"][0]
+    by_task = pipe(image, prompt="a red star", task="edge", do_sample=False, output_type="ids", progress_bar=False)
+    by_hand = pipe(image, prompt="a red star", template=IMAGE_TASKS["edge"]["template"], guidance_scale=3.0,
+                   image_guidance_scale=None, do_sample=False, output_type="ids", progress_bar=False)
+    assert torch.equal(by_task[0]["image"], by_hand[0]["image"])
+    louder = pipe(image, prompt="a red star", task="edge", guidance_scale=6.0, do_sample=False, output_type="ids",
+                  progress_bar=False)  # a scale given with the task wins
+    assert not torch.equal(louder[0]["image"], by_task[0]["image"])
+    with pytest.raises(ValueError, match=r"`task` must be one of \['edge', 'edit', 'infill', 'segmentation'\]"):
+        pipe(image, prompt="a red star", task="depth")
+
+
 def test_processor_for_another_model_is_refused(model_dir):
     config = Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-350m")
     from cm3leon_hf import Cm3LeonForCausalLM

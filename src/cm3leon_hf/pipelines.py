@@ -40,6 +40,29 @@ PAPER_GUIDANCE_SCALE = 3.0
 PAPER_EDIT_GUIDANCE_SCALES = {"guidance_scale": 7.5, "image_guidance_scale": 1.5}
 
 
+def _image_tasks() -> dict[str, dict]:
+    """The image-conditioned tasks of CL §4.1 as `Cm3LeonImageTextToImagePipeline(task=...)` presets: the prompt part of
+    the instruction-tuning template (the synthetic world's first form of each, which `sft_data` trains on, with its
+    text field as `{prompt}`) and the paper's guidance: instruct-CFG text 7.5 / image 1.5 for editing, CFG 3 for
+    structure-guided generation; infilling (our choice: the paper gives no scale for it) takes CFG 3 too, with the
+    region as the prompt, written as the world writes boxes: `"(x1, y1) -> (x2, y2)"` on a 0–255 scale."""
+    from .synthetic.tasks import EDIT_TEMPLATES, INFILL_TEMPLATES, STRUCTURE_TEMPLATES
+
+    def prompt_part(template: str, field: str) -> str:  # "... {field} <break> <image>" -> "... {prompt} <break>"
+        return template.replace(f"{{{field}}}", "{prompt}").rsplit(" <image>", 1)[0]
+
+    structure = {"guidance_scale": 3.0, "image_guidance_scale": None}
+    return {
+        "edit": {"template": prompt_part(EDIT_TEMPLATES[0], "instruction"), **PAPER_EDIT_GUIDANCE_SCALES},
+        "edge": {"template": prompt_part(STRUCTURE_TEMPLATES["edge"][0], "caption"), **structure},
+        "segmentation": {"template": prompt_part(STRUCTURE_TEMPLATES["segmentation"][0], "caption"), **structure},
+        "infill": {"template": prompt_part(INFILL_TEMPLATES[0], "region"), **structure},
+    }
+
+
+IMAGE_TASKS = _image_tasks()
+
+
 class TokenProgressBar(BaseStreamer):
     """A tqdm bar over generated tokens, fed by `generate`'s streamer hook (the first call carries the prompt)."""
 
@@ -390,7 +413,13 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
     and the unconditional `<eos> <mask:0> <break>`; without it (structure-guided generation, the paper: 3) plain CFG.
 
     Args:
-        prompt (`str`): the instruction (or caption, for structure-guided templates).
+        prompt (`str`): the instruction (the caption for structure-guided generation, the region for infilling).
+        task (`str`, defaults to `"edit"`): a preset of `template` and scales (`IMAGE_TASKS`), the prompts the model
+            was instruction-tuned on (CL §4.1): `"edit"` (instruct-CFG, text 7.5, image 1.5), `"edge"` and
+            `"segmentation"` (`"Make high quality image from canny edge features <break> <image> <break> {prompt}
+            <break>"` / `"... from a segmentation map ..."`, CFG 3), `"infill"` (`"Fill in the missing region {prompt}
+            of the image <break> <image> <break>"`, the region as `"(x1, y1) -> (x2, y2)"` on a 0–255 scale, CFG 3).
+            `template`, `guidance_scale` and `image_guidance_scale` given with it win.
         template (`str`, defaults to the editing template of CL §4.1):
             `"Edit the image following the text instruction <break> <image> <break> {prompt} <break>"`.
         guidance_scale (`float`, defaults to 7.5): text scale. image_guidance_scale (`float`, defaults to 1.5): image
@@ -414,8 +443,16 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
 
     def _sanitize_parameters(
         self, template=None, guidance_scale=None, image_guidance_scale="default", num_images_per_prompt=None,
-        generator=None, progress_bar=None, output_type=None, **generate_kwargs,
+        generator=None, progress_bar=None, output_type=None, task=None, **generate_kwargs,
     ):
+        if task is not None:
+            if task not in IMAGE_TASKS:
+                raise ValueError(f"`task` must be one of {sorted(IMAGE_TASKS)}, got {task!r}.")
+            preset = IMAGE_TASKS[task]
+            template = preset["template"] if template is None else template
+            guidance_scale = preset["guidance_scale"] if guidance_scale is None else guidance_scale
+            if image_guidance_scale == "default":
+                image_guidance_scale = preset["image_guidance_scale"]
         preprocess = {"template": template} if template is not None else {}
         forward = {k: v for k, v in dict(
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
