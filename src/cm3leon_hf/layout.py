@@ -132,6 +132,28 @@ def prompt_text(query_text: str | None, retrieved: Sequence[str] = (), *, uncond
     return " ".join(parts)
 
 
+# The image-conditioned instruction-tuning documents of CL §4.1 / Table 5, as the synthetic world writes its SFT rows
+# (`cm3leon_hf.synthetic.tasks`) and the image-text-to-image pipeline's `task=` presets prompt them: a condition or
+# source `<image>`, the text, and the output `<image>` last.
+EDIT_TEMPLATES = (
+    "Edit the image following the text instruction <break> <image> <break> {instruction} <break> <image>",
+    "Edit first image following the instruction <break> <image> <break> {instruction} <break> <image>",
+)
+STRUCTURE_TEMPLATES = {
+    "edge": (
+        "Make high quality image from canny edge features <break> <image> <break> {caption} <break> <image>",
+        "Make high quality image from canny edge features and text description <break> <image> <break> {caption} <break> <image>",
+    ),
+    "segmentation": (
+        "Make high quality image from a segmentation map <break> <image> <break> {caption} <break> <image>",
+        "Make high quality image from a segmentation map and text description <break> <image> <break> {caption} <break> <image>",
+    ),
+}
+INFILL_TEMPLATES = (
+    "Fill in the missing region {region} of the image <break> <image> <break> <image>",
+    "Restore the masked region {region} <break> <image> <break> <image>",
+)
+
 EDIT_TEMPLATE = f"Edit the image following the text instruction {BREAK_TOKEN} {IMAGE_TOKEN} {BREAK_TOKEN} {{prompt}} {BREAK_TOKEN}"
 """The editing prompt of CL §4.1 (Table 5's prefix): one `<image>`, the instruction in `{prompt}`; instruct-CFG's
 image-conditional stream puts `<mask:0>` in the instruction's place."""

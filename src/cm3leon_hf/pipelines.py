@@ -29,7 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .generation_cm3leon import CONTRASTIVE_K, DECODING_DEFAULTS
-from .layout import EDIT_TEMPLATE
+from .layout import EDIT_TEMPLATE, EDIT_TEMPLATES, INFILL_TEMPLATES, STRUCTURE_TEMPLATES
 from .logits_process import check_guidance_scale, check_top_p
 
 DECODING_STRATEGIES = ("top-p", "temperature", "cd-k", "pooled")
@@ -42,11 +42,10 @@ PAPER_EDIT_GUIDANCE_SCALES = {"guidance_scale": 7.5, "image_guidance_scale": 1.5
 
 def _image_tasks() -> dict[str, dict]:
     """The image-conditioned tasks of CL §4.1 as `Cm3LeonImageTextToImagePipeline(task=...)` presets: the prompt part of
-    the instruction-tuning template (the synthetic world's first form of each, which `sft_data` trains on, with its
+    the instruction-tuning template (`layout`'s first form of each, which the world's SFT rows use, with its
     text field as `{prompt}`) and the paper's guidance: instruct-CFG text 7.5 / image 1.5 for editing, CFG 3 for
     structure-guided generation; infilling (our choice: the paper gives no scale for it) takes CFG 3 too, with the
     region as the prompt, written as the world writes boxes: `"(x1, y1) -> (x2, y2)"` on a 0–255 scale."""
-    from .synthetic.tasks import EDIT_TEMPLATES, INFILL_TEMPLATES, STRUCTURE_TEMPLATES
 
     def prompt_part(template: str, field: str) -> str:  # "... {field} <break> <image>" -> "... {prompt} <break>"
         return template.replace(f"{{{field}}}", "{prompt}").rsplit(" <image>", 1)[0]

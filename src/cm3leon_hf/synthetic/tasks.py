@@ -55,6 +55,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ..layout import EDIT_TEMPLATES, INFILL_TEMPLATES, STRUCTURE_TEMPLATES
 from . import captions as C
 from .drawing import edge_array, encode_png, masked_array, object_pixel_box, render_array, segmentation_array
 from .scene import (
@@ -87,24 +88,6 @@ VQA_TEMPLATES = (
     "Question: {question} Answer: {answer}. <break> <image>",
     "Question: {question}\n{answer} <break> <image>",
     "Question: {question} The answer is {answer}. <break> <image>",
-)
-EDIT_TEMPLATES = (
-    "Edit the image following the text instruction <break> <image> <break> {instruction} <break> <image>",
-    "Edit first image following the instruction <break> <image> <break> {instruction} <break> <image>",
-)
-STRUCTURE_TEMPLATES = {
-    "edge": (
-        "Make high quality image from canny edge features <break> <image> <break> {caption} <break> <image>",
-        "Make high quality image from canny edge features and text description <break> <image> <break> {caption} <break> <image>",
-    ),
-    "segmentation": (
-        "Make high quality image from a segmentation map <break> <image> <break> {caption} <break> <image>",
-        "Make high quality image from a segmentation map and text description <break> <image> <break> {caption} <break> <image>",
-    ),
-}
-INFILL_TEMPLATES = (
-    "Fill in the missing region {region} of the image <break> <image> <break> <image>",
-    "Restore the masked region {region} <break> <image> <break> <image>",
 )
 
 FEATURES = datasets.Features(
