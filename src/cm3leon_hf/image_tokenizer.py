@@ -62,8 +62,10 @@ RESAMPLE_FILTERS = tuple(PIL_INTERPOLATION)  # what diffusers' VaeImageProcessor
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class VQModelPlacement:
-    """`device`, `dtype` and `to` of an image tokenizer, read from and applied to its `vq_model`."""
+class VQImageTokenizerBase:
+    """What every image tokenizer shares, over its `vq_model`: `device`, `dtype`, `to`, batched `encode` / `decode`
+    and `check_codes`. A subclass sets `image_seq_length` and `codebook_size` and defines `preprocess`,
+    `encode_pixels`, `postprocess` and `_decode_checked` (valid codes → pixels); `_check_decoder` may refuse decoding."""
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +79,64 @@ class VQModelPlacement:
         """Move the VQ model (`torch.nn.Module.to` arguments); returns `self`."""
         self.vq_model.to(*args, **kwargs)
         return self
+
+    @torch.no_grad()
+    def encode(self, images, batch_size: int = 64) -> torch.LongTensor:
+        """Images → codes of shape `(batch_size, image_seq_length)`, `torch.long`, raster order, on the CPU.
+
+        Args:
+            images: one image or a list of images (any accepted input; see the module docstring).
+            batch_size: images per forward pass of the encoder (bounds memory; does not change the codes).
+        """
+        _check_batch_size(batch_size)
+        images = _as_list(images)
+        if not images:
+            return torch.empty(0, self.image_seq_length, dtype=torch.long)
+        codes = []
+        for start in range(0, len(images), batch_size):
+            codes.append(self.encode_pixels(self.preprocess(images[start : start + batch_size])).cpu())
+        return torch.cat(codes)
+
+    @torch.no_grad()
+    def decode(self, codes, batch_size: int = 64) -> list[Image.Image]:
+        """Codes `(batch_size, image_seq_length)` (or one image's `(image_seq_length,)`) → list of RGB PIL images.
+
+        Raises a `ValueError` for a tokenizer without a decoder, a wrong shape, a non-integer dtype, or a code outside
+        `[0, codebook_size)`.
+        """
+        self._check_decoder()
+        _check_batch_size(batch_size)
+        codes = self.check_codes(codes)
+        images = []
+        for start in range(0, codes.shape[0], batch_size):
+            images.extend(self.postprocess(self._decode_checked(codes[start : start + batch_size])))
+        return images
+
+    def _check_decoder(self) -> None:
+        """Raise a `ValueError` when this tokenizer cannot decode (every decoding path calls it first)."""
+
+    def check_codes(self, codes) -> torch.LongTensor:
+        """Validate codes and return them as a `(batch_size, image_seq_length)` long tensor."""
+        codes = torch.as_tensor(codes)
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            raise ValueError(f"Image codes must be integers, got dtype {codes.dtype}.")
+        if codes.dim() == 1:
+            codes = codes[None]
+        if codes.dim() != 2 or codes.shape[1] != self.image_seq_length:
+            raise ValueError(
+                f"Image codes must have shape (batch_size, {self.image_seq_length}) (image_seq_length), "
+                f"got {tuple(codes.shape)}."
+            )
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            bad = codes[(codes < 0) | (codes >= self.codebook_size)][0].item()
+            raise ValueError(f"Image code {bad} is outside the codebook [0, {self.codebook_size}) "
+                             f"(codebook_size {self.codebook_size}).")
+        return codes.long()
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
 
 
 def open_image(image, index: int = 0) -> Image.Image:
@@ -104,7 +164,7 @@ def open_image(image, index: int = 0) -> Image.Image:
     return image
 
 
-class Cm3LeonImageTokenizer(VQModelPlacement):
+class Cm3LeonImageTokenizer(VQImageTokenizerBase):
     r"""
     Turns images into `image_seq_length` VQ codes and back, with a diffusers [`VQModel`].
 
@@ -202,42 +262,11 @@ class Cm3LeonImageTokenizer(VQModelPlacement):
     # ------------------------------------------------------------------------------------------------ codes
 
     @torch.no_grad()
-    def encode(self, images, batch_size: int = 64) -> torch.LongTensor:
-        """Images → codes of shape `(batch_size, image_seq_length)`, `torch.long`, raster order, on the CPU.
-
-        Args:
-            images: one image or a list of images (any accepted input; see the module docstring).
-            batch_size: images per forward pass of the encoder (bounds memory; does not change the codes).
-        """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        images = _as_list(images)
-        if not images:
-            return torch.empty(0, self.image_seq_length, dtype=torch.long)
-        codes = []
-        for start in range(0, len(images), batch_size):
-            pixels = self.preprocess(images[start : start + batch_size])
-            codes.append(self.encode_pixels(pixels).cpu())
-        return torch.cat(codes)
-
-    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.LongTensor:
         """Pixels `(batch_size, 3, resolution, resolution)` in [-1, 1] → codes `(batch_size, image_seq_length)`."""
         latents = self.vq_model.encode(pixels).latents  # (batch, embed_dim, grid, grid)
         _, _, (_, _, indices) = self.vq_model.quantize(latents)  # (batch * grid * grid,) in raster order
         return indices.view(pixels.shape[0], self.image_seq_length)
-
-    @torch.no_grad()
-    def decode(self, codes, batch_size: int = 64) -> list[Image.Image]:
-        """Codes `(batch_size, image_seq_length)` (or one image's `(image_seq_length,)`) → list of RGB PIL images.
-
-        Raises a `ValueError` for a wrong shape, a non-integer dtype, or a code outside `[0, codebook_size)`.
-        """
-        codes = self.check_codes(codes)
-        images = []
-        for start in range(0, codes.shape[0], batch_size):
-            images.extend(self.postprocess(self.decode_to_pixels(codes[start : start + batch_size])))
-        return images
 
     @torch.no_grad()
     def decode_to_pixels(self, codes: torch.LongTensor) -> torch.Tensor:
@@ -246,22 +275,7 @@ class Cm3LeonImageTokenizer(VQModelPlacement):
         flat = codes.reshape(-1).to(self.device)
         return self.vq_model.decode(flat, force_not_quantize=True, shape=shape).sample
 
-    def check_codes(self, codes) -> torch.LongTensor:
-        """Validate codes and return them as a `(batch_size, image_seq_length)` long tensor."""
-        codes = torch.as_tensor(codes)
-        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-            raise ValueError(f"Image codes must be integers, got dtype {codes.dtype}.")
-        if codes.dim() == 1:
-            codes = codes[None]
-        if codes.dim() != 2 or codes.shape[1] != self.image_seq_length:
-            raise ValueError(
-                f"Image codes must have shape (batch_size, {self.image_seq_length}) (image_seq_length), "
-                f"got {tuple(codes.shape)}."
-            )
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            bad = codes[(codes < 0) | (codes >= self.codebook_size)][0].item()
-            raise ValueError(f"Image code {bad} is outside the codebook [0, {self.codebook_size}).")
-        return codes.long()
+    _decode_checked = decode_to_pixels  # decode()'s codes are checked already; this one takes them as they are
 
     # ------------------------------------------------------------------------------------------------ saving
 

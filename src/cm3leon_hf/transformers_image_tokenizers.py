@@ -66,7 +66,7 @@ from transformers.image_transforms import convert_to_rgb
 
 from .atomic import atomic_write_json
 from .file_checks import check_pretrained_folder, looks_local
-from .image_tokenizer import TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME, VQModelPlacement, _as_list, open_image
+from .image_tokenizer import TRANSFORMERS_IMAGE_TOKENIZER_CONFIG_NAME, VQImageTokenizerBase, _as_list, open_image
 
 VQ_SUBFOLDER = "vq_model"
 # The classes `from_pretrained` may build, by the names `save_pretrained` writes (nothing else is looked up).
@@ -77,7 +77,7 @@ IMAGE_PROCESSOR_CLASSES = (
 )
 
 
-class TransformersVQImageTokenizer(VQModelPlacement):
+class TransformersVQImageTokenizer(VQImageTokenizerBase):
     r"""
     Turns images into `image_seq_length` VQ codes and back with a transformers VQ-VAE (Janus, Emu3, Chameleon) and
     that model's own image processor. See the module docstring for what each model does.
@@ -191,24 +191,6 @@ class TransformersVQImageTokenizer(VQModelPlacement):
     # ------------------------------------------------------------------------------------------------ codes
 
     @torch.no_grad()
-    def encode(self, images, batch_size: int = 64) -> torch.LongTensor:
-        """Images → codes of shape `(batch_size, image_seq_length)`, `torch.long`, raster order, on the CPU.
-
-        Args:
-            images: one image or a list of images (any accepted input; see the module docstring).
-            batch_size: images per forward pass of the encoder (bounds memory; does not change the codes).
-        """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        images = _as_list(images)
-        if not images:
-            return torch.empty(0, self.image_seq_length, dtype=torch.long)
-        codes = []
-        for start in range(0, len(images), batch_size):
-            codes.append(self.encode_pixels(self.preprocess(images[start : start + batch_size])).cpu())
-        return torch.cat(codes)
-
-    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.LongTensor:
         """Processor pixels `(batch_size, 3, resolution, resolution)` → codes `(batch_size, image_seq_length)`, by the
         VQ-VAE's own `encode`."""
@@ -221,27 +203,14 @@ class TransformersVQImageTokenizer(VQModelPlacement):
         return tokens.reshape(batch, self.image_seq_length).long()
 
     @torch.no_grad()
-    def decode(self, codes, batch_size: int = 64) -> list[Image.Image]:
-        """Codes `(batch_size, image_seq_length)` (or one image's `(image_seq_length,)`) → list of RGB PIL images.
-
-        Raises a `ValueError` for Chameleon (no decoder), a wrong shape, a non-integer dtype, or a code outside
-        `[0, codebook_size)`.
-        """
-        self._check_decoder()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        codes = self.check_codes(codes)
-        images = []
-        for start in range(0, codes.shape[0], batch_size):
-            images.extend(self.postprocess(self.decode_to_pixels(codes[start : start + batch_size])))
-        return images
-
-    @torch.no_grad()
     def decode_to_pixels(self, codes) -> torch.Tensor:
         """Codes `(batch_size, image_seq_length)` → the VQ-VAE's own `decode` output `(batch_size, 3, res, res)`,
         in the processor's normalised space."""
         self._check_decoder()
-        codes = self.check_codes(codes).to(self.device)
+        return self._decode_checked(self.check_codes(codes))
+
+    def _decode_checked(self, codes: torch.LongTensor) -> torch.Tensor:
+        codes = codes.to(self.device)
         if self.kind == "emu3":
             return self.vq_model.decode(codes.view(-1, self.grid_size, self.grid_size))
         return self.vq_model.decode(codes)
@@ -251,24 +220,6 @@ class TransformersVQImageTokenizer(VQModelPlacement):
             raise ValueError("Chameleon's VQ-VAE (transformers' ChameleonVQVAE) has no decoder: it can encode images "
                              "to codes but cannot decode codes to images. Use a Janus or Emu3 VQ-VAE, or a diffusers "
                              "VQModel (Cm3LeonImageTokenizer), to generate images.")
-
-    def check_codes(self, codes) -> torch.LongTensor:
-        """Validate codes and return them as a `(batch_size, image_seq_length)` long tensor."""
-        codes = torch.as_tensor(codes)
-        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-            raise ValueError(f"Image codes must be integers, got dtype {codes.dtype}.")
-        if codes.dim() == 1:
-            codes = codes[None]
-        if codes.dim() != 2 or codes.shape[1] != self.image_seq_length:
-            raise ValueError(
-                f"Image codes must have shape (batch_size, {self.image_seq_length}) (image_seq_length), "
-                f"got {tuple(codes.shape)}."
-            )
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            bad = codes[(codes < 0) | (codes >= self.codebook_size)][0].item()
-            raise ValueError(f"Image code {bad} is outside the codebook [0, {self.codebook_size}) "
-                             f"(codebook_size {self.codebook_size}).")
-        return codes.long()
 
     # ------------------------------------------------------------------------------------------------ saving
 
