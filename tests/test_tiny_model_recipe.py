@@ -30,6 +30,7 @@ def succeeds(result: subprocess.CompletedProcess) -> None:
 def test_the_recipe_builds_and_bundles_a_model(tmp_path):
     recipe = yaml.safe_load((REPO / "training" / "recipes" / "tiny_model.yaml").read_text())
     recipe.pop("continuations", None)  # the base stage first; continuation stages are tried below, at a toy size
+    recipe.pop("sft", None)  # and the instruction-tuning stages after them
     recipe.update(
         output_root=str(tmp_path / "run"),
         train_rows=48,
@@ -104,6 +105,31 @@ def test_the_recipe_builds_and_bundles_a_model(tmp_path):
     assert same(weights(bundle), second) and same(second, weights(continued))  # the same one step from the same start
     refused = train_tiny_model("--config", str(config), "--start_from", str(run / "pretrain"))
     assert refused.returncode != 0 and "the recipe has none" in refused.stderr
+
+    # The instruction-tuned model: the recipe's `sft` stages from the bundle, into a bundle of its own.
+    refused = train_tiny_model("--config", str(config), "--sft_only")
+    assert refused.returncode != 0 and "--sft_only runs the recipe's `sft` stages; the recipe has none" in refused.stderr
+    sft = {**recipe_sft(), "train_rows": 2, "validation_rows": 2, "bundle_dir": str(tmp_path / "bundle-sft"),
+           "overrides": {"max_steps": 1, "warmup_steps": 0, "eval_steps": 1, "save_steps": 1, "logging_steps": 1,
+                         "gradient_accumulation_steps": 1, "max_eval_examples": 2}}
+    succeeds(train_tiny_model("--config", str(config), "--no_progress", "--sft_only", "--sft", json.dumps(sft)))
+    tuned, sft_bundle = run / "sft" / "model", tmp_path / "bundle-sft"
+    assert json.loads((tuned / "trainer_state.json").read_text())["global_step"] == 1
+    manifest = json.loads((run / "sft" / "train" / "manifest.json").read_text())
+    assert manifest["kind"] == "sft" and manifest["num_rows"] == 2 * 7  # 2 rows of each of the world's 7 tasks
+    assert same(weights(sft_bundle), weights(tuned)) and not same(weights(tuned), weights(bundle))
+    Cm3LeonProcessor.from_pretrained(sft_bundle, model_config=Cm3LeonForCausalLM.from_pretrained(sft_bundle).config)
+    card = (sft_bundle / "README.md").read_text()
+    assert f"Instruction-tuned from `{bundle.name}`" in card and "2 rows each" in card and "1 steps" in card
+    assert "A miniature of the paper's instruction tuning" in card  # the recipe's limitations
+    assert not (sft_bundle / "memory_bank").exists() and not list(sft_bundle.glob("*.py"))
+    bad = {k: v for k, v in sft.items() if k != "config"}
+    refused = train_tiny_model("--config", str(config), "--sft_only", "--sft", json.dumps({**bad, "rows": 3}))
+    assert refused.returncode == 2 and "--sft: missing keys ['config'], unknown keys ['rows']" in refused.stderr
+
+
+def recipe_sft() -> dict:
+    return yaml.safe_load((REPO / "training" / "recipes" / "tiny_model.yaml").read_text())["sft"]
 
 
 def test_a_recipe_without_its_keys_is_refused(tmp_path):

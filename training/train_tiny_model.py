@@ -16,6 +16,8 @@ HF_HUB_OFFLINE=1 PYTHONPATH=src python training/train_tiny_model.py --config tra
 # stages that each start from the previous one's weights with a new LR schedule. The bundle is bit for bit the result
 # of the stages before the last, so --start_from trains only the last one:
 ... --config training/recipes/tiny_model.yaml --start_from src/cm3leon_hf/pretrained/cm3leon-tiny
+# Only the instruction-tuned model (the recipe's `sft` stages), from the bundled pretrained one:
+... --config training/recipes/tiny_model.yaml --sft_only
 ```
 
 Stages (each a script of `training/`, run as a subprocess with this interpreter; a stage whose output is complete is
@@ -33,9 +35,12 @@ skipped, an unfinished one resumes):
 4. bundle (not for `--no_retrieval`): the trained model (`config.json`, `model.safetensors`, `generation_config.json`)
    into `bundle_dir` beside the processor it was trained with, and a memory bank of the first `bundle_bank_rows`
    training pairs into `bundle_dir/memory_bank` (`cm3leon-hf generate --retrieve K` reads it).
+5. the recipe's `sft` stages (when it has them): `pretokenize_sft.py` (the world's tasks), `sft.py` (TRL's
+   `SFTTrainer`) from the bundle just written, and the instruction-tuned model bundled into the stage's own
+   `bundle_dir` (`src/cm3leon_hf/pretrained/cm3leon-tiny-sft`) with its processor and model card.
 
 Outputs under `output_root`: `bank/`, `pretokenized/{train-rag,validation}/`, `pretrain/` (or `pretrain-no-retrieval/`,
-whose samples hold no retrieved documents), `pretrain-continued-<k>/`.
+whose samples hold no retrieved documents), `pretrain-continued-<k>/`, `sft/{train,validation,model}/`.
 
 Flags are dataclass fields parsed with `trl.TrlParser`: the recipe's keys (`TinyModelRecipe`, from `--config`) and the
 run's options (`TinyModelArguments`); each takes dashes or underscores (`--no-retrieval` = `--no_retrieval`).
@@ -85,8 +90,16 @@ class TinyModelRecipe:
                           "optimiser and LR schedule, a warm restart), in pretrain-continued-<k>/; the last is bundled"},
     )
 
+    sft: dict | str | None = field(
+        default=None,
+        metadata={"help": "the instruction-tuned model's stages after the bundle (a mapping; JSON): `config` (an "
+                          "sft.py recipe), `train_rows` and `validation_rows` (the world's rows per task), "
+                          "`overrides` (sft.py flags over `config`'s), `bundle_dir`, and for its card "
+                          "`model_description` and `limitations`; optional `generation` (decoding defaults)"},
+    )
+
     def __post_init__(self):
-        for key in ("pretrain_overrides", "generation", "continuations"):
+        for key in ("pretrain_overrides", "generation", "continuations", "sft"):
             if isinstance(getattr(self, key), str):
                 setattr(self, key, json.loads(getattr(self, key)))
         if self.continuations is not None and (
@@ -94,9 +107,26 @@ class TinyModelRecipe:
         ):
             raise ValueError(f"--continuations must be a list of mappings of pretrain.py flags, got {self.continuations!r}")
         for key in ("train_rows", "validation_rows"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"--{key} must be a positive integer, got {value!r}")
+            check_positive(getattr(self, key), f"--{key}")
+        if self.sft is not None:
+            if not isinstance(self.sft, dict):
+                raise ValueError(f"--sft must be a mapping, got {self.sft!r}")
+            missing = [k for k in SFT_REQUIRED if k not in self.sft]
+            unknown = sorted(set(self.sft) - set(SFT_REQUIRED) - set(SFT_OPTIONAL))
+            if missing or unknown:
+                raise ValueError(f"--sft: missing keys {missing}, unknown keys {unknown} (it takes "
+                                 f"{', '.join(SFT_REQUIRED + SFT_OPTIONAL)})")
+            for key in ("train_rows", "validation_rows"):
+                check_positive(self.sft[key], f"--sft's {key}")
+
+
+SFT_REQUIRED = ("config", "train_rows", "validation_rows", "bundle_dir")
+SFT_OPTIONAL = ("overrides", "model_description", "limitations", "generation")
+
+
+def check_positive(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -105,7 +135,12 @@ class TinyModelArguments:
 
     no_retrieval: bool = field(default=False, metadata={"help": "train without retrieved documents (the ablation)"})
     stop_after: Literal["bank", "pretokenize", "pretrain", "bundle"] | None = field(
-        default=None, metadata={"help": "run the stages up to this one"}
+        default=None, metadata={"help": "run the stages up to this one (`bundle`: not the recipe's `sft` stages)"}
+    )
+    sft_only: bool = field(
+        default=False,
+        metadata={"help": "run only the recipe's `sft` stages: instruction-tune the bundled pretrained model "
+                          "(bundle_dir, bit for bit the pretraining stages' result) and bundle the result"},
     )
     nproc: int = field(
         default=1,
@@ -160,20 +195,52 @@ def is_complete(directory: Path) -> bool:
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "README.md")
 
 
-def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str], step: int | None = None) -> Path:
-    """Write the trained model's files into `bundle_dir` (beside its processor), with the recipe's decoding defaults
-    (`generation`) in its generation config and a model card naming its training data, and a memory bank of
-    `bundle_bank_rows` pairs into `bundle_dir/memory_bank`. The model's files replace the bundle's; its other files
-    stay. The bundle is written as a whole (`cm3leon_hf.atomic.atomic_directory`), so a stop leaves the old bundle
-    or the new one, never a mix; the bank build resumes."""
+def write_bundle(trained: Path, bundle_dir: Path, card: dict, generation: dict | None = None) -> Path:
+    """Write the trained model's files (`config.json`, `model.safetensors`, `generation_config.json` with `generation`'s
+    decoding defaults, the model card `README.md` from `card`) into `bundle_dir`, with its processor when the bundle
+    has none. The model's files replace the bundle's; its other files stay. Written as a whole
+    (`cm3leon_hf.atomic.atomic_directory`): a stop leaves the old bundle or the new one, never a mix."""
+    import shutil
+
     from cm3leon_hf import Cm3LeonForCausalLM, Cm3LeonProcessor
+    from cm3leon_hf.atomic import atomic_directory
 
     bundle_dir.mkdir(parents=True, exist_ok=True)
     model = Cm3LeonForCausalLM.from_pretrained(trained)
     processor = Cm3LeonProcessor.from_pretrained(trained)
     processor.validate_model_config(model.config)
-    for key, value in (recipe.get("generation") or {}).items():  # `update` would skip keys it does not know
+    for key, value in (generation or {}).items():  # `update` would skip keys it does not know
         setattr(model.generation_config, key, value)
+    with atomic_directory(bundle_dir) as staging:  # the bundle's files that staging lacks are carried over
+        # Named after the bundle, not the checkpoint it came from (whose path means nothing to a user).
+        model.save_pretrained(staging, model_card_kwargs={**card, "repo_id": bundle_dir.name})
+        if not (bundle_dir / "processor_config.json").exists():
+            processor.save_pretrained(staging)
+        for path in sorted(staging.iterdir()):
+            # The package is the code: no stale copies of it inside the package. Of the rest, the bundle keeps its own.
+            if path.name.endswith(".py") or (path.name not in MODEL_FILES and (bundle_dir / path.name).exists()):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+    return bundle_dir
+
+
+def card_text(recipe: dict, training_data: str) -> dict:
+    """The model card's fields: the training data, and the recipe's description (a Markdown file of the repository:
+    what the model is, its figures) and limitations when it has them."""
+    card = {"training_data": training_data}
+    if recipe.get("model_description"):
+        card["model_description"] = (REPO / recipe["model_description"]).read_text().strip()
+    if recipe.get("limitations"):
+        card["limitations"] = recipe["limitations"].strip()
+    return card
+
+
+def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str], step: int | None = None) -> Path:
+    """The pretrained model into `bundle_dir` (`write_bundle`, with the recipe's decoding defaults and a model card
+    naming its training data), and a memory bank of `bundle_bank_rows` pairs into `bundle_dir/memory_bank` (its build
+    resumes)."""
     training_data = (
         f"The synthetic world of `cm3leon_hf.synthetic`: {recipe['train_rows']:,} text-to-image pairs of its train "
         f"split, each with {recipe['num_retrieved_docs']} documents retrieved from a memory bank of the same pairs; "
@@ -184,27 +251,7 @@ def bundle(trained: Path, bundle_dir: Path, recipe: dict, quiet: list[str], step
            f"{' + '.join(f'{n:,}' for n in continued)} steps, each from the previous stage's weights with a new LR "
            "schedule." if (continued := continuation_steps(recipe)) and step is None else "." * (step is None))
     )
-    import shutil
-
-    from cm3leon_hf.atomic import atomic_directory
-
-    with atomic_directory(bundle_dir) as staging:  # the bundle's files that staging lacks are carried over
-        # Named after the bundle, not the checkpoint it came from (whose path means nothing to a user).
-        card = {"training_data": training_data, "repo_id": bundle_dir.name}
-        if recipe.get("model_description"):  # a Markdown file of the repository: what the model is, its figures
-            card["model_description"] = (REPO / recipe["model_description"]).read_text().strip()
-        if recipe.get("limitations"):
-            card["limitations"] = recipe["limitations"].strip()
-        model.save_pretrained(staging, model_card_kwargs=card)
-        if not (bundle_dir / "processor_config.json").exists():
-            processor.save_pretrained(staging)
-        for path in sorted(staging.iterdir()):
-            # The package is the code: no stale copies of it inside the package. Of the rest, the bundle keeps its own.
-            if path.name.endswith(".py") or (path.name not in MODEL_FILES and (bundle_dir / path.name).exists()):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+    write_bundle(trained, bundle_dir, card_text(recipe, training_data), recipe.get("generation"))
     bank = bundle_dir / "memory_bank"
     if not is_complete(bank):
         run("build_memory_bank.py", "--synthetic_task", "text_to_image", "--synthetic_rows",
@@ -250,6 +297,13 @@ def main(argv=None) -> Path:
             raise ValueError("--bundle_checkpoint bundles the retrieval-trained model; --no_retrieval is the ablation")
         checkpoint = Path(args.bundle_checkpoint)
         return bundle(checkpoint, bundle_dir, recipe, quiet, step=checkpoint_step(checkpoint))
+    if args.sft_only:
+        if not recipe.get("sft"):
+            raise ValueError("--sft_only runs the recipe's `sft` stages; the recipe has none")
+        if not (bundle_dir / "model.safetensors").is_file():
+            raise ValueError(f"--sft_only starts from the bundled pretrained model, and {bundle_dir} holds none: run "
+                             "the recipe without --sft_only first")
+        return instruction_tune(recipe, root, bundle_dir, args, quiet)
     source = ["--synthetic_task", "text_to_image", "--synthetic_rows", str(recipe["train_rows"])]
 
     bank = root / "bank"
@@ -279,7 +333,49 @@ def main(argv=None) -> Path:
     output = stages[-1][0]
     if args.no_retrieval or args.stop_after == "pretrain":
         return output
-    return bundle(output, bundle_dir, recipe, quiet)
+    bundled = bundle(output, bundle_dir, recipe, quiet)
+    if args.stop_after == "bundle" or not recipe.get("sft"):
+        return bundled
+    return instruction_tune(recipe, root, bundled, args, quiet)
+
+
+def instruction_tune(recipe: dict, root: Path, start: Path, args: TinyModelArguments, quiet: list[str]) -> Path:
+    """The recipe's `sft` stages, from the bundled pretrained model `start`: the world's tasks pre-tokenized
+    (`pretokenize_sft.py`, `train_rows` per task, and `validation_rows`) into `sft/{train,validation}/`, multi-task
+    SFT (`sft.py --config <config>` with `overrides`, resuming by itself) into `sft/model/`, and the result bundled
+    into the stage's `bundle_dir` with its own model card (no memory bank: it is the pretrained bundle's)."""
+    sft = recipe["sft"]
+    data = root / "sft"
+    train, validation, output = data / "train", data / "validation", data / "model"
+    if not is_complete(train):
+        run("pretokenize_sft.py", "--synthetic_rows", str(sft["train_rows"]), "--processor", str(start),
+            "--output_dir", str(train), *quiet)
+    if not is_complete(validation):
+        run("pretokenize_sft.py", "--synthetic_rows", str(sft["validation_rows"]), "--split", "validation",
+            "--processor", str(start), "--output_dir", str(validation), *quiet)
+    flags = []
+    for key, value in (sft.get("overrides") or {}).items():
+        flags += [f"--{key}", str(value)]
+    run("sft.py", "--config", str(REPO / sft["config"]), "--model_name_or_path", str(start), "--train_data",
+        str(train), "--eval_data", str(validation), "--output_dir", str(output), *flags,
+        *(["--disable_tqdm", "true"] if args.no_progress else []))
+    steps = int(json.loads((output / "trainer_state.json").read_text())["global_step"])
+    training_data = (
+        f"Instruction-tuned from `{start.name}` (the pretrained tiny model bundled beside it) on the synthetic world "
+        f"of `cm3leon_hf.synthetic`: its {len(task_names())} tasks ({', '.join(task_names())}), "
+        f"{int(sft['train_rows']):,} rows each, in the paper's templates (`cm3leon_hf.sft_data`); multi-task SFT with "
+        f"TRL's `SFTTrainer` (`training/sft.py --config {sft['config']}`), {steps:,} steps "
+        f"(`training/train_tiny_model.py --config training/recipes/tiny_model.yaml --sft_only`)."
+    )
+    bundle_dir = Path(sft["bundle_dir"])
+    bundle_dir = bundle_dir if bundle_dir.is_absolute() else REPO / bundle_dir
+    return write_bundle(output, bundle_dir, card_text(sft, training_data), sft.get("generation"))
+
+
+def task_names() -> list[str]:
+    from cm3leon_hf.synthetic import TASKS
+
+    return list(TASKS)
 
 
 def pretraining_stages(recipe: dict, root: Path, args: TinyModelArguments) -> list[tuple[Path, dict, Path | None]]:
