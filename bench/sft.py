@@ -15,6 +15,10 @@ decoded as the paper does for it:
                  (`parse_caption`) and everything it states holds in the image's scene, with every object described
   vqa            the question with the answer masked -> text to <eoss>, greedy; exact match
 
+Beside each task's accuracy, partial credit: the mean of the evaluator's per-attribute scores (shape, colour, size,
+position of the matched objects, background, object count) where it applies; for captions the scene's attributes as
+read from the caption.
+
 Images are sampled with top-p 0.8 and one seed per row, the same for every model.
 
     python bench/sft.py --models src/cm3leon_hf/pretrained/cm3leon-tiny outputs/sft/tiny --rows 50 \\
@@ -91,27 +95,50 @@ def text_of(model, processor, prompt: str, images: list) -> str:
     return " ".join(text).strip()
 
 
-def score_row(model, processor, task: str, row: dict, index: int, seed: int) -> bool:
+PARTS = ("shape", "color", "size", "position", "background", "count")
+
+
+def agreement(scores: dict) -> float:
+    """The mean of `compare_scenes`'s per-attribute scores (shape, colour, size, position, background, object count)
+    that apply: partial credit, where `scene_correct` gives none."""
+    parts = [scores[k] for k in PARTS if scores[k] is not None]
+    return sum(parts) / len(parts)
+
+
+def score_row(model, processor, task: str, row: dict, index: int, seed: int) -> tuple[bool, float]:
+    """(right, partial credit) of the model's output for one row (`score_output`)."""
     from cm3leon_hf.sft_data import format_example
+
+    prompt, completion, images = format_example(task, row, index=index)
+    if task in IMAGE_TASKS:
+        return score_output(task, row, image_of(model, processor, task, prompt, images[:-1], row, seed))
+    return score_output(task, row, text_of(model, processor, prompt, images))
+
+
+def score_output(task: str, row: dict, output) -> tuple[bool, float]:
+    """(right, partial credit) of an output for one row: for an image task the image, read back by the evaluator
+    against what the prompt states (`scene_correct`, and `agreement`); for a caption the text, parsed back into a
+    scene (right: everything it states holds and it describes every object; partial: the scene's attributes as read
+    from the caption); for VQA the answer, exact match (1.0 / 0.0)."""
     from cm3leon_hf.synthetic.evaluator import compare_scenes, read_scene
     from cm3leon_hf.synthetic.parsing import parse_caption
     from cm3leon_hf.synthetic.scene import Scene
 
-    prompt, completion, images = format_example(task, row, index=index)
     scene = Scene.from_json(row["scene"])
     if task in IMAGE_TASKS:
-        image = image_of(model, processor, task, prompt, images[:-1], row, seed)
         target = parse_caption(row["caption"]) if task == "text_to_image" else scene  # what the prompt states
-        return bool(compare_scenes(read_scene(image), target)["scene_correct"])
-    answer = text_of(model, processor, prompt, images)
+        scores = compare_scenes(read_scene(output), target)
+        return bool(scores["scene_correct"]), agreement(scores)
     if task == "vqa":
-        return answer.rstrip(".").strip() == row["answer"]
+        right = output.rstrip(".").strip() == row["answer"]
+        return right, float(right)
     try:
-        stated = parse_caption(answer)
+        stated = parse_caption(output)
     except ValueError:
-        return False
-    return bool(stated.objects) and bool(compare_scenes(scene, stated)["scene_correct"]) and \
+        return False, 0.0
+    right = bool(stated.objects) and bool(compare_scenes(scene, stated)["scene_correct"]) and \
         len(stated.objects) == len(scene.objects)
+    return right, agreement(compare_scenes(stated, scene))
 
 
 def main(argv=None):
@@ -128,9 +155,10 @@ def main(argv=None):
         started = time.perf_counter()
         row_out = {"model": path}
         for task in tasks:
-            correct = [score_row(model, processor, task, data[task][i], i, args.seed * 100_003 + i)
-                       for i in tqdm(range(len(data[task])), desc=f"{Path(path).name} {task}", leave=False)]
-            row_out[task] = sum(correct) / len(correct)
+            scored = [score_row(model, processor, task, data[task][i], i, args.seed * 100_003 + i)
+                      for i in tqdm(range(len(data[task])), desc=f"{Path(path).name} {task}", leave=False)]
+            row_out[task] = sum(right for right, _ in scored) / len(scored)
+            row_out[f"{task}_partial"] = round(sum(partial for _, partial in scored) / len(scored), 4)
         row_out["minutes"] = round((time.perf_counter() - started) / 60, 1)
         results.append(row_out)
         print(json.dumps(row_out), flush=True)
@@ -140,6 +168,9 @@ def main(argv=None):
     print("|---|" + "---|" * len(tasks))
     for r in results:
         print(f"| {r['model']} | " + " | ".join(f"{r[t]:.2f}" for t in tasks) + " |")
+    print("\nPartial credit (the mean of the evaluator's per-attribute scores; VQA: exact match):")
+    for r in results:
+        print(f"| {r['model']} | " + " | ".join(f"{r[t + '_partial']:.2f}" for t in tasks) + " |")
     if args.output:
         Path(args.output).write_text(json.dumps({"rows": args.rows, "split": args.split, "results": results}, indent=1))
     return results

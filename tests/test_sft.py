@@ -363,3 +363,32 @@ def test_an_sft_step_that_breaks_the_weights_stops_the_run(tmp_path, sft_data):
     with pytest.raises(NonFiniteTrainingError, match="step"):
         run_sft(args, _config(tmp_path / "broken", learning_rate=1e20, save_steps=1), model)
     assert not (tmp_path / "broken" / "model.safetensors").exists()
+
+
+def test_the_sft_benchmark_scores_right_wrong_and_partly_right_outputs():
+    """bench/sft.py's scorer, on outputs whose score is known: the row's own target image and caption are right with
+    full credit; a caption with one colour changed is wrong with partial credit; an empty or unparseable answer
+    scores nothing."""
+    import importlib.util
+
+    from conftest import REPO
+    from cm3leon_hf.synthetic import make_row
+
+    spec = importlib.util.spec_from_file_location("bench_sft", REPO / "bench" / "sft.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for task in ("text_to_image", "structure", "edit", "infill", "spatial"):
+        row = make_row(task, "test", 1)
+        assert bench.score_output(task, row, row["images"][-1]) == (True, 1.0), task
+    row = make_row("text_to_image", "test", 1)
+    assert bench.score_output("text_to_image", row, make_row("text_to_image", "test", 2)["images"][-1])[0] is False
+    caption = make_row("caption", "test", 0)
+    assert bench.score_output("caption", caption, caption["caption"]) == (True, 1.0)
+    colour = next(c for c in ("red", "green", "blue") if c in caption["caption"].split())
+    other = "pink"  # a colour of the world that the caption does not use
+    right, partial = bench.score_output("caption", caption, caption["caption"].replace(colour, other, 1))
+    assert not right and 0.5 < partial < 1.0, partial
+    assert bench.score_output("caption", caption, "the.") == (False, 0.0)
+    vqa = make_row("vqa", "test", 0)
+    assert bench.score_output("vqa", vqa, vqa["answer"] + ".") == (True, 1.0)
+    assert bench.score_output("vqa", vqa, "The.") == (False, 0.0)
