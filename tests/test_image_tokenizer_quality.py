@@ -4,7 +4,9 @@ draw in the world's palette (free-form drawings from a seed no training run draw
 
 The shipped VQ trades a little of its reading of the world's scenes for the free-form drawings (bench/RESULTS.md,
 "Image tokenizer for what users draw"): before it, 98.25% of these scenes read back and the free-form drawings came
-back at 23.2 dB; now 94.5% and 31.5 dB. The bounds below are the measured figures minus a margin."""
+back at 23.2 dB; now 94.75% and 31.9 dB. Its decoder was then fine-tuned alone (codes unchanged: the bundled models
+stay valid) on more drawings that nearly fill the frame, which brought the 56-px square from 21.9 to 29.3 dB. The
+bounds below are the measured figures minus a margin."""
 
 import numpy as np
 import pytest
@@ -50,11 +52,11 @@ def mean_of(scores, field: str) -> float:
 def test_evaluator_reads_the_same_scene_from_93_percent_of_reconstructions(evaluator_scores):
     originals, reconstructed = evaluator_scores
     assert mean_of(originals, "scene_correct") == 1.0  # the evaluator itself is exact on the originals
-    assert mean_of(reconstructed, "scene_correct") >= 0.93  # measured 94.5% (378 of 400)
+    assert mean_of(reconstructed, "scene_correct") >= 0.93  # measured 94.75% (379 of 400; 94.5% before the decoder fine-tune)
 
 
 def test_evaluator_accuracy_on_reconstructions_does_not_regress(evaluator_scores):
-    # Per attribute, the level the shipped VQ reaches on these 400 scenes (shape 97.9%, colour 99.5%, size 98.5%,
+    # Per attribute, the level the shipped VQ reaches on these 400 scenes (shape 97.8%, colour 99.5%, size 98.4%,
     # position 99.7%), minus a margin: a retrained or re-exported VQ that reads worse fails here even where the scene
     # figure above still passes. What it misses most is the shape of the smallest objects in three-object scenes.
     originals, reconstructed = evaluator_scores
@@ -73,8 +75,8 @@ def test_half_of_the_codebook_is_used(image_tokenizer):
 
 
 def test_free_form_drawings_come_back_at_30_db(image_tokenizer):
-    """Shapes of any kind, size, aspect and place, overlapping, in the world's palette (measured: 31.5 dB mean, 57% of
-    drawings at 28 dB or more; the VQ before: 23.2 dB and 23%)."""
+    """Shapes of any kind, size, aspect and place, overlapping, in the world's palette (measured: 31.9 dB mean, 61% of
+    drawings at 28 dB or more; the VQ before the free-form runs: 23.2 dB and 23%)."""
     from cm3leon_hf.synthetic.freeform import drawing_image
 
     drawings = [drawing_image(i, image_tokenizer.resolution, seed=2_000_003) for i in range(200)]
@@ -84,16 +86,16 @@ def test_free_form_drawings_come_back_at_30_db(image_tokenizer):
 
 
 def test_user_drawings_come_back(image_tokenizer):
-    """The issue's three drawings. The ellipse and the bar now pass 28 dB (they were at 24.9 and 21.8, the bar turned
-    purple); the 56-px square with thin margins does not yet: 21.9 dB, from 10.4 (a smeared blob); its colour and
-    extent survive (bench/RESULTS.md)."""
+    """The issue's three drawings, all above 28 dB: the red ellipse 33.9 dB and the thin blue bar 33.9 dB (they were
+    at 24.9 and 21.8, the bar turned purple), the 56-px square with 4-px margins 29.3 dB (10.4 at first, a smeared
+    blob; 21.9 before the decoder-only fine-tune, its margins lavender; bench/RESULTS.md)."""
     from cm3leon_hf.synthetic.freeform import user_drawings
 
     drawings = user_drawings(image_tokenizer.resolution)
     back = dict(zip(drawings, image_tokenizer.decode(image_tokenizer.encode(list(drawings.values())))))
     values = {name: psnr(drawings[name], back[name]) for name in drawings}
     assert values["red ellipse"] >= 30.0 and values["thin blue bar"] >= 30.0, values
-    assert values["purple square"] >= 20.0, values
+    assert values["purple square"] >= 28.0, values
     # The bar keeps its colour: the mean of its pixels stays blue (it turned purple before).
     bar = np.asarray(drawings["thin blue bar"]).reshape(-1, 3)
     inside = (bar != 255).any(axis=1)

@@ -365,8 +365,8 @@ def test_the_shipped_vq_chain_parses_and_each_stage_starts_from_an_earlier_one(t
         if args.init_from is not None:
             assert args.init_from.relative_to(tmp_path).parts[0] in seen
         seen.append(stage["name"])
-    assert chain["result"] == seen[-1] == "v4"
-    assert (args.num_codes, args.block_out_channels, args.bf16, args.stop_at_step) == (2048, [16, 32, 64, 128], True, 3000)
+    assert chain["result"] == seen[-1] == "d2"
+    assert (args.num_codes, args.block_out_channels, args.bf16, args.freeze_encoder) == (2048, [16, 32, 64, 128], True, True)
 
 
 def _images_dataset(path, splits: dict):

@@ -195,11 +195,13 @@ def is_complete(directory: Path) -> bool:
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "README.md")
 
 
-def write_bundle(trained: Path, bundle_dir: Path, card: dict, generation: dict | None = None) -> Path:
+def write_bundle(trained: Path, bundle_dir: Path, card: dict, generation: dict | None = None,
+                 processor_from: Path | None = None) -> Path:
     """Write the trained model's files (`config.json`, `model.safetensors`, `generation_config.json` with `generation`'s
-    decoding defaults, the model card `README.md` from `card`) into `bundle_dir`, with its processor when the bundle
-    has none. The model's files replace the bundle's; its other files stay. Written as a whole
-    (`cm3leon_hf.atomic.atomic_directory`): a stop leaves the old bundle or the new one, never a mix."""
+    decoding defaults, the model card `README.md` from `card`) into `bundle_dir`, with its processor (`trained`'s, or
+    `processor_from`'s) when the bundle has none. The model's files replace the bundle's; its other files stay.
+    Written as a whole (`cm3leon_hf.atomic.atomic_directory`): a stop leaves the old bundle or the new one, never a
+    mix."""
     import shutil
 
     from cm3leon_hf import Cm3LeonForCausalLM, Cm3LeonProcessor
@@ -207,7 +209,7 @@ def write_bundle(trained: Path, bundle_dir: Path, card: dict, generation: dict |
 
     bundle_dir.mkdir(parents=True, exist_ok=True)
     model = Cm3LeonForCausalLM.from_pretrained(trained)
-    processor = Cm3LeonProcessor.from_pretrained(trained)
+    processor = Cm3LeonProcessor.from_pretrained(processor_from or trained)
     processor.validate_model_config(model.config)
     for key, value in (generation or {}).items():  # `update` would skip keys it does not know
         setattr(model.generation_config, key, value)
@@ -369,7 +371,9 @@ def instruction_tune(recipe: dict, root: Path, start: Path, args: TinyModelArgum
     )
     bundle_dir = Path(sft["bundle_dir"])
     bundle_dir = bundle_dir if bundle_dir.is_absolute() else REPO / bundle_dir
-    return write_bundle(output, bundle_dir, card_text(sft, training_data), sft.get("generation"))
+    # The processor is the pretrained bundle's as it is now (SFT does not change it; a decoder-only VQ fine-tune
+    # shipped in the bundle after the SFT run keeps every code, so the tuned model reads and writes the same ids).
+    return write_bundle(output, bundle_dir, card_text(sft, training_data), sft.get("generation"), processor_from=start)
 
 
 def task_names() -> list[str]:
