@@ -84,24 +84,25 @@ def _shares(images, scenes) -> dict[str, float]:
 
 def test_unseen_prompts_give_the_scenes_they_describe(text_to_image):
     """The main job: 24 one-object prompts of the test split, one image each, with the saved decoding defaults (CFG
-    1.25, top-p 0.8), seed 0. Measured on the shipped model (8,000 steps + a 1,800-step continuation): the evaluator
-    reads the prompt's whole scene back from 10 of 24 (seeds 1 and 2: 13 and 13; at 8,000 steps 12, 10, 9); the
-    position and background 24, the count 23, the colour 22, the shape 14. The bounds are those figures minus a
-    margin; they rise with the model."""
+    1.25, top-p 0.8), seeds 0, 1 and 2 (one seed moves the share by ±0.12). Measured on the shipped model (8,000
+    steps + two 1,800-step continuations, the D2 decoder): the evaluator reads the prompt's whole scene back from 33
+    of 72 (seeds: 8, 15, 10; the previous bundle 10, 13, 13); the position and background 72, the count 68, the colour
+    62, the shape 48, the size 56. The bounds are those figures minus a margin; they rise with the model."""
     torch.set_num_threads(1)
     prompts, scenes = one_object_prompts(24)
-    outputs = text_to_image(prompts, batch_size=24, generator=torch.Generator().manual_seed(0), progress_bar=False)
-    share = _shares([result[0]["image"] for result in outputs], scenes)
-    assert share["scene_correct"] >= 0.33, share
-    assert share["position"] >= 0.9 and share["count"] >= 0.85 and share["background"] >= 0.9, share
-    assert share["color"] >= 0.75 and share["shape"] >= 0.5, share
+    images = [result[0]["image"] for seed in (0, 1, 2) for result in
+              text_to_image(prompts, batch_size=24, generator=torch.Generator().manual_seed(seed), progress_bar=False)]
+    share = _shares(images, scenes * 3)
+    assert share["scene_correct"] >= 0.38, share
+    assert share["position"] >= 0.95 and share["count"] >= 0.9 and share["background"] >= 0.95, share
+    assert share["color"] >= 0.8 and share["shape"] >= 0.55 and share["size"] >= 0.7, share
 
 
 def test_reranked_candidates_give_most_scenes(text_to_image):
     """The paper's best decoding (CL Fig. 4): 8 candidates per prompt, ½ top-p + ½ CD-K, the world's CLIP keeps the
-    best. On the same 24 prompts, two seeds (one seed moves the share by ±0.12), the evaluator finds the whole scene
-    in most images: measured 30 of 48 (seeds 0 and 1: 12 and 18; at 8,000 steps 16 and 17), against 23 of 48 with one
-    sample."""
+    best. On the same 24 prompts, two seeds, the evaluator finds the whole scene in most images: measured 33 of 48
+    (seeds 0 and 1: 14 and 19; the previous bundle 12 and 18), against 23 of 48 with one sample; the colour 48, the
+    shape 35, the size 41."""
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(1)
@@ -111,8 +112,8 @@ def test_reranked_candidates_give_most_scenes(text_to_image):
               text_to_image(prompts, batch_size=24, decoding="pooled", num_candidates=8, reranker=reranker,
                             generator=torch.Generator().manual_seed(seed), progress_bar=False)]
     share = _shares(images, scenes + scenes)
-    assert share["scene_correct"] >= 0.55, share
-    assert share["color"] >= 0.85 and share["shape"] >= 0.6 and share["size"] >= 0.75, share
+    assert share["scene_correct"] >= 0.6, share
+    assert share["color"] >= 0.9 and share["shape"] >= 0.65 and share["size"] >= 0.78, share
 
 
 def test_saved_copy_loads_with_remote_code_where_the_package_is_absent(model, tmp_path):
