@@ -267,6 +267,15 @@ def test_sft_resumed_after_a_stop_ends_with_the_weights_of_an_uninterrupted_run(
     assert not all(torch.equal(whole[k], v) for k, v in _weights(TINY_PATH).items())  # it trained
     state = json.loads((tmp_path / "stopped" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    # The same command once more: the run is complete, nothing trains (Trainer alone would count a fifth step and
+    # write checkpoint-5); with its final model gone, it is written again from checkpoint-4.
+    assert run_sft(args, _config(tmp_path / "stopped"), model) is None
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    (tmp_path / "stopped" / "model.safetensors").unlink()
+    assert run_sft(args, _config(tmp_path / "stopped"), model) is None
+    again = _weights(tmp_path / "stopped")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+    assert json.loads((tmp_path / "stopped" / "trainer_state.json").read_text())["global_step"] == 4
     # The saved model loads with its processor, and both agree.
     Cm3LeonProcessor.from_pretrained(tmp_path / "stopped").validate_model_config(
         Cm3LeonForCausalLM.from_pretrained(tmp_path / "stopped").config)

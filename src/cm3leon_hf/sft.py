@@ -30,9 +30,11 @@ Example (a few steps on the synthetic world's tasks; `training/sft.py` is the co
 """
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
+from transformers.trainer_callback import TrainerState
 from trl import SFTConfig, SFTTrainer
 
 from .checkpointing import AtomicCheckpointsMixin, last_complete_checkpoint
@@ -40,7 +42,7 @@ from .modeling_cm3leon import Cm3LeonForCausalLM
 from .pretokenized import load_pretokenized
 from .processing_cm3leon import Cm3LeonProcessor
 from .sft_data import MIXTURE_THRESHOLDS, balance
-from .trainer import StopOnNonFiniteCallback
+from .trainer import StopOnNonFiniteCallback, _completed_step
 
 
 @dataclass
@@ -145,10 +147,24 @@ def build_sft_trainer(script_args: SFTArguments, training_args: SFTConfig, model
                              callbacks=[StopOnNonFiniteCallback()])  # a NaN step stops the run, before its checkpoint
 
 
-def run_sft(script_args: SFTArguments, training_args: SFTConfig, model_args) -> Cm3LeonSFTTrainer:
+def run_sft(script_args: SFTArguments, training_args: SFTConfig, model_args) -> Cm3LeonSFTTrainer | None:
     """Train, or resume from the last complete checkpoint of `training_args.output_dir` (unless `no_resume`), then
-    save the final model (or adapter) with its processor and print a JSON summary. Arguments as `build_sft_trainer`."""
+    save the final model (or adapter) with its processor and print a JSON summary. Arguments as `build_sft_trainer`.
+    A run whose last checkpoint reached `max_steps` is not trained further (`Trainer` would count one more step on
+    resume and write a checkpoint past the end): its final model is written from that checkpoint if a stop came
+    before it, and None is returned."""
     resume = None if script_args.no_resume else last_complete_checkpoint(training_args.output_dir)
+    done = _completed_step(resume, training_args)
+    if done is not None:
+        final = ("adapter_model.safetensors", "model.safetensors")
+        if not any(os.path.exists(os.path.join(training_args.output_dir, name)) for name in final):
+            trainer = build_sft_trainer(script_args, training_args, model_args)
+            trainer._load_from_checkpoint(resume)  # the weights (or the adapter) of the checkpoint, as `train` would
+            trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+            trainer.save_model()
+            trainer.save_state()
+        print(json.dumps({"output_dir": training_args.output_dir, "global_step": done, "complete": True}), flush=True)
+        return None
     trainer = build_sft_trainer(script_args, training_args, model_args)
     if resume and trainer.is_world_process_zero():
         print(f"Resuming from {resume}", flush=True)
