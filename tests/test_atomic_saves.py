@@ -178,6 +178,23 @@ def test_files_in_subdirectories_are_always_kept(tmp_path):
     assert (tmp_path / "checkpoint-6" / "model.safetensors").read_bytes() == b"a checkpoint's weights"
 
 
+def test_an_output_folder_linked_to_another_disk_stays_a_link(tmp_path):
+    """A run's output folder that is a symbolic link (e.g. onto a bigger disk): the final save writes into the folder it
+    points to and keeps the link (it failed before: the swap tried to delete the link as a directory)."""
+    from cm3leon_hf import Cm3LeonConfig
+
+    (tmp_path / "disk" / "run" / "checkpoint-6").mkdir(parents=True)
+    (tmp_path / "disk" / "run" / "checkpoint-6" / "model.safetensors").write_bytes(b"a checkpoint's weights")
+    (tmp_path / "run").symlink_to(tmp_path / "disk" / "run")
+    model = Cm3LeonForCausalLM(Cm3LeonConfig.from_pretrained(HUB_CONFIGS / "cm3leon-tiny"))
+    model.save_pretrained(tmp_path / "run")
+    assert (tmp_path / "run").is_symlink() and (tmp_path / "disk" / "run" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint-6" / "model.safetensors").read_bytes() == b"a checkpoint's weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "run"]  # nothing left beside the link
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["run"]
+    Cm3LeonForCausalLM.from_pretrained(tmp_path / "run")
+
+
 def test_a_file_written_atomically_is_the_old_one_until_its_writer_succeeds(tmp_path):
     """`atomic_file` (the memory bank's index, the builds' JSON): a failed writer leaves the old file and nothing else,
     a killed writer's leftover goes with the next write, and the file gets the mode open() gives."""

@@ -76,7 +76,8 @@ def atomic_directory(path, keep_existing: bool = True, skip: Callable[[str], boo
     without an error, puts it at `path` with `replace_directory`. With `keep_existing`, files already at `path` that the
     block did not write (e.g. a processor's, when a model is saved beside it) are carried over first, except the
     top-level files `skip` names (e.g. weights of an older save in another layout). A failed or killed write leaves `path` as it was;
-    leftovers of killed writes are removed by the next one.
+    leftovers of killed writes are removed by the next one. A `path` that is a symbolic link (an output folder on
+    another disk) stays one: the directory it points to is written.
 
     Example:
 
@@ -90,6 +91,8 @@ def atomic_directory(path, keep_existing: bool = True, skip: Callable[[str], boo
     (['config.json', 'weights'], ['model'])
     """
     path = Path(path)
+    if path.is_symlink():  # an output folder linked to another disk: write there and keep the user's link
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # killed writes
         shutil.rmtree(stale, ignore_errors=True)
