@@ -111,6 +111,32 @@ def test_demo_writes_one_row_per_prompt(model_dir, tmp_path):
     assert Image.open(out).size[1] == 2 * (22 + 128 + 4) + 4
 
 
+def test_demo_adds_one_row_per_task_of_an_instruction_tuned_model(model_dir, tmp_path):
+    """After the text-to-image rows, one row per task (`DEMO_TASKS`): the world's input image then the outputs, or the
+    image and the model's own words for captions and answers; by default from the bundled instruction-tuned model."""
+    from cm3leon_hf.cli import DEMO_TASKS, build_parser, task_rows
+    from cm3leon_hf.pretrained import TINY_SFT_PATH
+    from cm3leon_hf.synthetic import make_row
+
+    rows = task_rows(model_dir, num_images=2, quiet=True)
+    assert [text.split(":")[0] for text, _ in rows] == [label for label, _, _ in DEMO_TASKS]
+    assert [len(images) for _, images in rows] == [2, 3, 3, 3, 3, 1, 1]
+    edit = make_row("edit", "test", 0)
+    assert rows[3][0] == f"edit: {edit['instruction']}"
+    assert np.array_equal(np.asarray(rows[3][1][0]), np.asarray(edit["images"][0]))  # the source, then the edits
+    assert all(image.size == (64, 64) for _, images in rows for image in images)
+    assert rows[6][0].startswith(f"question: {make_row('vqa', 'test', 0)['question']} -> ")
+    out = tmp_path / "demo.png"
+    main(["demo", "-o", str(out), "--model", str(model_dir), "-n", "1", "--num-candidates", "1", "-q",
+          "--tasks-model", str(model_dir)])
+    assert Image.open(out).size[1] == (len(DEMO_PROMPTS) + len(DEMO_TASKS)) * (22 + 128 + 4) + 4
+    assert build_parser().parse_args(["demo"]).tasks_model == str(TINY_SFT_PATH)
+    assert build_parser().parse_args(["demo", "--no-tasks"]).tasks_model is None
+    with pytest.raises(SystemExit, match="holds no model"):
+        main(["demo", "-o", str(out), "--model", str(model_dir), "-n", "1", "--num-candidates", "1", "-q",
+              "--tasks-model", str(tmp_path)])
+
+
 def test_demo_draws_best_of_pooled_candidates_and_generate_samples_plainly():
     """`demo` shows the model at its best (the paper's pooled decoding, 32 candidates re-ranked by CLIP, 4 kept);
     `generate` defaults to the model's saved sampling, one sample per image."""

@@ -233,10 +233,15 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    """A captioned grid: one row per prompt (`DEMO_PROMPTS`, or `--prompts`). The CLIP re-ranker (and a retriever)
-    load once for all prompts."""
+    """A captioned grid: one row per prompt (`DEMO_PROMPTS`, or `--prompts`), then, without `--prompts`, one row per
+    task of the instruction-tuned `--tasks-model` (`task_rows`). The CLIP re-ranker (and a retriever) load once for
+    all prompts."""
     check_counts(args)
     check_output(args.output, 1)
+    tasks = args.tasks_model is not None and not args.prompts
+    if tasks and not (Path(args.tasks_model) / "config.json").exists():
+        raise SystemExit(f"error: --tasks-model {args.tasks_model} holds no model (config.json); pass a saved "
+                         "instruction-tuned CM3Leon, or --no-tasks.")
     pipe = _pipeline(args)
     prompts = args.prompts or list(DEMO_PROMPTS)
     for prompt in prompts:
@@ -248,7 +253,75 @@ def demo(args: argparse.Namespace) -> None:
         if not args.quiet:
             print(f"[{i + 1}/{len(prompts)}] {prompt}", file=sys.stderr)
         rows.append((prompt, [r["image"] for r in pipe(prompt, **_generation_kwargs(args, i, reranker, retriever))]))
+    if tasks:
+        rows += task_rows(args.tasks_model, args.num_images, args.seed, args.quiet)
     _write(caption_grid(rows), args.output)
+
+
+# The instruction-tuned model's tasks in the demo, one row each: (label, the world's task, its condition if any).
+DEMO_TASKS = (
+    ("boxes", "spatial", None),
+    ("edge map", "structure", "edge"),
+    ("segmentation map", "structure", "segmentation"),
+    ("edit", "edit", None),
+    ("infill", "infill", None),
+    ("caption", "caption", None),
+    ("question", "vqa", None),
+)
+
+
+def _task_example(task: str, condition: str | None) -> dict:
+    """The first row of the world's `test` split for `task` (with that `condition`, for structure maps)."""
+    from .synthetic import make_row
+
+    for index in range(100):
+        row = make_row(task, "test", index)
+        if condition is None or row["condition"] == condition:
+            return row
+    raise RuntimeError(f"no {condition} row among the first 100 of {task}")  # the world draws both conditions
+
+
+def task_rows(model: str | Path, num_images: int = 4, seed: int = 0, quiet: bool = False) -> list[tuple[str, list]]:
+    """One captioned row per task of an instruction-tuned model (`DEMO_TASKS`, on the world's `test` rows), each
+    through the pipeline a user would call, with the model's decoding for it: boxes with `text-to-image` and the saved
+    CFG; edge and segmentation maps, edits and infilling with `image-text-to-image`'s `task=` presets (the model's
+    saved scales for them, else the paper's); captions and answers with transformers' `image-text-to-text` (greedy,
+    to `<eoss>`). A row is `(text, [input image, outputs...])`; the
+    text of a caption or an answer is the model's."""
+    import torch
+    from transformers import pipeline
+
+    from . import pipelines  # noqa: F401  (registers the pipelines)
+    from .sft_data import format_messages
+
+    model = str(model)
+    rows = []
+    for i, (label, task, condition) in enumerate(DEMO_TASKS):
+        if not quiet:
+            print(f"[task {i + 1}/{len(DEMO_TASKS)}] {label}", file=sys.stderr)
+        row = _task_example(task, condition)
+        generator = torch.Generator().manual_seed((seed + 1000 + i) % 2**64)
+        common = dict(num_images_per_prompt=num_images, generator=generator, progress_bar=not quiet)
+        if task == "spatial":
+            user = format_messages(task, row)["messages"][0]["content"][0]["text"]
+            drawn = pipeline("text-to-image", model=model)(user, **common)  # the model's saved CFG
+            rows.append((f"{label}: {user}", [r["image"] for r in drawn]))
+        elif task in ("structure", "edit", "infill"):
+            preset = condition or task
+            prompt = row["instruction"] if task == "edit" else row["caption"] if task == "structure" else \
+                "({}, {}) -> ({}, {})".format(*row["region"])
+            drawn = pipeline("image-text-to-image", model=model)(row["images"][0], prompt=prompt, task=preset, **common)
+            rows.append((f"{label}: {prompt}", [row["images"][0], *(r["image"] for r in drawn)]))
+        else:
+            turn = format_messages(task, row)["messages"][0]
+            content = [{"type": "image", "image": row["images"][0]} if part["type"] == "image" else part
+                       for part in turn["content"]]
+            out = pipeline("image-text-to-text", model=model)(
+                text=[{"role": "user", "content": content}], max_new_tokens=96, return_full_text=False,
+                generate_kwargs={"do_sample": False})
+            question = row["question"] + " " if task == "vqa" else ""
+            rows.append((f"{label}: {question}-> {out[0]['generated_text'].strip()}", [row["images"][0]]))
+    return rows
 
 
 def _bounded(kind, low, name: str, *, inclusive: bool = True, high=None):
@@ -315,6 +388,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, num_images: int, 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pretrained import TINY_SFT_PATH
+
     parser = argparse.ArgumentParser(prog="cm3leon-hf", description="CM3Leon for the Hugging Face ecosystem.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate_parser = commands.add_parser(
@@ -336,7 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
         "candidates per prompt from the pooled ½ top-p + ½ CD-K decoding with CFG, the world's CLIP keeps the 4 that "
         "match the prompt best (--decoding, --num-candidates and -n change it).")
     demo_parser.add_argument("-o", "--output", type=Path, default=Path("cm3leon-demo.png"))
-    demo_parser.add_argument("--prompts", nargs="+", help="instead of the built-in prompts")
+    demo_parser.add_argument("--prompts", nargs="+", help="instead of the built-in prompts (and no task rows)")
+    demo_parser.add_argument(
+        "--tasks-model", default=str(TINY_SFT_PATH) if TINY_SFT_PATH.exists() else None,
+        help="an instruction-tuned CM3Leon: one more row per task (boxes, edge and segmentation maps, edit, infill, "
+             "caption, question), each from a test example of the synthetic world (default: the bundled "
+             "cm3leon-tiny-sft)")
+    demo_parser.add_argument("--no-tasks", dest="tasks_model", action="store_const", const=None,
+                             help="only the text-to-image rows")
     _add_generation_arguments(demo_parser, num_images=4, decoding="pooled", num_candidates=32)
     demo_parser.set_defaults(func=demo)
     info_parser = commands.add_parser("info", help="describe a config or saved model directory")

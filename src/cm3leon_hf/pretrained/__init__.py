@@ -8,6 +8,11 @@ format in `image_tokenizer/`) and a memory bank of 3,000 training pairs (`memory
 processor; `training/train_text_tokenizer.py`, `training/train_image_tokenizer.py` and `training/build_processor.py`
 the processor.
 
+`TINY_SFT_PATH` is the same model after the paper's multi-task instruction tuning (CL §4) on the synthetic world's
+seven tasks, with its own processor and model card (no memory bank): it edits and infills images, draws from boxes and
+from edge or segmentation maps, captions and answers questions. `training/train_tiny_model.py --config
+training/recipes/tiny_model.yaml --sft_only` reproduces it from `TINY_PATH`.
+
 `CLIP_PATH` is the synthetic world's small CLIP, a `sentence_transformers.SentenceTransformer` folder that encodes texts
 and images into one space (the retriever's encoder, the re-ranker and the metric's feature space). It was trained by
 `training/train_clip.py` for the documented 5,817 steps, with that script's earlier hand-written loop (`eval_results.json`
@@ -27,6 +32,7 @@ inside holds its figures and arguments).
 from pathlib import Path
 
 TINY_PATH = Path(__file__).resolve().parent / "cm3leon-tiny"
+TINY_SFT_PATH = Path(__file__).resolve().parent / "cm3leon-tiny-sft"
 CLIP_PATH = Path(__file__).resolve().parent / "clip-synthetic"
 
-__all__ = ["CLIP_PATH", "TINY_PATH"]
+__all__ = ["CLIP_PATH", "TINY_PATH", "TINY_SFT_PATH"]
