@@ -47,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scales", nargs="+", default=[], metavar="TASK=SCALE[,IMAGE_SCALE]",
+                        help="other guidance than the paper's, e.g. edit=3,1.5 structure=1.25 (1: no guidance)")
     parser.add_argument("--output", help="write the rows as JSON here")
     return parser.parse_args(argv)
 
@@ -142,8 +144,20 @@ def score_output(task: str, row: dict, output) -> tuple[bool, float]:
 
 
 def main(argv=None):
+    global EDIT_IMAGE_GUIDANCE
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    for item in args.scales:  # the paper's scales are the defaults; the tiny model may want others (chosen on validation)
+        task, _, values = item.partition("=")
+        if task not in IMAGE_TASKS or task == "text_to_image" or not values:
+            raise SystemExit(f"--scales {item!r}: expected TASK=SCALE[,IMAGE_SCALE] for one of "
+                             f"{[t for t in IMAGE_TASKS if t != 'text_to_image']}")
+        scale, _, image_scale = values.partition(",")
+        IMAGE_TASKS[task] = float(scale)
+        if image_scale:
+            if task != "edit":
+                raise SystemExit(f"--scales {item!r}: only edit takes an image scale")
+            EDIT_IMAGE_GUIDANCE = float(image_scale)
     from cm3leon_hf.synthetic import TASKS, build_task
 
     tasks = args.tasks or list(TASKS)
@@ -163,7 +177,7 @@ def main(argv=None):
         results.append(row_out)
         print(json.dumps(row_out), flush=True)
     print(f"\n{args.rows} {args.split} rows per task; {platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s)")
+          f"{args.threads} thread(s); guidance {IMAGE_TASKS}, edit image scale {EDIT_IMAGE_GUIDANCE}")
     print("| model | " + " | ".join(tasks) + " |")
     print("|---|" + "---|" * len(tasks))
     for r in results:

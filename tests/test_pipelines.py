@@ -330,6 +330,25 @@ def test_image_task_presets_are_the_instruction_tuning_prompts(model_dir, world)
     assert not torch.equal(louder[0]["image"], by_task[0]["image"])
     with pytest.raises(ValueError, match=r"`task` must be one of \['edge', 'edit', 'infill', 'segmentation'\]"):
         pipe(image, prompt="a red star", task="depth")
+    # A model's own scales for a task (its generation config) replace the paper's; other tasks keep the paper's.
+    pipe.model.generation_config.task_guidance_scales = {"edge": {"guidance_scale": 1.25},
+                                                         "edit": {"guidance_scale": 1.5, "image_guidance_scale": 1.25}}
+    try:
+        saved = pipe(image, prompt="a red star", task="edge", do_sample=False, output_type="ids", progress_bar=False)
+        at_125 = pipe(image, prompt="a red star", template=IMAGE_TASKS["edge"]["template"], guidance_scale=1.25,
+                      image_guidance_scale=None, do_sample=False, output_type="ids", progress_bar=False)
+        assert torch.equal(saved[0]["image"], at_125[0]["image"]) and not torch.equal(saved[0]["image"], by_task[0]["image"])
+        edit = pipe(image, prompt="make the star blue", task="edit", do_sample=False, output_type="ids", progress_bar=False)
+        by_hand = pipe(image, prompt="make the star blue", guidance_scale=1.5, image_guidance_scale=1.25, do_sample=False,
+                       output_type="ids", progress_bar=False)
+        assert torch.equal(edit[0]["image"], by_hand[0]["image"])
+        segmentation = pipe(image, prompt="a red star", task="segmentation", do_sample=False, output_type="ids",
+                            progress_bar=False)
+        paper = pipe(image, prompt="a red star", template=IMAGE_TASKS["segmentation"]["template"], guidance_scale=3.0,
+                     image_guidance_scale=None, do_sample=False, output_type="ids", progress_bar=False)
+        assert torch.equal(segmentation[0]["image"], paper[0]["image"])
+    finally:
+        del pipe.model.generation_config.task_guidance_scales
 
 
 def test_processor_for_another_model_is_refused(model_dir):

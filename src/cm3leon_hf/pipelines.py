@@ -418,7 +418,11 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
             `"segmentation"` (`"Make high quality image from canny edge features <break> <image> <break> {prompt}
             <break>"` / `"... from a segmentation map ..."`, CFG 3), `"infill"` (`"Fill in the missing region {prompt}
             of the image <break> <image> <break>"`, the region as `"(x1, y1) -> (x2, y2)"` on a 0–255 scale, CFG 3).
-            `template`, `guidance_scale` and `image_guidance_scale` given with it win.
+            Those are the paper's scales; a model that saved its own for a task
+            (`generation_config.task_guidance_scales`, e.g. `{"edit": {"guidance_scale": 1.5,
+            "image_guidance_scale": 1.25}, "edge": {"guidance_scale": 1.25}}`: the bundled tiny SFT model, whose
+            images the paper's scales wash out) uses those. `template`, `guidance_scale` and `image_guidance_scale`
+            given with it win.
         template (`str`, defaults to the editing template of CL §4.1):
             `"Edit the image following the text instruction <break> <image> <break> {prompt} <break>"`.
         guidance_scale (`float`, defaults to 7.5): text scale. image_guidance_scale (`float`, defaults to 1.5): image
@@ -447,7 +451,10 @@ class Cm3LeonImageTextToImagePipeline(_Cm3LeonPipeline):
         if task is not None:
             if task not in IMAGE_TASKS:
                 raise ValueError(f"`task` must be one of {sorted(IMAGE_TASKS)}, got {task!r}.")
-            preset = IMAGE_TASKS[task]
+            # The model's own scales for the task (`generation_config.task_guidance_scales`, chosen on its validation
+            # data) over the paper's, as its saved `guidance_scale` is for text-to-image.
+            saved = getattr(self.model.generation_config, "task_guidance_scales", None) or {}
+            preset = {**IMAGE_TASKS[task], **saved.get(task, {})}
             template = preset["template"] if template is None else template
             guidance_scale = preset["guidance_scale"] if guidance_scale is None else guidance_scale
             if image_guidance_scale == "default":
