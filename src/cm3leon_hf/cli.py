@@ -293,8 +293,15 @@ def task_rows(model: str | Path, num_images: int = 4, seed: int = 0, quiet: bool
 
     from . import pipelines  # noqa: F401  (registers the pipelines)
     from .sft_data import format_messages
+    from .synthetic.tasks import box_text
 
-    model = str(model)
+    loaded = {}
+
+    def pipe(kind: str):  # each pipeline loads the model once for all its rows
+        if kind not in loaded:
+            loaded[kind] = pipeline(kind, model=str(model))
+        return loaded[kind]
+
     rows = []
     for i, (label, task, condition) in enumerate(DEMO_TASKS):
         if not quiet:
@@ -304,19 +311,19 @@ def task_rows(model: str | Path, num_images: int = 4, seed: int = 0, quiet: bool
         common = dict(num_images_per_prompt=num_images, generator=generator, progress_bar=not quiet)
         if task == "spatial":
             user = format_messages(task, row)["messages"][0]["content"][0]["text"]
-            drawn = pipeline("text-to-image", model=model)(user, **common)  # the model's saved CFG
+            drawn = pipe("text-to-image")(user, **common)  # the model's saved CFG
             rows.append((f"{label}: {user}", [r["image"] for r in drawn]))
         elif task in ("structure", "edit", "infill"):
             preset = condition or task
             prompt = row["instruction"] if task == "edit" else row["caption"] if task == "structure" else \
-                "({}, {}) -> ({}, {})".format(*row["region"])
-            drawn = pipeline("image-text-to-image", model=model)(row["images"][0], prompt=prompt, task=preset, **common)
+                box_text(row["region"])
+            drawn = pipe("image-text-to-image")(row["images"][0], prompt=prompt, task=preset, **common)
             rows.append((f"{label}: {prompt}", [row["images"][0], *(r["image"] for r in drawn)]))
         else:
             turn = format_messages(task, row)["messages"][0]
             content = [{"type": "image", "image": row["images"][0]} if part["type"] == "image" else part
                        for part in turn["content"]]
-            out = pipeline("image-text-to-text", model=model)(
+            out = pipe("image-text-to-text")(
                 text=[{"role": "user", "content": content}], max_new_tokens=96, return_full_text=False,
                 generate_kwargs={"do_sample": False})
             question = row["question"] + " " if task == "vqa" else ""
