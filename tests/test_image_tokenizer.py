@@ -199,3 +199,39 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_loading_without_accelerate_says_nothing_about_it(monkeypatch):
+    """diffusers asks for low-memory loading by default and, where `accelerate` is missing (the package's base install,
+    `make demo`), warned at every load of the VQ that it fell back. The tokenizer asks for it only where it can work:
+    no warning, the same model."""
+    import logging
+
+    import diffusers.models.modeling_utils as modeling_utils
+    import diffusers.utils
+
+    from cm3leon_hf import load_image_tokenizer
+    from cm3leon_hf.pretrained import TINY_PATH
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    path = TINY_PATH / "image_tokenizer"
+    with_accelerate = load_image_tokenizer(path)
+    monkeypatch.setattr(diffusers.utils, "is_accelerate_available", lambda: False)
+    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
+    records = Records()
+    logging.getLogger("diffusers").addHandler(records)
+    try:
+        without = load_image_tokenizer(path)
+        VQModel.from_pretrained(path)  # diffusers' own default warns: the handler does see the warning
+    finally:
+        logging.getLogger("diffusers").removeHandler(records)
+    assert sum("low cpu memory" in m for m in records.messages) == 1, records.messages  # diffusers' call only
+    assert all(torch.equal(a, b) for a, b in zip(with_accelerate.vq_model.state_dict().values(),
+                                                 without.vq_model.state_dict().values()))

@@ -57,6 +57,16 @@ from PIL import Image, UnidentifiedImageError
 
 from .file_checks import check_pretrained_folder, looks_local
 
+
+def _load_vq_model(pretrained_model_name_or_path, **kwargs) -> VQModel:
+    """`VQModel.from_pretrained`, with diffusers' low-memory loading only where `accelerate` is installed: diffusers
+    asks for it by default and, without `accelerate`, warns at every load that it falls back (the package's base
+    install, e.g. `make demo`, has no `accelerate`; the result is the same model)."""
+    from diffusers.utils import is_accelerate_available
+
+    kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
+    return VQModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
 IMAGE_TOKENIZER_CONFIG_NAME = "image_tokenizer_config.json"
 RESAMPLE_FILTERS = tuple(PIL_INTERPOLATION)  # what diffusers' VaeImageProcessor resizes with
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -305,7 +315,7 @@ class Cm3LeonImageTokenizer(VQImageTokenizerBase):
                     f"Cm3LeonProcessor.save_pretrained keeps its image tokenizer in image_tokenizer/: copy that folder "
                     f"too, or save the processor again."
                 )
-        vq_model = VQModel.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        vq_model = _load_vq_model(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isdir(path):
             config_file = os.path.join(path, subfolder or "", IMAGE_TOKENIZER_CONFIG_NAME)
@@ -371,7 +381,7 @@ def load_image_tokenizer(pretrained_model_name_or_path: str | os.PathLike, subfo
         if not os.path.isfile(os.path.join(folder, IMAGE_TOKENIZER_CONFIG_NAME)) and os.path.isfile(
             os.path.join(folder, "config.json")
         ):
-            return Cm3LeonImageTokenizer(VQModel.from_pretrained(folder, **kwargs))
+            return Cm3LeonImageTokenizer(_load_vq_model(folder, **kwargs))
         return Cm3LeonImageTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
     from huggingface_hub.errors import EntryNotFoundError
 
