@@ -2,6 +2,7 @@
 resize/crop, diffusers-format save/load, and errors naming the problem."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -144,6 +145,12 @@ def test_save_and_load_in_diffusers_format(image_tokenizer, tmp_path):
     assert torch.equal(loaded.encode(images), tokenizer.encode(images))
     codes = tokenizer.encode(images)
     assert [im.tobytes() for im in loaded.decode(codes)] == [im.tobytes() for im in tokenizer.decode(codes)]
+    # Saved again after loading from a path: that path (diffusers' `_name_or_path`) stays out of the saved config.
+    assert str(loaded.vq_model.config._name_or_path) == str(tmp_path)
+    loaded.save_pretrained(tmp_path / "again")
+    assert "_name_or_path" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    assert json.loads((tmp_path / "again" / "image_tokenizer_config.json").read_text()) == {
+        "background_color": [0, 0, 0], "resample": "lanczos"}
 
 
 def test_device_and_dtype_follow_the_model(image_tokenizer):

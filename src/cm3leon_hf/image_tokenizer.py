@@ -55,7 +55,12 @@ from diffusers.utils.pil_utils import PIL_INTERPOLATION
 from huggingface_hub import hf_hub_download
 from PIL import Image, UnidentifiedImageError
 
+from .atomic import atomic_write_json
 from .file_checks import check_pretrained_folder, looks_local
+
+IMAGE_TOKENIZER_CONFIG_NAME = "image_tokenizer_config.json"
+RESAMPLE_FILTERS = tuple(PIL_INTERPOLATION)  # what diffusers' VaeImageProcessor resizes with
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _load_vq_model(pretrained_model_name_or_path, **kwargs) -> VQModel:
@@ -66,10 +71,6 @@ def _load_vq_model(pretrained_model_name_or_path, **kwargs) -> VQModel:
 
     kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
     return VQModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-IMAGE_TOKENIZER_CONFIG_NAME = "image_tokenizer_config.json"
-RESAMPLE_FILTERS = tuple(PIL_INTERPOLATION)  # what diffusers' VaeImageProcessor resizes with
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class VQImageTokenizerBase:
@@ -291,12 +292,18 @@ class Cm3LeonImageTokenizer(VQImageTokenizerBase):
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Save the VQ in diffusers format (`config.json`, `diffusion_pytorch_model.safetensors`) and the preprocessing
-        settings (`image_tokenizer_config.json`) in `save_directory`."""
+        settings (`image_tokenizer_config.json`) in `save_directory`. diffusers writes where the VQ was loaded from
+        (`_name_or_path`, a path of the machine that saved it) into `config.json`; it is left out, as transformers
+        leaves it out of a model's."""
         os.makedirs(save_directory, exist_ok=True)
         self.vq_model.save_pretrained(save_directory, safe_serialization=True)
+        config_file = os.path.join(save_directory, "config.json")
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.pop("_name_or_path", None) is not None:
+            atomic_write_json(config_file, config)
         settings = {"background_color": list(self.background_color), "resample": self.resample}
-        with open(os.path.join(save_directory, IMAGE_TOKENIZER_CONFIG_NAME), "w", encoding="utf-8") as f:
-            f.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(os.path.join(save_directory, IMAGE_TOKENIZER_CONFIG_NAME), settings)
 
     @classmethod
     def from_pretrained(
