@@ -182,6 +182,11 @@ def parse_args(argv=None) -> tuple[dict, TinyModelArguments, list[str]]:
     return asdict(recipe), args, extra.pretrain_args
 
 
+def as_flags(options: dict | None) -> list[str]:
+    """A mapping of a script's options as its command-line words: `{"max_steps": 10}` → `["--max_steps", "10"]`."""
+    return [word for key, value in (options or {}).items() for word in (f"--{key}", str(value))]
+
+
 def run(script: str, *args: str, launcher: list[str] = ()) -> None:
     command = [sys.executable, *launcher, str(HERE / script), *args]
     print("+", " ".join(command), flush=True)
@@ -355,9 +360,7 @@ def instruction_tune(recipe: dict, root: Path, start: Path, args: TinyModelArgum
     if not is_complete(validation):
         run("pretokenize_sft.py", "--synthetic_rows", str(sft["validation_rows"]), "--split", "validation",
             "--processor", str(start), "--output_dir", str(validation), *quiet)
-    flags = []
-    for key, value in (sft.get("overrides") or {}).items():
-        flags += [f"--{key}", str(value)]
+    flags = as_flags(sft.get("overrides"))
     run("sft.py", "--config", str(REPO / sft["config"]), "--model_name_or_path", str(start), "--train_data",
         str(train), "--eval_data", str(validation), "--output_dir", str(output), *flags,
         *(["--disable_tqdm", "true"] if args.no_progress else []))
@@ -401,9 +404,7 @@ def pretrain(recipe: dict, overrides: dict, output: Path, train: Path, validatio
     """One pretraining stage: training/pretrain.py (resuming by itself) with the recipe's flags, from `start`'s
     weights when given; with `--nproc`, the same global batch over that many processes."""
     settings = {**pretrain_settings(recipe), **overrides}
-    flags = []
-    for key, value in overrides.items():
-        flags += [f"--{key}", str(value)]
+    flags = as_flags(overrides)
     if start is not None:
         flags += ["--model_name_or_path", str(start)]
     launcher = []
