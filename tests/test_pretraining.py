@@ -386,3 +386,20 @@ def test_a_row_with_several_images_is_named_not_cut():
         _image_of(["a", "b"])
     with pytest.raises(ValueError, match="A memory-bank document has one image; a row of the image column holds 3"):
         one_image(["a", "b", "c"])
+
+
+def test_config_overrides_shape_a_new_model(tmp_path, train_dir):
+    """`--config_overrides` (transformers' run_clm convention) trains another shape from the same config directory,
+    saved with the run; a bad value is named by the config's own checks, and it cannot reshape loaded weights."""
+    trainer = build_trainer(script_args(train_dir, config_overrides="hidden_size=64,num_attention_heads=2"),
+                            training_args(tmp_path / "run"))
+    config = trainer.model.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (64, 2, 4)
+    assert trainer.model.get_input_embeddings().weight.shape == (config.vocab_size, 64)
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        build_trainer(script_args(train_dir, config_overrides="hidden_size=64,num_attention_heads=3"),
+                      training_args(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="no_such_field"):
+        build_trainer(script_args(train_dir, config_overrides="no_such_field=1"), training_args(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="--config_overrides .* --model_name_or_path"):
+        PretrainArguments(train_data=str(train_dir), config_overrides="hidden_size=64", model_name_or_path=TINY_PATH)

@@ -33,6 +33,11 @@ class PretrainArguments:
         default="hub_configs/cm3leon-tiny",
         metadata={"help": "a Cm3LeonConfig directory (hub_configs/<name> also resolves to the package's copy)"},
     )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "override --model_config's fields when training from scratch, as transformers' run_clm "
+                          "does: 'hidden_size=384,num_attention_heads=6'"},
+    )
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from these weights instead"})
     processor: str | None = field(
         default=None, metadata={"help": "the processor of the data, saved with the model (default: the shipped tiny)"}
@@ -59,6 +64,9 @@ class PretrainArguments:
             raise ValueError(f"--poisson_lambda must be a finite number > 0, got {self.poisson_lambda}")
         if self.causal_fraction is not None and not 0 <= self.causal_fraction <= 1:
             raise ValueError(f"--causal_fraction must be in [0, 1], got {self.causal_fraction}")
+        if self.config_overrides is not None and self.model_name_or_path is not None:
+            raise ValueError("--config_overrides changes a new model's config: it cannot be combined with "
+                             "--model_name_or_path (those weights have their shape)")
         check_guidance_scale(self.eval_guidance_scale, "--eval_guidance_scale")  # generate's one check of a scale
 
 

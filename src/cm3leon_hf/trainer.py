@@ -236,7 +236,13 @@ def _build_model(script_args: PretrainArguments, training_args: TrainingArgument
     if script_args.model_name_or_path:
         model = Cm3LeonForCausalLM.from_pretrained(script_args.model_name_or_path)
     else:
-        model = Cm3LeonForCausalLM(Cm3LeonConfig.from_pretrained(_resolve(script_args.model_config)))
+        config = Cm3LeonConfig.from_pretrained(_resolve(script_args.model_config))
+        if script_args.config_overrides:
+            # transformers' own parser (run_clm's --config_overrides): names a key the config lacks, casts each
+            # value to the field's type; then the config's own checks (e.g. heads dividing the width).
+            config.update_from_string(script_args.config_overrides)
+            config._validate_layout()
+        model = Cm3LeonForCausalLM(config)
     processor = Cm3LeonProcessor.from_pretrained(script_args.processor or TINY_PATH)
     processor.validate_model_config(model.config)
     return model, processor
