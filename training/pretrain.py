@@ -11,6 +11,9 @@ HF_HUB_OFFLINE=1 PYTHONPATH=src python training/pretrain.py --config training/re
 # Override anything on the command line (TRL-style: --config YAML, then flags)
 ... --config training/recipes/pretrain_tiny.yaml --max_steps 2000 --output_dir outputs/pretrain-tiny-short
 
+# Another shape from the same config (transformers' run_clm convention; from scratch only)
+... --config training/recipes/pretrain_tiny.yaml --config_overrides hidden_size=384,num_attention_heads=6,intermediate_size=1536
+
 # Interrupted? Run the same command again: it resumes from the last complete checkpoint of --output_dir
 # (--no_resume starts over in the same directory).
 
