@@ -146,3 +146,19 @@ def test_a_recipe_without_its_keys_is_refused(tmp_path):
                                       "num_retrieved_docs": 3, "pretrain_config": "p.yaml", "trian_rows": 5}))
     refused = train_tiny_model("--config", str(config))  # a misspelt key is not ignored
     assert refused.returncode == 2 and "trian_rows" in refused.stderr
+
+
+def test_continuations_inherit_the_base_flags_but_not_its_shape(tmp_path):
+    """A recipe that trains another shape (pretrain_overrides.config_overrides) continues from those weights: the
+    continuation stages get every base flag but that one, which pretrain.py refuses beside --model_name_or_path."""
+    sys.path.insert(0, str(REPO / "training"))
+    from train_tiny_model import TinyModelArguments, pretraining_stages
+
+    recipe = {"pretrain_overrides": {"max_steps": 8, "config_overrides": "hidden_size=384,num_attention_heads=6"},
+              "continuations": [{"max_steps": 2}, {"learning_rate": 1e-4}]}
+    stages = pretraining_stages(recipe, tmp_path, TinyModelArguments())
+    assert [(path.name, flags, start and start.name) for path, flags, start in stages] == [
+        ("pretrain", recipe["pretrain_overrides"], None),
+        ("pretrain-continued-1", {"max_steps": 2}, "pretrain"),
+        ("pretrain-continued-2", {"max_steps": 8, "learning_rate": 1e-4}, "pretrain-continued-1"),
+    ]

@@ -392,8 +392,10 @@ def pretraining_stages(recipe: dict, root: Path, args: TinyModelArguments) -> li
     if args.no_retrieval:
         return [(root / "pretrain-no-retrieval", base, None)]
     stages = [(root / "pretrain", base, None)]
+    # A continuation starts from weights, which have their shape: the base stage's --config_overrides is not theirs.
+    inherited = {k: v for k, v in base.items() if k != "config_overrides"}
     for k, continuation in enumerate(recipe.get("continuations") or (), start=1):
-        stages.append((root / f"pretrain-continued-{k}", {**base, **continuation}, stages[-1][0]))
+        stages.append((root / f"pretrain-continued-{k}", {**inherited, **continuation}, stages[-1][0]))
     if args.start_from is not None and len(stages) == 1:
         raise ValueError("--start_from stands for the stages before the last continuation; the recipe has none")
     return stages
