@@ -3,6 +3,7 @@ training/pretrain.py): skips with counts, resume after a kill, retrieval from th
 bank, vocabulary checks, learning (image loss far below the unigram baseline), exact resume, atomic checkpoints and
 two processes (torchrun, gloo) matching one."""
 
+import importlib.util
 import json
 import math
 import os
@@ -403,3 +404,21 @@ def test_config_overrides_shape_a_new_model(tmp_path, train_dir):
         build_trainer(script_args(train_dir, config_overrides="no_such_field=1"), training_args(tmp_path / "bad"))
     with pytest.raises(ValueError, match="--config_overrides .* --model_name_or_path"):
         PretrainArguments(train_data=str(train_dir), config_overrides="hidden_size=64", model_name_or_path=TINY_PATH)
+
+
+def test_packed_rows_of_the_packing_benchmark_score_as_the_padded_batch(tmp_path, train_dir):
+    """bench/pretrain_speed.py --packing times the same tokens packed padding-free; its rows must be what they claim:
+    the model's loss over them equals the padded batch's (attention stays within each sample, positions restart)."""
+    spec = importlib.util.spec_from_file_location("bench_pretrain_speed", REPO / "bench" / "pretrain_speed.py")
+    sys.path.insert(0, str(REPO / "bench"))  # it imports bench/train.py beside it
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trainer = build_trainer(script_args(train_dir), training_args(tmp_path / "run"))
+    batch = trainer.data_collator(trainer.train_dataset.__getitems__(list(range(8))))
+    lengths = batch["attention_mask"].sum(-1)
+    packed = bench.pack(batch, int(lengths.max()) * 3)
+    assert len(packed["input_ids"]) < len(lengths)  # several samples per row
+    assert int((packed["labels"] != -100).sum()) == int((batch["labels"][:, 1:] != -100).sum())
+    model = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**packed).loss, model(**batch).loss, rtol=1e-5, atol=1e-5)
