@@ -400,8 +400,12 @@ def test_config_overrides_shape_a_new_model(tmp_path, train_dir):
     with pytest.raises(ValueError, match="num_attention_heads"):
         build_trainer(script_args(train_dir, config_overrides="hidden_size=64,num_attention_heads=3"),
                       training_args(tmp_path / "bad"))
-    with pytest.raises(ValueError, match="no_such_field"):
+    with pytest.raises(ValueError, match="--config_overrides 'no_such_field=1': .*no_such_field"):
         build_trainer(script_args(train_dir, config_overrides="no_such_field=1"), training_args(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="--config_overrides 'hidden_size=wide'"):
+        build_trainer(script_args(train_dir, config_overrides="hidden_size=wide"), training_args(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="--config_overrides must be key=value pairs"):
+        PretrainArguments(train_data=str(train_dir), config_overrides="hidden_size")
     with pytest.raises(ValueError, match="--config_overrides .* --model_name_or_path"):
         PretrainArguments(train_data=str(train_dir), config_overrides="hidden_size=64", model_name_or_path=TINY_PATH)
 

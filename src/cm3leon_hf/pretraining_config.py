@@ -64,6 +64,10 @@ class PretrainArguments:
             raise ValueError(f"--poisson_lambda must be a finite number > 0, got {self.poisson_lambda}")
         if self.causal_fraction is not None and not 0 <= self.causal_fraction <= 1:
             raise ValueError(f"--causal_fraction must be in [0, 1], got {self.causal_fraction}")
+        if self.config_overrides is not None and not all(
+                item.count("=") == 1 and item.split("=")[0] for item in self.config_overrides.split(",")):
+            raise ValueError(f"--config_overrides must be key=value pairs separated by commas, got "
+                             f"{self.config_overrides!r}")
         if self.config_overrides is not None and self.model_name_or_path is not None:
             raise ValueError("--config_overrides changes a new model's config: it cannot be combined with "
                              "--model_name_or_path (those weights have their shape)")

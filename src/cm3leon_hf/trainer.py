@@ -240,8 +240,11 @@ def _build_model(script_args: PretrainArguments, training_args: TrainingArgument
         if script_args.config_overrides:
             # transformers' own parser (run_clm's --config_overrides): names a key the config lacks, casts each
             # value to the field's type; then the config's own checks (e.g. heads dividing the width).
-            config.update_from_string(script_args.config_overrides)
-            config._validate_layout()
+            try:
+                config.update_from_string(script_args.config_overrides)
+                config._validate_layout()
+            except ValueError as error:  # transformers' own message names the key but not the flag
+                raise ValueError(f"--config_overrides {script_args.config_overrides!r}: {error}") from None
         model = Cm3LeonForCausalLM(config)
     processor = Cm3LeonProcessor.from_pretrained(script_args.processor or TINY_PATH)
     processor.validate_model_config(model.config)
