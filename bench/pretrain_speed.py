@@ -70,8 +70,11 @@ def pack(batch: dict, length: int) -> dict:
         samples.append(sample)
     rows: list[list] = []
     for sample in sorted(samples, key=lambda s: -len(s[0])):
-        room = [r for r in rows if sum(len(i) for i, _ in r) + len(sample[0]) <= length]
-        room[0].append(sample) if room else rows.append([sample])
+        row = next((r for r in rows if sum(len(i) for i, _ in r) + len(sample[0]) <= length), None)
+        if row is None:
+            rows.append([sample])
+        else:
+            row.append(sample)
     width = max(sum(len(i) for i, _ in row) for row in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)

@@ -4,9 +4,9 @@ the optimizer, and the Trainer's own bookkeeping; then the operators under forwa
 Each contender is a `cm3leon_hf.trainer.build_trainer` run (the bundled recipe's trainer: the pre-tokenized data with
 `--docs` retrieved documents, batch 16, AdamW, clipping 1.0) of `--steps` optimizer steps. Its phases are timed by
 wrapping the trainer's own calls (the dataset's row reads and the collator, `compute_loss`, `accelerator.backward`,
-`accelerator.clip_grad_norm_`, `optimizer.step`, `optimizer.zero_grad`); "Trainer, other" is the wall time of a step
-minus those. The contenders (fp32 and bf16 autocast, the bundled continuation's) alternate for `--repeats` rounds
-and each phase reports the median over every timed step; the reference for the ratio column is the fp32 step.
+`accelerator.clip_grad_norm_`, `optimizer.step`); "Trainer, other" is the wall time of a step minus those
+(it includes `model.zero_grad`). The contenders (fp32 and bf16 autocast, the bundled continuation's) alternate for
+`--repeats` rounds and each phase reports the median over every timed step; the reference for the ratio column is the fp32 step.
 The first step of each run is left out (allocations, the optimizer's lazy state).
 
     HF_HUB_OFFLINE=1 python bench/profile_step.py --data outputs/tiny-model/pretokenized/train-rag
@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from pretrain_speed import make_trainer  # bench/pretrain_speed.py, beside this script
 
-PHASES = ("data", "forward + loss", "backward", "clip grad norm", "optimizer step", "zero grad")
+PHASES = ("data", "forward + loss", "backward", "clip grad norm", "optimizer step")
 
 # Operator families for the profile's second table: the first whose fragment is in the aten name wins.
 FAMILIES = (
@@ -84,7 +84,6 @@ def instrument(trainer) -> Phases:
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             opt = trainer.optimizer  # created by train(), before this event
             opt.step = phases.timed("optimizer step", opt.step)
-            opt.zero_grad = phases.timed("zero grad", opt.zero_grad)
 
     trainer.add_callback(OptimizerTimer())
     trainer.add_callback(phases)
